@@ -1,0 +1,91 @@
+"""Sample completions for a dataset and score them: greedy accuracy, pass@1 and pass@k at temperature 1."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from dlm_rl.data.collate import encode_prompt, left_pad
+from dlm_rl.data.tasks import score
+from dlm_rl.sampling.config import SamplerConfig
+from dlm_rl.sampling.reference import generate
+
+
+def decode_responses(tokenizer, response_ids: torch.Tensor) -> list[str]:
+    """Text of each response up to its first EOS (special tokens dropped)."""
+    texts = []
+    for row in response_ids.tolist():
+        if tokenizer.eos_token_id in row:
+            row = row[: row.index(tokenizer.eos_token_id)]
+        texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts
+
+
+@torch.no_grad()
+def complete(
+    model,
+    prompts: list,
+    config: SamplerConfig,
+    *,
+    batch_size: int = 256,
+    generator: torch.Generator | None = None,
+    progress: str | None = None,
+) -> list[str]:
+    """One completion per prompt, sampled in batches."""
+    tokenizer = model.tokenizer
+    texts = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=progress, disable=progress is None, leave=False):
+        batch = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
+        ids, mask = left_pad(batch, tokenizer.pad_token_id)
+        out = generate(model, ids.to(model.device), mask.to(model.device), config, generator)
+        texts.extend(decode_responses(tokenizer, out.response_ids))
+    return texts
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al., 2021)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def evaluate(
+    model,
+    dataset,
+    task: str,
+    *,
+    gen_length: int,
+    samples: int = 8,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> dict:
+    """Greedy accuracy, and pass@1 / pass@`samples` from `samples` completions per prompt at temperature 1.
+
+    A completion counts as correct when its score is 1 (every test passes, for code).
+    """
+    was_training = model.training
+    model.eval()
+    prompts, rows = list(dataset["prompt"]), list(dataset)
+    greedy = complete(model, prompts, SamplerConfig(gen_length=gen_length), batch_size=batch_size, progress="greedy")
+    greedy_correct = [score(task, text, row) >= 1.0 for text, row in zip(greedy, rows)]
+    result = {"n": len(rows), "greedy_accuracy": sum(greedy_correct) / len(rows), "examples": greedy[:3]}
+    if samples:
+        generator = torch.Generator(model.device).manual_seed(seed)
+        sampled = complete(
+            model,
+            [p for p in prompts for _ in range(samples)],
+            SamplerConfig(gen_length=gen_length, temperature=1.0),
+            batch_size=batch_size,
+            generator=generator,
+            progress=f"T=1 x{samples}",
+        )
+        counts = [
+            sum(score(task, sampled[i * samples + j], row) >= 1.0 for j in range(samples))
+            for i, row in enumerate(rows)
+        ]
+        result[f"pass@1"] = sum(pass_at_k(samples, c, 1) for c in counts) / len(rows)
+        result[f"pass@{samples}"] = sum(pass_at_k(samples, c, samples) for c in counts) / len(rows)
+    model.train(was_training)
+    return result

@@ -1,0 +1,137 @@
+"""DiffusionLM: one wrapper that makes any transformers backbone a masked diffusion language model.
+
+It owns the conventions that differ between dLLM families: the mask token id, whether logits are shifted
+(Dream and AR-converted models predict token i from hidden state i-1; LLaDA and SDAR predict in place) and
+the attention pattern (full bidirectional, or block-causal as in SDAR). Everything above it (losses, samplers,
+trainers) works with `logits[b, i]` = the distribution of token i, whatever the backbone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from dlm_rl.models.attention import ATTENTION_MODES, additive_mask, position_ids_from_padding
+
+CONVENTIONS_FILE = "dlm_rl.json"
+MASK_FORMATS = ("additive", "bool", "attention_bias")
+
+
+@dataclass(frozen=True)
+class Conventions:
+    """What makes a backbone a diffusion LM; saved next to the weights as `dlm_rl.json`."""
+
+    mask_token_id: int
+    shift_logits: bool = False
+    attention: str = "full"
+    block_size: int | None = None
+    # How the backbone takes a 4-D attention mask: "additive" float as `attention_mask` (transformers models),
+    # "bool" as `attention_mask` (Dream, SDAR remote code), "attention_bias" additive float (LLaDA remote code).
+    mask_format: str = "additive"
+
+    def __post_init__(self):
+        if self.mask_format not in MASK_FORMATS:
+            raise ValueError(f"mask_format must be one of {MASK_FORMATS}, got {self.mask_format!r}")
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        if self.attention == "block" and (self.block_size is None or self.block_size < 1):
+            raise ValueError(f"attention='block' needs a positive block_size, got {self.block_size!r}")
+        if self.mask_token_id < 0:
+            raise ValueError(f"mask_token_id must be a vocabulary id, got {self.mask_token_id}")
+
+
+@dataclass
+class DiffusionOutput:
+    logits: torch.Tensor  # [B, Q, V]: row i is the distribution of token i (shift already undone)
+    past_key_values: object | None = None
+
+
+class DiffusionLM(nn.Module):
+    """A transformers model plus the conventions that make it a masked diffusion LM.
+
+    `forward` returns logits where position i predicts token i, with the mask token's logit set to -inf
+    (with tied embeddings the mask token is an output class; it must never be predicted or sampled).
+    """
+
+    def __init__(self, model: nn.Module, conventions: Conventions, tokenizer=None):
+        super().__init__()
+        vocab = model.get_input_embeddings().num_embeddings
+        if conventions.mask_token_id >= vocab:
+            raise ValueError(
+                f"mask_token_id {conventions.mask_token_id} is outside the model's vocabulary of {vocab}; "
+                "add the mask token to the tokenizer and resize the embeddings (DiffusionLM.from_causal_lm does this)"
+            )
+        self.model = model
+        self.conventions = conventions
+        self.tokenizer = tokenizer
+
+    # The familiar attribute names, read from the conventions.
+    mask_token_id = property(lambda self: self.conventions.mask_token_id)
+    shift_logits = property(lambda self: self.conventions.shift_logits)
+    attention = property(lambda self: self.conventions.attention)
+    block_size = property(lambda self: self.conventions.block_size)
+    config = property(lambda self: self.model.config)
+    device = property(lambda self: self.model.get_input_embeddings().weight.device)
+    dtype = property(lambda self: self.model.get_input_embeddings().weight.dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        attention: str | None = None,
+        attention_bias: torch.Tensor | None = None,
+        past_key_values=None,
+        use_cache: bool = False,
+    ) -> DiffusionOutput:
+        """Logits for `input_ids` [B, Q].
+
+        attention_mask: [B, K] padding mask (1 = real token) over the cache plus the new tokens; defaults to all ones.
+        attention: override the model's attention mode ("full", "block", "causal") for this call.
+        attention_bias: an explicit [B, 1, Q, K] additive mask (e.g. TraceRL's packed rows); replaces the mode.
+        past_key_values / use_cache: the KV-cache hook for samplers; the cache is returned in the output.
+        With shifted logits the first new token's distribution comes from the previous token, which the caller
+        must therefore include in `input_ids` when it uses a cache.
+        """
+        batch, length = input_ids.shape
+        cached = 0 if past_key_values is None else past_key_values.get_seq_length()
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, cached + length, dtype=torch.long, device=input_ids.device)
+        if position_ids is None:
+            position_ids = position_ids_from_padding(attention_mask)[:, -length:]
+        if attention_bias is None:
+            attention_bias = additive_mask(
+                attention_mask,
+                attention or self.attention,
+                block_size=self.block_size,
+                query_length=length,
+                dtype=self.dtype,
+            )
+        kwargs = {"use_cache": use_cache}
+        if past_key_values is not None:
+            kwargs["past_key_values"] = past_key_values
+        if self.conventions.mask_format == "attention_bias":  # LLaDA's forward takes no position ids
+            kwargs["attention_bias"] = attention_bias
+        else:
+            kwargs["position_ids"] = position_ids
+            kwargs["attention_mask"] = attention_bias == 0 if self.conventions.mask_format == "bool" else attention_bias
+        out = self.model(input_ids=input_ids, **kwargs)
+        logits = out.logits  # [B, Q, V]
+        if self.shift_logits:
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        logits = logits.index_fill(-1, torch.tensor([self.mask_token_id], device=logits.device), float("-inf"))
+        return DiffusionOutput(logits=logits, past_key_values=out.past_key_values if use_cache else None)
+
+    def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
+        """Save weights (or the LoRA adapter), tokenizer and `dlm_rl.json` so that `load` restores all three."""
+        os.makedirs(path, exist_ok=True)
+        self.model.save_pretrained(path, **kwargs)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(path)
+        with open(os.path.join(path, CONVENTIONS_FILE), "w") as f:
+            json.dump(asdict(self.conventions), f, indent=2)

@@ -1,0 +1,47 @@
+"""Turn the `model:` field of a recipe into a DiffusionLM."""
+
+from __future__ import annotations
+
+import os
+
+from dlm_rl.models.diffusion_lm import DiffusionLM
+
+
+def resolve_model(
+    spec: str,
+    *,
+    attention: str = "full",
+    block_size: int | None = None,
+    trust_remote_code: bool = False,
+    tiny_hidden_size: int = 128,
+    tiny_num_layers: int = 4,
+    seed: int = 0,
+) -> DiffusionLM:
+    """'tiny' → a fresh tiny model; 'smollm2' → SmolLM2-135M-Instruct via A2D (offline); 'testbed:NAME' → a built
+    testbed checkpoint; anything else → `dlm_rl.models.load(spec)` (a dlm-rl directory or a dLLM checkpoint)."""
+    if spec == "tiny":
+        from dlm_rl.models.tiny import tiny_model
+
+        return tiny_model(
+            hidden_size=tiny_hidden_size,
+            num_layers=tiny_num_layers,
+            intermediate_size=4 * tiny_hidden_size,
+            attention=attention,
+            block_size=block_size,
+            seed=seed,
+        )
+    if spec == "smollm2":
+        from dlm_rl.models.assets import smollm2
+
+        return smollm2(attention=attention, block_size=block_size)
+    if spec.startswith("testbed:"):
+        from dlm_rl.testbed import checkpoint
+
+        spec = checkpoint(spec.removeprefix("testbed:"))
+    if not os.path.exists(spec) and "/" not in spec:
+        raise ValueError(
+            f"model {spec!r} is neither 'tiny', 'smollm2', 'testbed:NAME', an existing path nor a hub name"
+        )
+    from dlm_rl.models.loading import load
+
+    return load(spec, trust_remote_code=trust_remote_code)

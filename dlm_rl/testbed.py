@@ -1,0 +1,148 @@
+"""The tiny testbed: tasks with exactly checkable answers and the tiny base models trained on them.
+
+`build(name)` trains a checkpoint with the MDM trainer, deterministically (fixed seeds, fixed step count),
+evaluates it on held-out problems and caches both under $DLM_RL_CACHE (default ~/.cache/dlm-rl); a cached
+checkpoint whose recipe is unchanged is not rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from dlm_rl.data import tasks
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Task:
+    generator: str
+    """Function of dlm_rl.data.tasks that makes the problems; also the name `tasks.score` dispatches on."""
+    kwargs: dict = field(default_factory=dict)
+    response_length: int = 8
+    """Canvas length: the longest completion plus at least one EOS."""
+
+    def dataset(self, split: str, n: int, seed: int = 0):
+        return getattr(tasks, self.generator)(n, split=split, seed=seed, **self.kwargs)
+
+
+TASKS = {
+    "addition3": Task("addition", {"operands": 3, "digits": 2}, response_length=8),
+    "chain": Task("chain", {"operands": 4, "digits": 2}, response_length=40),
+    "code": Task("code", {}, response_length=32),
+}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A tiny base model: which task, how long it trains, and what it is for."""
+
+    task: str
+    max_steps: int
+    purpose: str
+    """'sft': the MDM trainer should solve the task; 'rl-base': partly trained, room left for RL."""
+    learning_rate: float = 1e-3
+    batch_size: int = 128
+    warmup_steps: int = 200
+    train_size: int = 50000
+    seed: int = 0
+
+
+CHECKPOINTS = {
+    "addition3": Checkpoint("addition3", max_steps=4000, purpose="sft"),
+    "addition3-base": Checkpoint("addition3", max_steps=1000, purpose="rl-base"),
+    "chain-base": Checkpoint("chain", max_steps=1000, purpose="rl-base"),
+    "code-base": Checkpoint("code", max_steps=1000, purpose="rl-base", train_size=600),  # 667 exist,
+}
+EVAL_SIZE = 256
+
+
+def cache_root() -> str:
+    return os.environ.get("DLM_RL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dlm-rl"))
+
+
+def _key(spec: Checkpoint) -> str:
+    recipe = json.dumps({"checkpoint": asdict(spec), "task": asdict(TASKS[spec.task])}, sort_keys=True)
+    return hashlib.sha256(recipe.encode()).hexdigest()[:10]
+
+
+def checkpoint(name: str) -> str:
+    """Path of a built testbed checkpoint; raises with the build command when it is missing."""
+    if name not in CHECKPOINTS:
+        raise ValueError(f"unknown testbed checkpoint {name!r}; choose one of {sorted(CHECKPOINTS)}")
+    path = os.path.join(cache_root(), "testbed", f"{name}-{_key(CHECKPOINTS[name])}")
+    if not os.path.isfile(os.path.join(path, "metrics.json")):
+        raise FileNotFoundError(f"testbed checkpoint {name!r} is not built yet: run `make demo` (or build('{name}'))")
+    return path
+
+
+def build(name: str, *, force: bool = False) -> dict:
+    """Train (unless cached), evaluate and save checkpoint `name`; returns its metrics."""
+    from dlm_rl.evaluation import evaluate
+    from dlm_rl.models.tiny import tiny_model
+    from dlm_rl.trainers.mdm import MDMConfig, MDMTrainer
+
+    spec = CHECKPOINTS[name]
+    task = TASKS[spec.task]
+    path = os.path.join(cache_root(), "testbed", f"{name}-{_key(spec)}")
+    metrics_file = os.path.join(path, "metrics.json")
+    if os.path.isfile(metrics_file) and not force:
+        with open(metrics_file) as f:
+            return {**json.load(f), "cached": True}
+
+    torch.manual_seed(spec.seed)
+    model = tiny_model(seed=spec.seed)
+    config = MDMConfig(
+        output_dir=path,
+        task=spec.task,
+        max_steps=spec.max_steps,
+        per_device_train_batch_size=spec.batch_size,
+        learning_rate=spec.learning_rate,
+        warmup_steps=spec.warmup_steps,
+        lr_scheduler_type="cosine",
+        weight_decay=0.01,
+        logging_steps=max(spec.max_steps // 10, 1),
+        save_strategy="no",
+        seed=spec.seed,
+        data_seed=spec.seed,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=False,
+    )
+    train = task.dataset("train", spec.train_size, seed=spec.seed)
+    trainer = MDMTrainer(model, config, train, task.response_length)
+    start = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - start
+    trainer.save_model(path)
+
+    held_out = task.dataset("test", EVAL_SIZE, seed=spec.seed + 1)
+    samples = 8 if spec.purpose == "rl-base" else 0
+    result = evaluate(model, held_out, task.generator, gen_length=task.response_length, samples=samples)
+    metrics = {
+        "name": name,
+        "task": spec.task,
+        "purpose": spec.purpose,
+        "steps": spec.max_steps,
+        "train_seconds": round(train_seconds, 1),
+        "torch_threads": torch.get_num_threads(),
+        **result,
+    }
+    with open(metrics_file, "w") as f:
+        json.dump(metrics, f, indent=2)
+    return {**metrics, "cached": False}
+
+
+
+def targets_met(metrics: dict) -> bool:
+    """The testbed's promises: an 'sft' checkpoint solves ≥ 90% of held-out problems; an 'rl-base' one solves
+    20–85% greedily and its pass@8 beats its pass@1 (temperature 1) by ≥ 15 points — room for RL."""
+    if metrics["purpose"] == "sft":
+        return metrics["greedy_accuracy"] >= 0.90
+    return 0.20 <= metrics["greedy_accuracy"] <= 0.85 and metrics["pass@8"] - metrics["pass@1"] >= 0.15

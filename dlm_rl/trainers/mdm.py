@@ -1,0 +1,137 @@
+"""Masked-diffusion SFT / pretraining on the transformers `Trainer` (LLaDA §2.3, MDLM).
+
+Loss per batch: −E_draw[ w · Σ_i 1[x_t^i = M] log p_θ(x_0^i | x_t) ] / L, the prompt never masked, with
+w = L/ℓ (tokens form, default: lower variance) or w(t) (time form). Optional complementary masks (LaViDa) add,
+for every draw, its complement, so each response token is trained once per pair.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from dlm_rl.data.collate import DiffusionCollator, require_columns
+from dlm_rl.diffusion import MCNoise, mdm_loss
+from dlm_rl.diffusion.noise import FORMS
+from dlm_rl.diffusion.schedules import SCHEDULES
+from dlm_rl.models.lora import LoraArguments
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MDMConfig(LoraArguments, TrainingArguments):
+    """Masked-diffusion SFT: TrainingArguments plus the model, data and noise settings."""
+
+    model: str = "tiny"
+    """'tiny' (a fresh tiny Llama with the char tokenizer), 'smollm2' (offline A2D), or a path saved by dlm-rl."""
+    tiny_hidden_size: int = 128
+    """Tiny model width (model: tiny)."""
+    tiny_num_layers: int = 4
+    """Tiny model depth (model: tiny)."""
+    attention: str = "full"
+    """Attention of a new model: 'full' or 'block'."""
+    block_size: int | None = None
+    """Block length for attention: block."""
+    trust_remote_code: bool = False
+    """Allow a LLaDA/Dream/SDAR checkpoint's own modelling code."""
+    task: str | None = None
+    """A testbed task (see dlm_rl.testbed.TASKS), or None to use dataset_path."""
+    dataset_path: str | None = None
+    """A local json/jsonl/parquet file or saved dataset directory with 'prompt' and 'completion' columns."""
+    train_size: int = 20000
+    """Number of training problems drawn from a testbed task."""
+    response_length: int | None = None
+    """Response canvas (completion + EOS padding); a testbed task supplies its own."""
+    noise_form: str = "tokens"
+    """ELBO form: 'tokens' (mask exactly ℓ ~ U{1..L}, weight L/ℓ) or 'time' (t ~ U(t_min, 1), weight w(t))."""
+    noise_schedule: str = "linear"
+    """Schedule of the time form: linear, cosine, log-linear."""
+    t_min: float = 1e-3
+    """Smallest t of the time form."""
+    complementary_masks: bool = False
+    """Also train on each draw's complementary mask."""
+    remove_unused_columns: bool = False  # the collator needs the raw text columns
+    report_to: str | list[str] = field(default="none")
+
+    def __post_init__(self):
+        if self.noise_form not in FORMS:
+            raise ValueError(f"noise_form must be one of {FORMS}, got {self.noise_form!r}")
+        if self.noise_schedule not in SCHEDULES:
+            raise ValueError(f"noise_schedule must be one of {SCHEDULES}, got {self.noise_schedule!r}")
+        if (self.task is None) == (self.dataset_path is None):
+            raise ValueError("set exactly one of `task` (a testbed task) and `dataset_path`")
+        super().__post_init__()
+
+
+class MDMTrainer(Trainer):
+    """transformers Trainer whose loss is the masked-diffusion loss of a DiffusionLM."""
+
+    def __init__(self, model, args: MDMConfig, train_dataset, response_length: int, **kwargs):
+        require_columns(train_dataset, ["prompt", "completion"], "MDMTrainer")
+        collator = DiffusionCollator(model.tokenizer, response_length)
+        super().__init__(model=model, args=args, train_dataset=train_dataset, data_collator=collator, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        response_mask = inputs["response_mask"]
+        noise = MCNoise.sample(
+            response_mask, form=self.args.noise_form, schedule=self.args.noise_schedule, t_min=self.args.t_min
+        )
+        if self.args.complementary_masks:
+            other = noise.complement(response_mask)
+            noise = MCNoise(
+                torch.cat([noise.masked, other.masked]),
+                torch.cat([noise.weight, other.weight]),
+                torch.cat([noise.t, other.t]),
+                noise.form,
+                noise.schedule,
+            )
+        loss = mdm_loss(model, inputs["input_ids"], response_mask, noise, inputs["attention_mask"])
+        return (loss, None) if return_outputs else loss
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the DiffusionLM (weights or adapter, tokenizer, conventions) so `dlm_rl.models.load` reads it."""
+        output_dir = output_dir or self.args.output_dir
+        if self.args.should_save:
+            self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+
+def run(config: MDMConfig) -> str:
+    """Train as the config says and save the result to config.output_dir; returns that path."""
+    from dlm_rl.data.files import load_rows
+    from dlm_rl.models.lora import add_lora
+    from dlm_rl.models.resolve import resolve_model
+    from dlm_rl.testbed import TASKS
+
+    if config.task is not None:
+        if config.task not in TASKS:
+            raise ValueError(f"unknown testbed task {config.task!r}; choose one of {sorted(TASKS)}")
+        task = TASKS[config.task]
+        train = task.dataset("train", config.train_size, seed=config.seed)
+        response_length = config.response_length or task.response_length
+    else:
+        train = load_rows(config.dataset_path)
+        if config.response_length is None:
+            raise ValueError(f"dataset_path {config.dataset_path}: set response_length (completion + EOS tokens)")
+        response_length = config.response_length
+    model = resolve_model(
+        config.model,
+        attention=config.attention,
+        block_size=config.block_size,
+        trust_remote_code=config.trust_remote_code,
+        tiny_hidden_size=config.tiny_hidden_size,
+        tiny_num_layers=config.tiny_num_layers,
+        seed=config.seed,
+    )
+    if config.use_lora:
+        add_lora(model, config)
+    trainer = MDMTrainer(model, config, train, response_length)
+    trainer.train()
+    trainer.save_model()
+    logger.info("saved the trained model to %s", config.output_dir)
+    return config.output_dir
