@@ -46,6 +46,8 @@ def complete(
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples of which c are correct (Chen et al., 2021)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
     if n - c < k:
         return 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
@@ -85,7 +87,7 @@ def evaluate(
             sum(score(task, sampled[i * samples + j], row) >= 1.0 for j in range(samples))
             for i, row in enumerate(rows)
         ]
-        result[f"pass@1"] = sum(pass_at_k(samples, c, 1) for c in counts) / len(rows)
+        result["pass@1"] = sum(pass_at_k(samples, c, 1) for c in counts) / len(rows)
         result[f"pass@{samples}"] = sum(pass_at_k(samples, c, samples) for c in counts) / len(rows)
     model.train(was_training)
     return result

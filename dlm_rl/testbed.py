@@ -35,8 +35,8 @@ class Task:
 
 TASKS = {
     "addition3": Task("addition", {"operands": 3, "digits": 2}, response_length=8),
-    "chain": Task("chain", {"operands": 4, "digits": 2}, response_length=40),
-    "code": Task("code", {}, response_length=32),
+    "chain": Task("chain", {"operands": 5, "digits": 1}, response_length=40),
+    "code": Task("code", {"max_ops": 3}, response_length=32),
 }
 
 
@@ -59,7 +59,7 @@ CHECKPOINTS = {
     "addition3": Checkpoint("addition3", max_steps=4000, purpose="sft"),
     "addition3-base": Checkpoint("addition3", max_steps=1000, purpose="rl-base"),
     "chain-base": Checkpoint("chain", max_steps=1000, purpose="rl-base"),
-    "code-base": Checkpoint("code", max_steps=1000, purpose="rl-base", train_size=600),  # 667 exist,
+    "code-base": Checkpoint("code", max_steps=1000, purpose="rl-base", train_size=16000),
 }
 EVAL_SIZE = 256
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from dlm_rl.models import Conventions, DiffusionLM, tiny_model
 from dlm_rl.models.attention import additive_mask, position_ids_from_padding
@@ -17,13 +17,6 @@ from dlm_rl.models.attention import additive_mask, position_ids_from_padding
 MASK_ID = 2
 NEG = torch.finfo(torch.float32).min
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tokens(length, seed=0):

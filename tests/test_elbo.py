@@ -25,14 +25,6 @@ WIDTH = 10
 EPS = 1e-3  # the log-linear schedule's α_1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny matmuls are many times faster on one thread than on two contended ones.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _data():
     """8 rows of 10 tokens; row 0: prompt 4 + response 6; row 1: 1 left pad + prompt 4 + response 5."""

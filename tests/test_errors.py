@@ -1,7 +1,6 @@
 """Bad input gets clear errors: recipe keys, dataset columns, mask tokens, sampler geometry."""
 
 import pytest
-import torch
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 

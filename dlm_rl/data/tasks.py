@@ -95,15 +95,15 @@ def chain(n: int, *, operands: int = 4, digits: int = 2, split: str = "train", s
     return _collect("chain", draw, n, split, seed, "lower n or raise operands/digits")
 
 
-def code(n: int, *, split: str = "train", seed: int = 0) -> Dataset:
-    """Write `f(x)` for a pipeline of 1-2 ops (add/sub/mul k, k in 1..9); checked by four unit tests.
+def code(n: int, *, max_ops: int = 2, split: str = "train", seed: int = 0) -> Dataset:
+    """Write `f(x)` for a pipeline of 1..max_ops ops (add/sub/mul k, k in 1..9); checked by four unit tests.
 
     Extra columns: `tests` (assert strings, inputs 0, a negative and two positives), `entry_point` ("f").
     `answer` is the reference expression, e.g. `(x+3)*2`; grade with `code_pass_rate`, not string equality.
     """
 
     def draw(rng: random.Random) -> dict[str, object]:
-        ops = [(rng.choice(list(CODE_OPS)), rng.randint(1, 9)) for _ in range(rng.randint(1, 2))]
+        ops = [(rng.choice(list(CODE_OPS)), rng.randint(1, 9)) for _ in range(rng.randint(1, max_ops))]
         prompt = "f(x): " + ", ".join(f"{op} {k}" for op, k in ops) + "\n"
         expr = "x"
         for op, k in ops:
@@ -122,7 +122,10 @@ def code(n: int, *, split: str = "train", seed: int = 0) -> Dataset:
             "entry_point": "f",
         }
 
-    return _collect("code", draw, n, split, seed, "lower n (the task has 756 problems, ~10% of them test)")
+    if max_ops < 1:
+        raise ValueError(f"code: max_ops must be at least 1, got {max_ops}")
+    size = sum((len(CODE_OPS) * 9) ** k for k in range(1, max_ops + 1))
+    return _collect("code", draw, n, split, seed, f"lower n or raise max_ops (the task has {size} problems, ~10% test)")
 
 
 def _apply(ops: list[tuple[str, int]], x: int) -> int:

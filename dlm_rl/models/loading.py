@@ -6,7 +6,7 @@ import json
 import os
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from dlm_rl.models.diffusion_lm import CONVENTIONS_FILE, Conventions, DiffusionLM
 
@@ -45,18 +45,25 @@ def load(
         tokenizer = AutoTokenizer.from_pretrained(path)
         return DiffusionLM(model, Conventions(**conventions), tokenizer)
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    family = FAMILIES.get(config.model_type.lower())
+    if os.path.isfile(os.path.join(path, "adapter_config.json")) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(
+            f"{path} holds a LoRA adapter only: load its base model with dlm_rl.models.load(BASE), then attach the "
+            f"adapter with peft.PeftModel.from_pretrained(dlm.model, {path!r})"
+        )
+    # The raw config first: an unknown remote-code model_type makes AutoConfig fail before we can explain.
+    model_type = str(PretrainedConfig.get_config_dict(path)[0].get("model_type", ""))
+    family = FAMILIES.get(model_type.lower())
     if family is None:
         raise ValueError(
-            f"{path}: model_type {config.model_type!r} is not a known diffusion LM family ({', '.join(FAMILIES)}) "
+            f"{path}: model_type {model_type!r} is not a known diffusion LM family ({', '.join(FAMILIES)}) "
             f"and has no {CONVENTIONS_FILE}. To run an autoregressive model as a diffusion LM, convert it with "
-            "dlm_rl.models.from_causal_lm(path) (A2D)."
+            "dlm_rl.models.from_causal_lm(model, tokenizer) (A2D)."
         )
     if not trust_remote_code:
-        raise ValueError(f"{path} is a {config.model_type} checkpoint with custom code: pass trust_remote_code=True")
+        raise ValueError(f"{path} is a {model_type} checkpoint with custom code: pass trust_remote_code=True")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
     conventions = {**family, **_config_conventions(config), **overrides}
-    auto = AutoModel if config.model_type.lower() == "dream" else AutoModelForCausalLM
+    auto = AutoModel if model_type.lower() == "dream" else AutoModelForCausalLM
     model = auto.from_pretrained(path, trust_remote_code=True, dtype=dtype, device_map=device_map)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
     return DiffusionLM(model, Conventions(**conventions), tokenizer)
@@ -94,6 +101,5 @@ def from_causal_lm(
     mask_id = tokenizer.mask_token_id
     if mask_id >= model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-    model.config.is_causal = False
     conventions = Conventions(mask_token_id=mask_id, shift_logits=True, attention=attention, block_size=block_size)
     return DiffusionLM(model, conventions, tokenizer)

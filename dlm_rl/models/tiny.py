@@ -36,7 +36,6 @@ def tiny_model(
         bos_token_id=None,
         attn_implementation="sdpa",
     )
-    config.is_causal = False  # documents intent; the 4-D mask DiffusionLM passes is what enforces it
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)

@@ -37,6 +37,11 @@ class SamplerConfig:
                 f"steps={self.steps} must be a positive multiple of the number of blocks ({self.num_blocks} = "
                 f"gen_length {self.gen_length} / block_length {self.block_length})"
             )
+        if self.steps // self.num_blocks > self.block_length:
+            raise ValueError(
+                f"steps={self.steps} gives {self.steps // self.num_blocks} steps per block, more than the "
+                f"{self.block_length} tokens of a block; use at most {self.block_length * self.num_blocks} steps"
+            )
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.remasking not in REMASKING:

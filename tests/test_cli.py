@@ -1,0 +1,185 @@
+"""The command line end to end (train → sample → eval on a tiny model), recipe overrides and errors, and the
+evaluation helpers (pass@k, decoding up to EOS)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from dlm_rl.cli import main
+from dlm_rl.data.tokenizer import char_tokenizer
+from dlm_rl.evaluation import decode_responses, pass_at_k
+from dlm_rl.recipe import parse_recipe
+
+RECIPE = """\
+# python -m dlm_rl.cli train recipe.yaml — a 3-step CPU smoke run
+trainer: mdm
+model: tiny
+{data}
+max_steps: 3
+per_device_train_batch_size: 16
+output_dir: {out}
+use_cpu: true
+report_to: none
+save_strategy: "no"
+tiny_hidden_size: 32
+tiny_num_layers: 1
+"""
+
+
+
+def _recipe(directory, data="task: addition3\ntrain_size: 512", name="recipe.yaml"):
+    path = directory / name
+    path.write_text(RECIPE.format(data=data, out=directory / "run"))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained for 3 steps by `dlm-rl train`; the path of its output directory."""
+    directory = tmp_path_factory.mktemp("cli")
+    assert main(["train", _recipe(directory)]) == 0
+    return str(directory / "run")
+
+
+# --- train / sample / eval --------------------------------------------------------------------------------------
+
+
+def test_train_writes_model_tokenizer_and_conventions(trained):
+    files = set(os.listdir(trained))
+    assert {"dlm_rl.json", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
+    assert json.loads(open(os.path.join(trained, "dlm_rl.json")).read())["mask_token_id"] == 2
+    config = json.loads(open(os.path.join(trained, "config.json")).read())
+    assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (32, 1, 100)
+
+
+def test_sample_prints_one_json_line_per_prompt(trained, capsys):
+    capsys.readouterr()
+    assert main(["sample", "--model", trained, "--prompt", "12+57+33=", "--gen-length", "8"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert set(record) == {"prompt", "completion"} and record["prompt"] == "12+57+33="
+    ids = char_tokenizer()(record["completion"], add_special_tokens=False)["input_ids"]
+    assert isinstance(record["completion"], str) and len(ids) <= 8
+
+
+def test_sample_several_prompts_and_samples(trained, capsys):
+    capsys.readouterr()
+    argv = ["sample", "--model", trained, "--prompt", "1+2=", "--prompt", "3+4=", "--gen-length", "4",
+            "--num-samples", "2", "--temperature", "1.0"]
+    assert main(argv) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["prompt"] for r in records] == ["1+2=", "1+2=", "3+4=", "3+4="]
+
+
+def test_eval_prints_accuracy_and_pass_at_k(trained, capsys):
+    capsys.readouterr()
+    assert main(["eval", "--model", trained, "--task", "addition3", "--n", "8", "--samples", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert (result["model"], result["task"], result["n"]) == (trained, "addition3", 8)
+    # 8 problems: greedy accuracy and pass@2 count problems (k/8); pass@1 averages c/2 over them (k/16)
+    for key, grain in (("greedy_accuracy", 8), ("pass@1", 16), ("pass@2", 8)):
+        assert 0.0 <= result[key] <= 1.0
+        assert result[key] * grain == pytest.approx(round(result[key] * grain), abs=1e-9)
+    assert result["pass@1"] <= result["pass@2"]
+
+
+def test_eval_unknown_task_lists_valid_tasks(trained, capsys):
+    assert main(["eval", "--model", trained, "--task", "addition4"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown testbed task 'addition4'; choose one of ['addition3', 'chain', 'code']" in err
+
+
+def test_eval_unknown_model_is_an_error(capsys):
+    assert main(["eval", "--model", "not-a-model", "--task", "addition3"]) == 2
+    assert "model 'not-a-model' is neither 'tiny'" in capsys.readouterr().err
+
+
+# --- recipes: overrides and errors ------------------------------------------------------------------------------
+
+
+def test_command_line_override_is_honoured(tmp_path):
+    _, config = parse_recipe(_recipe(tmp_path), ["--max_steps", "2", "--learning_rate", "0.005"])
+    assert (config.max_steps, config.learning_rate) == (2, 0.005)
+    # untouched recipe values survive
+    assert (config.per_device_train_batch_size, config.tiny_hidden_size, config.train_size) == (16, 32, 512)
+    assert config.output_dir == str(tmp_path / "run") and config.task == "addition3"
+    _, config = parse_recipe(_recipe(tmp_path))
+    assert config.max_steps == 3
+
+
+def test_bad_value_on_command_line_fails_clearly(tmp_path, capsys):
+    recipe = _recipe(tmp_path)
+    try:
+        code = main(["train", recipe, "--learning_rate", "abc"])
+    except SystemExit as exit:  # argparse's own error path
+        code = exit.code
+    assert code not in (0, None)
+    err = capsys.readouterr().err
+    assert "--learning_rate" in err and "invalid float value: 'abc'" in err
+    assert not os.path.exists(tmp_path / "run")  # nothing was trained
+
+
+def test_dataset_path_recipe_trains(tmp_path):
+    rows = [{"prompt": f"{a}+{b}=", "completion": f"\\boxed{{{a + b}}}"} for a in range(8) for b in range(4)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    recipe = _recipe(tmp_path, data=f"dataset_path: {data}\nresponse_length: 6")
+    assert main(["train", recipe, "--max_steps", "2"]) == 0
+    conventions = json.loads((tmp_path / "run" / "dlm_rl.json").read_text())
+    assert conventions["mask_token_id"] == 2
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_dataset_path_without_response_length_is_refused(tmp_path, capsys):
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"prompt": "1+2=", "completion": "3"}) + "\n")
+    recipe = _recipe(tmp_path, data=f"dataset_path: {data}")
+    assert main(["train", recipe]) == 2
+    assert f"dataset_path {data}: set response_length" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "run" / "model.safetensors")
+
+
+def test_task_and_dataset_path_are_exclusive(tmp_path, capsys):
+    recipe = _recipe(tmp_path, data="task: addition3\ndataset_path: rows.jsonl")
+    assert main(["train", recipe]) == 2
+    assert "set exactly one of `task` (a testbed task) and `dataset_path`" in capsys.readouterr().err
+
+
+# --- evaluation helpers -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "n, c, k, expected",
+    [(8, 2, 1, 0.25), (8, 2, 8, 1.0), (4, 1, 2, 0.5), (8, 0, 1, 0.0), (8, 0, 8, 0.0), (5, 5, 1, 1.0),
+     (8, 2, 2, 1 - 15 / 28), (10, 3, 4, 1 - 35 / 210)],
+)
+def test_pass_at_k_hand_computed(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pass_at_k_with_no_correct_sample_is_never_one():
+    """k > n is a caller error; it must not turn zero correct samples into pass@k = 1."""
+    try:
+        value = pass_at_k(2, 0, 3)
+    except ValueError:
+        return
+    assert value == 0.0
+
+
+def test_decode_responses_cuts_at_first_eos():
+    tokenizer = char_tokenizer()
+    eos, pad, mask, boxed = 1, 0, 2, 3
+    one, two, close = 5, 6, 96
+    rows = torch.tensor([
+        [boxed, one, two, close, eos, one, eos],  # text after the first EOS is dropped
+        [one, mask, two, pad, one, two, one],  # no EOS: everything, special tokens dropped
+        [eos, one, one, one, one, one, one],  # EOS first: empty
+    ])
+    assert decode_responses(tokenizer, rows) == ["\\boxed{12}", "12121", ""]

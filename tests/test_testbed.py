@@ -1,0 +1,65 @@
+"""Testbed bookkeeping (fast) and its learning promises (slow: they train the tiny base models)."""
+
+import pytest
+
+from dlm_rl import testbed
+
+
+def test_missing_checkpoint_names_the_build_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("DLM_RL_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="make demo"):
+        testbed.checkpoint("addition3")
+    with pytest.raises(ValueError, match="unknown testbed checkpoint 'adition3'"):
+        testbed.checkpoint("adition3")
+
+
+def test_cache_key_follows_the_recipe():
+    spec = testbed.CHECKPOINTS["chain-base"]
+    changed = testbed.Checkpoint(**{**spec.__dict__, "max_steps": spec.max_steps + 1})
+    assert testbed._key(spec) != testbed._key(changed)
+    assert testbed._key(spec) == testbed._key(testbed.Checkpoint(**spec.__dict__))
+
+
+@pytest.mark.parametrize(
+    "metrics, met",
+    [
+        ({"purpose": "sft", "greedy_accuracy": 0.95}, True),
+        ({"purpose": "sft", "greedy_accuracy": 0.85}, False),
+        ({"purpose": "rl-base", "greedy_accuracy": 0.5, "pass@1": 0.4, "pass@8": 0.7}, True),
+        ({"purpose": "rl-base", "greedy_accuracy": 0.5, "pass@1": 0.6, "pass@8": 0.7}, False),
+        ({"purpose": "rl-base", "greedy_accuracy": 0.9, "pass@1": 0.4, "pass@8": 0.9}, False),
+        ({"purpose": "rl-base", "greedy_accuracy": 0.1, "pass@1": 0.1, "pass@8": 0.5}, False),
+    ],
+)
+def test_targets(metrics, met):
+    assert testbed.targets_met(metrics) is met
+
+
+def test_every_task_fits_its_canvas():
+    from dlm_rl.data.tokenizer import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    for name, task in testbed.TASKS.items():
+        rows = task.dataset("train", 300, seed=0)
+        longest = max(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in rows["completion"])
+        assert longest + 1 <= task.response_length, f"{name}: {longest} tokens + EOS > {task.response_length}"
+
+
+def test_chain_is_long_content():
+    """Its answers write out their steps: at least 24 content tokens before the final \\boxed{} (not padding)."""
+    from dlm_rl.data.tokenizer import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    rows = testbed.TASKS["chain"].dataset("test", 256, seed=1)
+    content = [len(tokenizer(c.split("\\boxed{")[0], add_special_tokens=False)["input_ids"]) for c in rows["completion"]]
+    assert min(content) >= 24
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(testbed.CHECKPOINTS))
+def test_checkpoint_meets_its_target(name, tmp_path, monkeypatch):
+    """Builds from scratch (≈ 5–15 CPU-minutes each): 'sft' ≥ 90% held-out, 'rl-base' 20–85% with pass@8 − pass@1
+    ≥ 15 points."""
+    monkeypatch.setenv("DLM_RL_CACHE", str(tmp_path))
+    metrics = testbed.build(name)
+    assert testbed.targets_met(metrics), metrics
