@@ -56,9 +56,9 @@ class Checkpoint:
 
 
 CHECKPOINTS = {
-    "addition3": Checkpoint("addition3", max_steps=4000, purpose="sft"),
-    "addition3-base": Checkpoint("addition3", max_steps=1000, purpose="rl-base"),
-    "chain-base": Checkpoint("chain", max_steps=1000, purpose="rl-base"),
+    "addition3": Checkpoint("addition3", max_steps=3000, purpose="sft"),
+    "addition3-base": Checkpoint("addition3", max_steps=1100, purpose="rl-base"),
+    "chain-base": Checkpoint("chain", max_steps=500, purpose="rl-base"),
     "code-base": Checkpoint("code", max_steps=1000, purpose="rl-base", train_size=16000),
 }
 EVAL_SIZE = 256
@@ -113,10 +113,11 @@ def build(name: str, *, force: bool = False) -> dict:
         seed=spec.seed,
         data_seed=spec.seed,
         use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=False,
+        disable_tqdm=True,  # builds run in parallel processes; the log lines below say what happens
     )
     train = task.dataset("train", spec.train_size, seed=spec.seed)
     trainer = MDMTrainer(model, config, train, task.response_length)
+    logger.info("%s: training %d steps on %s (%s); saving to %s", name, spec.max_steps, spec.task, spec.purpose, path)
     start = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - start
@@ -124,6 +125,7 @@ def build(name: str, *, force: bool = False) -> dict:
 
     held_out = task.dataset("test", EVAL_SIZE, seed=spec.seed + 1)
     samples = 8 if spec.purpose == "rl-base" else 0
+    logger.info("%s: trained in %.0f s; evaluating on %d held-out problems", name, train_seconds, EVAL_SIZE)
     result = evaluate(model, held_out, task.generator, gen_length=task.response_length, samples=samples)
     metrics = {
         "name": name,
@@ -136,6 +138,7 @@ def build(name: str, *, force: bool = False) -> dict:
     }
     with open(metrics_file, "w") as f:
         json.dump(metrics, f, indent=2)
+    logger.info("%s: %s", name, {k: v for k, v in metrics.items() if k != "examples"})
     return {**metrics, "cached": False}
 
 

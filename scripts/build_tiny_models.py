@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
 
 def _build(name: str, force: bool) -> dict:
+    import logging
+
     import torch
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     torch.set_num_threads(1)
     from dlm_rl.testbed import build
 
@@ -38,7 +42,8 @@ def main() -> int:
         parser.error(f"unknown checkpoints {unknown}; choose from {list(CHECKPOINTS)}")
     # Longest builds first, so the parallel workers finish together.
     names = sorted(args.names, key=lambda n: -CHECKPOINTS[n].max_steps)
-    with ProcessPoolExecutor(max_workers=min(args.workers, len(names))) as pool:
+    spawn = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited torch thread pools
+    with ProcessPoolExecutor(max_workers=min(args.workers, len(names)), mp_context=spawn) as pool:
         results = dict(zip(names, pool.map(_build, names, [args.force] * len(names))))
     report = [{**results[n], "target_met": targets_met(results[n])} for n in args.names]
     print(json.dumps(report, indent=2))

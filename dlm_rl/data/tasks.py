@@ -105,11 +105,11 @@ def code(n: int, *, max_ops: int = 2, split: str = "train", seed: int = 0) -> Da
     def draw(rng: random.Random) -> dict[str, object]:
         ops = [(rng.choice(list(CODE_OPS)), rng.randint(1, 9)) for _ in range(rng.randint(1, max_ops))]
         prompt = "f(x): " + ", ".join(f"{op} {k}" for op, k in ops) + "\n"
+        # Every op after the first wraps what came before, "((x+3)*2)-5": the text of op i sits at a fixed
+        # place, so the tiny models learn the mapping rather than operator precedence.
         expr = "x"
         for op, k in ops:
-            if op == "mul" and not expr.isidentifier():  # x+3 times 2 needs (x+3)*2
-                expr = f"({expr})"
-            expr = f"{expr}{CODE_OPS[op]}{k}"
+            expr = f"{expr if expr == 'x' else f'({expr})'}{CODE_OPS[op]}{k}"
         # Inputs depend on the prompt only, so a problem is the same whatever the seed.
         inputs_rng = random.Random(prompt)
         inputs = [0, inputs_rng.randint(-9, -1), inputs_rng.randint(1, 9), inputs_rng.randint(10, 99)]
