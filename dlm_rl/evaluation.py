@@ -62,6 +62,7 @@ def evaluate(
     samples: int = 8,
     batch_size: int = 256,
     seed: int = 0,
+    progress: bool = True,
 ) -> dict:
     """Greedy accuracy, and pass@1 / pass@`samples` from `samples` completions per prompt at temperature 1.
 
@@ -70,7 +71,13 @@ def evaluate(
     was_training = model.training
     model.eval()
     prompts, rows = list(dataset["prompt"]), list(dataset)
-    greedy = complete(model, prompts, SamplerConfig(gen_length=gen_length), batch_size=batch_size, progress="greedy")
+    greedy = complete(
+        model,
+        prompts,
+        SamplerConfig(gen_length=gen_length),
+        batch_size=batch_size,
+        progress="greedy" if progress else None,
+    )
     greedy_correct = [score(task, text, row) >= 1.0 for text, row in zip(greedy, rows)]
     result = {"n": len(rows), "greedy_accuracy": sum(greedy_correct) / len(rows), "examples": greedy[:3]}
     if samples:
@@ -81,7 +88,7 @@ def evaluate(
             SamplerConfig(gen_length=gen_length, temperature=1.0),
             batch_size=batch_size,
             generator=generator,
-            progress=f"T=1 x{samples}",
+            progress=f"T=1 x{samples}" if progress else None,
         )
         counts = [
             sum(score(task, sampled[i * samples + j], row) >= 1.0 for j in range(samples))

@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+from transformers import TrainerCallback
 
 from dlm_rl.data import tasks
 
@@ -47,7 +48,12 @@ class Checkpoint:
     task: str
     max_steps: int
     purpose: str
-    """'sft': the MDM trainer should solve the task; 'rl-base': partly trained, room left for RL."""
+    """'sft': the MDM trainer should solve the task (cosine schedule, all steps); 'rl-base': partly trained, room
+    left for RL (constant learning rate, stopped once validation greedy accuracy reaches `stop_at_accuracy`)."""
+    stop_at_accuracy: float | None = None
+    """rl-base: stop at the first check whose greedy accuracy on the validation problems is at least this."""
+    check_every: int = 25
+    """rl-base: steps between validation checks."""
     learning_rate: float = 1e-3
     batch_size: int = 128
     warmup_steps: int = 200
@@ -57,10 +63,11 @@ class Checkpoint:
 
 CHECKPOINTS = {
     "addition3": Checkpoint("addition3", max_steps=3000, purpose="sft"),
-    "addition3-base": Checkpoint("addition3", max_steps=1100, purpose="rl-base"),
-    "chain-base": Checkpoint("chain", max_steps=500, purpose="rl-base"),
-    "code-base": Checkpoint("code", max_steps=1000, purpose="rl-base", train_size=16000),
+    "addition3-base": Checkpoint("addition3", max_steps=2000, purpose="rl-base", stop_at_accuracy=0.4),
+    "chain-base": Checkpoint("chain", max_steps=2000, purpose="rl-base", stop_at_accuracy=0.4),
+    "code-base": Checkpoint("code", max_steps=2000, purpose="rl-base", stop_at_accuracy=0.4, train_size=16000),
 }
+VALIDATION_SIZE = 128  # test-split problems for the stopping rule; excluded from the held-out evaluation
 EVAL_SIZE = 256
 
 
@@ -99,6 +106,10 @@ def build(name: str, *, force: bool = False) -> dict:
 
     torch.manual_seed(spec.seed)
     model = tiny_model(seed=spec.seed)
+    validation = task.dataset("test", VALIDATION_SIZE, seed=spec.seed + 2)
+    callbacks = []
+    if spec.purpose == "rl-base":
+        callbacks.append(_StopAtAccuracy(model, validation, task, spec))
     config = MDMConfig(
         output_dir=path,
         task=spec.task,
@@ -106,7 +117,7 @@ def build(name: str, *, force: bool = False) -> dict:
         per_device_train_batch_size=spec.batch_size,
         learning_rate=spec.learning_rate,
         warmup_steps=spec.warmup_steps,
-        lr_scheduler_type="cosine",
+        lr_scheduler_type="cosine" if spec.purpose == "sft" else "constant_with_warmup",
         weight_decay=0.01,
         logging_steps=max(spec.max_steps // 10, 1),
         save_strategy="no",
@@ -116,22 +127,26 @@ def build(name: str, *, force: bool = False) -> dict:
         disable_tqdm=True,  # builds run in parallel processes; the log lines below say what happens
     )
     train = task.dataset("train", spec.train_size, seed=spec.seed)
-    trainer = MDMTrainer(model, config, train, task.response_length)
-    logger.info("%s: training %d steps on %s (%s); saving to %s", name, spec.max_steps, spec.task, spec.purpose, path)
+    trainer = MDMTrainer(model, config, train, task.response_length, callbacks=callbacks)
+    logger.info("%s: training up to %d steps on %s (%s); saving to %s", name, spec.max_steps, spec.task, spec.purpose, path)
     start = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - start
     trainer.save_model(path)
 
-    held_out = task.dataset("test", EVAL_SIZE, seed=spec.seed + 1)
+    seen = set(validation["prompt"])
+    held_out = task.dataset("test", EVAL_SIZE, seed=spec.seed + 1).filter(lambda row: row["prompt"] not in seen)
     samples = 8 if spec.purpose == "rl-base" else 0
-    logger.info("%s: trained in %.0f s; evaluating on %d held-out problems", name, train_seconds, EVAL_SIZE)
-    result = evaluate(model, held_out, task.generator, gen_length=task.response_length, samples=samples)
+    logger.info("%s: trained in %.0f s; evaluating on %d held-out problems", name, train_seconds, len(held_out))
+    result = evaluate(
+        model, held_out, task.generator, gen_length=task.response_length, samples=samples, progress=False
+    )
     metrics = {
         "name": name,
         "task": spec.task,
         "purpose": spec.purpose,
-        "steps": spec.max_steps,
+        "steps": trainer.state.global_step,
+        "n_overlap_removed": EVAL_SIZE - len(held_out),
         "train_seconds": round(train_seconds, 1),
         "torch_threads": torch.get_num_threads(),
         **result,
@@ -141,6 +156,30 @@ def build(name: str, *, force: bool = False) -> dict:
     logger.info("%s: %s", name, {k: v for k, v in metrics.items() if k != "examples"})
     return {**metrics, "cached": False}
 
+
+
+class _StopAtAccuracy(TrainerCallback):
+    """Stop training at the first check where greedy accuracy on the validation problems reaches the target."""
+
+    def __init__(self, model, validation, task: Task, spec: Checkpoint):
+        self.model, self.validation, self.task, self.spec = model, validation, task, spec
+
+    def on_step_end(self, args, state, control, **kwargs):
+        from dlm_rl.evaluation import evaluate
+
+        if state.global_step % self.spec.check_every:
+            return
+        accuracy = evaluate(
+            self.model,
+            self.validation,
+            self.task.generator,
+            gen_length=self.task.response_length,
+            samples=0,
+            progress=False,
+        )["greedy_accuracy"]
+        logger.info("step %d: validation greedy accuracy %.3f", state.global_step, accuracy)
+        if accuracy >= self.spec.stop_at_accuracy:
+            control.should_training_stop = True
 
 
 def targets_met(metrics: dict) -> bool:

@@ -35,6 +35,26 @@ def test_targets(metrics, met):
     assert testbed.targets_met(metrics) is met
 
 
+def test_build_stops_at_target_caches_and_loads(tmp_path, monkeypatch):
+    """An rl-base build stops at the first validation check that meets its target (0 here: the first check),
+    saves a loadable model with its metrics, and a second call returns the cache without training."""
+    from dlm_rl.models.resolve import resolve_model
+
+    monkeypatch.setenv("DLM_RL_CACHE", str(tmp_path))
+    probe = testbed.Checkpoint(
+        "addition3", max_steps=40, purpose="rl-base", stop_at_accuracy=0.0, check_every=10,
+        batch_size=8, warmup_steps=0, train_size=64,
+    )
+    monkeypatch.setitem(testbed.CHECKPOINTS, "probe", probe)
+    metrics = testbed.build("probe")
+    assert metrics["steps"] == 10 and metrics["cached"] is False
+    assert metrics["n"] == testbed.EVAL_SIZE - metrics["n_overlap_removed"]
+    assert 0 <= metrics["pass@1"] <= metrics["pass@8"] <= 1
+    assert testbed.build("probe") == {**metrics, "cached": True}
+    model = resolve_model("testbed:probe")
+    assert model.mask_token_id == 2 and model.tokenizer.decode(model.tokenizer("1+2=")["input_ids"]) == "1+2="
+
+
 def test_every_task_fits_its_canvas():
     from dlm_rl.data.tokenizer import char_tokenizer
 
