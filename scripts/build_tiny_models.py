@@ -10,6 +10,7 @@ checkpoints build in parallel, one process per core.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -26,7 +27,8 @@ def _build(name: str, force: bool) -> dict:
     torch.set_num_threads(1)
     from dlm_rl.testbed import build
 
-    return build(name, force=force)
+    with contextlib.redirect_stdout(sys.stderr):  # the trainer prints its loss logs; stdout is for the JSON
+        return build(name, force=force)
 
 
 def main() -> int:
