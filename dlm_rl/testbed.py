@@ -138,7 +138,9 @@ def build(name: str, *, force: bool = False) -> dict:
     )
     train = task.dataset("train", spec.train_size, seed=spec.seed)
     trainer = MDMTrainer(model, config, train, task.response_length, callbacks=callbacks)
-    logger.info("%s: training up to %d steps on %s (%s); saving to %s", name, spec.max_steps, spec.task, spec.purpose, path)
+    logger.info(
+        "%s: training up to %d steps on %s (%s); saving to %s", name, spec.max_steps, spec.task, spec.purpose, path
+    )
     start = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - start
@@ -165,7 +167,6 @@ def build(name: str, *, force: bool = False) -> dict:
         json.dump(metrics, f, indent=2)
     logger.info("%s: %s", name, {k: v for k, v in metrics.items() if k != "examples"})
     return {**metrics, "cached": False}
-
 
 
 class _StopAtAccuracy(TrainerCallback):

@@ -45,7 +45,8 @@ def load(
         tokenizer = AutoTokenizer.from_pretrained(path)
         return DiffusionLM(model, Conventions(**conventions), tokenizer)
 
-    if os.path.isfile(os.path.join(path, "adapter_config.json")) and not os.path.isfile(os.path.join(path, "config.json")):
+    adapter_only = not os.path.isfile(os.path.join(path, "config.json"))
+    if adapter_only and os.path.isfile(os.path.join(path, "adapter_config.json")):
         raise ValueError(
             f"{path} holds a LoRA adapter only: load its base model with dlm_rl.models.load(BASE), then attach the "
             f"adapter with peft.PeftModel.from_pretrained(dlm.model, {path!r})"
