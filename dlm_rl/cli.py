@@ -7,6 +7,8 @@ import json
 import logging
 import sys
 
+from dlm_rl.sampling.config import CACHES, ORDERINGS
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dlm-rl", description="RL post-training for diffusion language models")
@@ -18,18 +20,19 @@ def main(argv: list[str] | None = None) -> int:
     sample = commands.add_parser("sample", help="sample completions from a model")
     _model_arguments(sample)
     sample.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
-    sample.add_argument("--block-length", type=int, default=None)
-    sample.add_argument("--steps", type=int, default=None)
     sample.add_argument("--temperature", type=float, default=0.0)
     sample.add_argument("--num-samples", type=int, default=1)
+    sample.add_argument("--trajectory", action="store_true", help="also print step_map, log-probs and NFE")
     sample.add_argument("--seed", type=int, default=0)
 
     evaluate = commands.add_parser("eval", help="accuracy and pass@k of a model on a testbed task")
     _model_arguments(evaluate)
-    evaluate.add_argument("--task", required=True, help="testbed task: addition3, chain, code")
+    evaluate.add_argument("--task", required=True, help="testbed task: addition3, chain, chain128, code")
     evaluate.add_argument("--n", type=int, default=256, help="held-out problems")
     evaluate.add_argument("--samples", type=int, default=8, help="completions per problem at temperature 1")
     evaluate.add_argument("--seed", type=int, default=1)
+    for command in (sample, evaluate):
+        _sampler_arguments(command)
 
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -57,6 +60,23 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gen-length", type=int, default=None, help="response canvas length")
 
 
+def _sampler_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampler")
+    group.add_argument("--block-length", type=int, default=None)
+    group.add_argument("--steps", type=int, default=None, help="fixed schedule: total steps (default gen-length)")
+    group.add_argument("--threshold", type=float, default=None, help="Fast-dLLM confidence threshold, e.g. 0.9")
+    group.add_argument("--factor", type=float, default=None, help="Fast-dLLM factor rule, e.g. 1.0")
+    group.add_argument("--cache", choices=CACHES, default="none")
+    group.add_argument("--remasking", choices=ORDERINGS, default="low_confidence")
+    group.add_argument("--cfg-scale", type=float, default=0.0)
+    group.add_argument("--no-early-stop", dest="early_stop", action="store_false")
+
+
+def _sampler_options(args) -> dict:
+    names = ("block_length", "steps", "threshold", "factor", "cache", "remasking", "cfg_scale", "early_stop")
+    return {name: getattr(args, name) for name in names}
+
+
 def _load(args):
     from dlm_rl.models.resolve import resolve_model
 
@@ -66,20 +86,23 @@ def _load(args):
 def _sample(args) -> None:
     import torch
 
-    from dlm_rl.evaluation import complete
+    from dlm_rl.evaluation import decode_responses, rollout
     from dlm_rl.sampling.config import SamplerConfig
 
-    config = SamplerConfig(
-        gen_length=args.gen_length or 32,
-        block_length=args.block_length,
-        steps=args.steps,
-        temperature=args.temperature,
-    )
+    config = SamplerConfig(gen_length=args.gen_length or 32, temperature=args.temperature, **_sampler_options(args))
     model = _load(args).eval()
     generator = torch.Generator(model.device).manual_seed(args.seed)
     prompts = [p for p in args.prompt for _ in range(args.num_samples)]
-    for prompt, text in zip(prompts, complete(model, prompts, config, generator=generator)):
-        print(json.dumps({"prompt": prompt, "completion": text}))
+    (trajectory,) = rollout(model, prompts, config, batch_size=len(prompts), generator=generator)
+    texts = decode_responses(model.tokenizer, trajectory.response_ids)
+    for i, (prompt, text) in enumerate(zip(prompts, texts)):
+        line = {"prompt": prompt, "completion": text, "nfe": int(trajectory.nfe[i])}
+        line["finish_reason"] = trajectory.finish_reason[i]
+        if args.trajectory:
+            line["response_ids"] = trajectory.response_ids[i].tolist()
+            line["step_map"] = trajectory.step_map[i].tolist()
+            line["log_probs"] = [round(x, 6) if x == x else None for x in trajectory.log_probs[i].tolist()]
+        print(json.dumps(line))
 
 
 def _eval(args) -> None:
@@ -91,8 +114,14 @@ def _eval(args) -> None:
     task = TASKS[args.task]
     model = _load(args)
     held_out = task.dataset("test", args.n, seed=args.seed)
+    options = _sampler_options(args)
     result = evaluate(
-        model, held_out, task.generator, gen_length=args.gen_length or task.response_length, samples=args.samples
+        model,
+        held_out,
+        task.generator,
+        gen_length=args.gen_length or task.response_length,
+        samples=args.samples,
+        sampler=options,
     )
     print(json.dumps({"model": args.model, "task": args.task, **result}))
 

@@ -10,7 +10,8 @@ from tqdm.auto import tqdm
 from dlm_rl.data.collate import encode_prompt, left_pad
 from dlm_rl.data.tasks import score
 from dlm_rl.sampling.config import SamplerConfig
-from dlm_rl.sampling.reference import generate
+from dlm_rl.sampling.sampler import generate
+from dlm_rl.sampling.trajectory import Trajectory
 
 
 def decode_responses(tokenizer, response_ids: torch.Tensor) -> list[str]:
@@ -24,7 +25,7 @@ def decode_responses(tokenizer, response_ids: torch.Tensor) -> list[str]:
 
 
 @torch.no_grad()
-def complete(
+def rollout(
     model,
     prompts: list,
     config: SamplerConfig,
@@ -32,16 +33,23 @@ def complete(
     batch_size: int = 256,
     generator: torch.Generator | None = None,
     progress: str | None = None,
-) -> list[str]:
-    """One completion per prompt, sampled in batches."""
+) -> list[Trajectory]:
+    """Sample one response per prompt (text or chat messages), in batches; one Trajectory per batch."""
+    if not prompts:
+        raise ValueError("no prompts to sample from")
     tokenizer = model.tokenizer
-    texts = []
+    trajectories = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=progress, disable=progress is None, leave=False):
         batch = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
         ids, mask = left_pad(batch, tokenizer.pad_token_id)
-        out = generate(model, ids.to(model.device), mask.to(model.device), config, generator)
-        texts.extend(decode_responses(tokenizer, out.response_ids))
-    return texts
+        trajectories.append(generate(model, ids.to(model.device), mask.to(model.device), config, generator))
+    return trajectories
+
+
+def complete(model, prompts: list, config: SamplerConfig, **kwargs) -> list[str]:
+    """One completion (text up to EOS) per prompt; keyword arguments as for `rollout`."""
+    trajectories = rollout(model, prompts, config, **kwargs)
+    return [text for t in trajectories for text in decode_responses(model.tokenizer, t.response_ids)]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -63,10 +71,12 @@ def evaluate(
     batch_size: int = 256,
     seed: int = 0,
     progress: bool = True,
+    sampler: dict | None = None,
 ) -> dict:
     """Greedy accuracy, and pass@1 / pass@`samples` from `samples` completions per prompt at temperature 1.
 
-    A completion counts as correct when its score is 1 (every test passes, for code).
+    A completion counts as correct when its score is 1 (every test passes, for code). `sampler` holds further
+    SamplerConfig fields (threshold, cache, block_length, ...) for both runs.
     """
     was_training = model.training
     model.eval()
@@ -74,7 +84,7 @@ def evaluate(
     greedy = complete(
         model,
         prompts,
-        SamplerConfig(gen_length=gen_length),
+        SamplerConfig(gen_length=gen_length, **{**(sampler or {}), "temperature": 0.0}),
         batch_size=batch_size,
         progress="greedy" if progress else None,
     )
@@ -85,7 +95,7 @@ def evaluate(
         sampled = complete(
             model,
             [p for p in prompts for _ in range(samples)],
-            SamplerConfig(gen_length=gen_length, temperature=1.0),
+            SamplerConfig(gen_length=gen_length, **{**(sampler or {}), "temperature": 1.0}),
             batch_size=batch_size,
             generator=generator,
             progress=f"T=1 x{samples}" if progress else None,

@@ -38,6 +38,8 @@ TASKS = {
     "addition3": Task("addition", {"operands": 3, "digits": 2}, response_length=8),
     "chain": Task("chain", {"operands": 5, "digits": 1}, response_length=40),
     "code": Task("code", {"max_ops": 3}, response_length=32),
+    # The chain problems on a 128-token canvas: long generations for sampler benchmarks (content ~35 tokens).
+    "chain128": Task("chain", {"operands": 5, "digits": 1}, response_length=128),
 }
 
 
@@ -61,6 +63,8 @@ class Checkpoint:
     warmup_steps: int = 200
     train_size: int = 50000
     seed: int = 0
+    init: str | None = None
+    """Start from this testbed checkpoint (built first if needed) instead of random weights."""
 
 
 CHECKPOINTS = {
@@ -71,6 +75,10 @@ CHECKPOINTS = {
     "code-base": Checkpoint(
         "code", max_steps=2000, purpose="rl-base", stop_at_accuracy=0.4, check_every=5, check_from=300,
         train_size=16000,
+    ),
+    # chain-base does not carry over to longer canvases (greedy 0% at 64 tokens): continue it on 128-token ones.
+    "chain128-base": Checkpoint(
+        "chain128", max_steps=1000, purpose="rl-base", stop_at_accuracy=0.4, warmup_steps=0, init="chain-base"
     ),
 }
 VALIDATION_SIZE = 128  # test-split problems for the stopping rule; excluded from the held-out evaluation
@@ -86,6 +94,8 @@ def _key(spec: Checkpoint) -> str:
     keeps the old behaviour does not invalidate built checkpoints."""
     defaults = Checkpoint(spec.task, spec.max_steps, spec.purpose)
     changed = {k: v for k, v in asdict(spec).items() if v != getattr(defaults, k) or k in ("max_steps", "purpose")}
+    if spec.init:
+        changed["init"] = f"{spec.init}-{_key(CHECKPOINTS[spec.init])}"
     recipe = json.dumps({"checkpoint": changed, "task": asdict(TASKS[spec.task])}, sort_keys=True)
     return hashlib.sha256(recipe.encode()).hexdigest()[:10]
 
@@ -103,6 +113,7 @@ def checkpoint(name: str) -> str:
 def build(name: str, *, force: bool = False) -> dict:
     """Train (unless cached), evaluate and save checkpoint `name`; returns its metrics."""
     from dlm_rl.evaluation import evaluate
+    from dlm_rl.models.loading import load
     from dlm_rl.models.tiny import tiny_model
     from dlm_rl.trainers.mdm import MDMConfig, MDMTrainer
 
@@ -115,7 +126,11 @@ def build(name: str, *, force: bool = False) -> dict:
             return {**json.load(f), "cached": True}
 
     torch.manual_seed(spec.seed)
-    model = tiny_model(seed=spec.seed)
+    if spec.init:
+        build(spec.init)
+        model = load(checkpoint(spec.init))
+    else:
+        model = tiny_model(seed=spec.seed)
     validation = task.dataset("test", VALIDATION_SIZE, seed=spec.seed + 2)
     callbacks = []
     if spec.purpose == "rl-base":

@@ -42,14 +42,27 @@ def main() -> int:
     unknown = [n for n in args.names if n not in CHECKPOINTS]
     if unknown:
         parser.error(f"unknown checkpoints {unknown}; choose from {list(CHECKPOINTS)}")
-    # Longest builds first, so the parallel workers finish together.
-    names = sorted(args.names, key=lambda n: -CHECKPOINTS[n].max_steps)
     spawn = multiprocessing.get_context("spawn")  # fresh interpreters: no inherited torch thread pools
-    with ProcessPoolExecutor(max_workers=min(args.workers, len(names)), mp_context=spawn) as pool:
-        results = dict(zip(names, pool.map(_build, names, [args.force] * len(names))))
+    results = {}
+    # Checkpoints that start from another one build in a later wave, after their parent.
+    for wave in _waves(args.names, CHECKPOINTS):
+        wave.sort(key=lambda n: -CHECKPOINTS[n].max_steps)  # longest first, so the workers finish together
+        with ProcessPoolExecutor(max_workers=min(args.workers, len(wave)), mp_context=spawn) as pool:
+            results.update(zip(wave, pool.map(_build, wave, [args.force] * len(wave))))
     report = [{**results[n], "target_met": targets_met(results[n])} for n in args.names]
     print(json.dumps(report, indent=2))
     return 0 if all(r["target_met"] for r in report) else 1
+
+
+def _waves(names: list[str], checkpoints: dict) -> list[list[str]]:
+    """Group names by how many `init` parents they have."""
+    def depth(name):
+        return 0 if checkpoints[name].init is None else 1 + depth(checkpoints[name].init)
+
+    waves = {}
+    for name in names:
+        waves.setdefault(depth(name), []).append(name)
+    return [waves[d] for d in sorted(waves)]
 
 
 if __name__ == "__main__":

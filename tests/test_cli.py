@@ -62,7 +62,8 @@ def test_sample_prints_one_json_line_per_prompt(trained, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
     record = json.loads(lines[0])
-    assert set(record) == {"prompt", "completion"} and record["prompt"] == "12+57+33="
+    assert set(record) == {"prompt", "completion", "nfe", "finish_reason"} and record["prompt"] == "12+57+33="
+    assert 1 <= record["nfe"] <= 8 and record["finish_reason"] in ("eos", "length")
     ids = char_tokenizer()(record["completion"], add_special_tokens=False)["input_ids"]
     assert isinstance(record["completion"], str) and len(ids) <= 8
 
@@ -93,7 +94,7 @@ def test_eval_prints_accuracy_and_pass_at_k(trained, capsys):
 def test_eval_unknown_task_lists_valid_tasks(trained, capsys):
     assert main(["eval", "--model", trained, "--task", "addition4"]) == 2
     err = capsys.readouterr().err
-    assert "unknown testbed task 'addition4'; choose one of ['addition3', 'chain', 'code']" in err
+    assert "unknown testbed task 'addition4'; choose one of ['addition3', 'chain', 'chain128', 'code']" in err
 
 
 def test_eval_unknown_model_is_an_error(capsys):

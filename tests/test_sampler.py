@@ -12,7 +12,8 @@ import torch
 from dlm_rl.data.collate import encode_prompt, left_pad
 from dlm_rl.models import tiny_model
 from dlm_rl.sampling.config import SamplerConfig
-from dlm_rl.sampling.reference import generate, sample_tokens, tokens_per_step
+from dlm_rl.sampling.decoding import sample_tokens, tokens_per_step
+from dlm_rl.sampling.sampler import generate
 
 PROMPTS = ["12+57+33=", "1+2=", "99+1+0=", "7*8"]
 
@@ -29,20 +30,20 @@ def batch(model):
     return ids, mask  # [4, 9] each; rows 1-3 left-padded
 
 
-class Recorder(torch.nn.Module):
-    """Wraps a DiffusionLM; keeps a copy of the response canvas and attention mask seen by every forward pass."""
+class Recorder:
+    """Wraps a DiffusionLM; keeps a copy of the response canvas and position ids seen by every forward pass."""
 
     def __init__(self, inner, prompt_len):
-        super().__init__()
         self.inner, self.prompt_len = inner, prompt_len
-        self.canvases, self.masks = [], []
+        self.canvases, self.positions = [], []
 
-    mask_token_id = property(lambda self: self.inner.mask_token_id)
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
-    def forward(self, x, attention_mask):
-        self.canvases.append(x[:, self.prompt_len :].clone())  # [B, R]; generate edits x in place
-        self.masks.append(attention_mask.clone())
-        return self.inner(x, attention_mask)
+    def __call__(self, x, **kwargs):
+        self.canvases.append(x[:, self.prompt_len :].clone())  # [B, R]; generate edits the canvas in place
+        self.positions.append(kwargs["position_ids"].clone())
+        return self.inner(x, **kwargs)
 
 
 def _generate(model, batch, config, seed=None):
@@ -54,11 +55,10 @@ def _generate(model, batch, config, seed=None):
 # --- SamplerConfig ----------------------------------------------------------------------------------------------
 
 
-def test_config_defaults_fill_block_length_and_steps():
+def test_config_defaults_one_block_one_token_per_step():
     config = SamplerConfig(gen_length=12)
-    assert (config.block_length, config.steps, config.num_blocks) == (12, 12, 1)
-    config = SamplerConfig(gen_length=12, block_length=4, steps=6)
-    assert config.num_blocks == 3
+    assert config.block_length is None and config.steps_per_block(12) == 12
+    assert SamplerConfig(gen_length=12, block_length=4, steps=6).steps_per_block(4) == 2
 
 
 @pytest.mark.parametrize(
@@ -71,7 +71,7 @@ def test_config_defaults_fill_block_length_and_steps():
         (dict(gen_length=8, block_length=4, steps=0), r"steps=0 must be a positive multiple"),
         (dict(gen_length=8, block_length=4, steps=5), r"steps=5 must be a positive multiple"),
         (dict(gen_length=8, temperature=-0.5), r"temperature must be >= 0, got -0.5"),
-        (dict(gen_length=8, remasking="entropy"), r"remasking must be one of .*'low_confidence'.*'entropy'"),
+        (dict(gen_length=8, remasking="confidence"), r"remasking must be one of .*'low_confidence'.*'entropy'"),
     ],
 )
 def test_config_rejects_bad_settings(kwargs, message):
@@ -93,12 +93,12 @@ def test_tokens_per_step_splits_evenly_remainder_first(count, steps, expected):
 # --- commit bookkeeping -----------------------------------------------------------------------------------------
 
 CONFIGS = [
-    SamplerConfig(gen_length=8),  # one block, one token per step
-    SamplerConfig(gen_length=12, block_length=4, steps=6),  # 3 blocks x 2 steps x 2 tokens
-    SamplerConfig(gen_length=10, block_length=5, steps=4),  # 2 blocks x [3, 2] tokens
-    SamplerConfig(gen_length=8, block_length=2, steps=4, temperature=1.0),
-    SamplerConfig(gen_length=9, block_length=3, steps=3, remasking="random"),  # all of a block in one step
-    SamplerConfig(gen_length=8, block_length=4, steps=4, temperature=0.7, remasking="random"),
+    SamplerConfig(gen_length=8, early_stop=False),  # one block, one token per step
+    SamplerConfig(gen_length=12, block_length=4, steps=6, early_stop=False),  # 3 blocks x 2 steps x 2 tokens
+    SamplerConfig(gen_length=10, block_length=5, steps=4, early_stop=False),  # 2 blocks x [3, 2] tokens
+    SamplerConfig(gen_length=8, block_length=2, steps=4, temperature=1.0, early_stop=False),
+    SamplerConfig(gen_length=9, block_length=3, steps=3, remasking="random", early_stop=False),  # a block a step
+    SamplerConfig(gen_length=8, block_length=4, steps=4, temperature=0.7, remasking="random", early_stop=False),
 ]
 
 
@@ -109,21 +109,24 @@ def test_every_position_committed_once_in_block_order(model, batch, config):
     recorder = Recorder(model, ids.shape[1])
     out = generate(recorder, ids, mask, config, torch.Generator().manual_seed(0))
     B, R = ids.shape[0], config.gen_length
-    spb = config.steps // config.num_blocks
-    per_step = tokens_per_step(config.block_length, spb)
+    block_length = config.block_length or config.gen_length
+    num_blocks = config.gen_length // block_length
+    spb = config.steps_per_block(block_length)
+    per_step = tokens_per_step(block_length, spb)
     mask_id = model.mask_token_id
 
-    assert out.nfe == config.steps == len(recorder.canvases)
+    steps = spb * num_blocks
+    assert (out.nfe == steps).all() and len(recorder.canvases) == steps
     assert out.response_ids.shape == out.step_map.shape == (B, R)
     assert not (out.response_ids == mask_id).any()
-    # the sampler sees the prompt's padding mask followed by an all-ones canvas
-    expected_mask = torch.cat([mask, torch.ones(B, R, dtype=mask.dtype)], dim=1)
-    assert all(torch.equal(m, expected_mask) for m in recorder.masks)
+    # positions count real tokens from 0, so left padding does not shift them
+    expected_positions = (torch.cat([mask, torch.ones(B, R, dtype=mask.dtype)], dim=1).cumsum(1) - 1).clamp(min=0)
+    assert all(torch.equal(p, expected_positions) for p in recorder.positions)
 
     # canvases before each step, then the final result
     canvases = [*recorder.canvases, out.response_ids]
     assert (canvases[0] == mask_id).all()
-    for s in range(config.steps):
+    for s in range(steps):
         before, after = canvases[s], canvases[s + 1]
         newly = (before == mask_id) & (after != mask_id)  # [B, R]
         # committed tokens never change again, masks are never written back
@@ -134,15 +137,15 @@ def test_every_position_committed_once_in_block_order(model, batch, config):
         # only the current block is written
         block = s // spb
         outside = torch.ones(R, dtype=torch.bool)
-        outside[block * config.block_length : (block + 1) * config.block_length] = False
+        outside[block * block_length : (block + 1) * block_length] = False
         assert not newly[:, outside].any()
 
     # step values: all in [0, steps), blocks strictly in order
-    assert out.step_map.min() >= 0 and out.step_map.max() < config.steps
-    blocks = out.step_map.view(B, config.num_blocks, config.block_length)
-    for b in range(config.num_blocks):
+    assert out.step_map.min() >= 0 and out.step_map.max() < steps
+    blocks = out.step_map.view(B, num_blocks, block_length)
+    for b in range(num_blocks):
         assert (blocks[:, b] >= b * spb).all() and (blocks[:, b] < (b + 1) * spb).all()
-        if b + 1 < config.num_blocks:
+        if b + 1 < num_blocks:
             assert (blocks[:, b].amax(1) < blocks[:, b + 1].amin(1)).all()
 
 
@@ -218,7 +221,8 @@ def test_random_remasking_orders_positions_at_random():
 def test_gumbel_sampling_matches_softmax_frequencies(temperature):
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0, float("-inf")], dtype=torch.float64)
     draws = 20_000
-    tokens, confidence = sample_tokens(logits.expand(draws, -1), temperature, torch.Generator().manual_seed(0))
+    tokens, log_probs = sample_tokens(logits.expand(draws, -1), temperature, torch.Generator().manual_seed(0))
+    confidence = log_probs.exp()
     counts = torch.bincount(tokens, minlength=5).double()
     assert counts[4] == 0  # a -inf logit is never drawn
     expected = (logits[:4] / temperature).softmax(-1) * draws
@@ -231,9 +235,9 @@ def test_gumbel_sampling_matches_softmax_frequencies(temperature):
 
 def test_greedy_sample_tokens_is_argmax_with_its_probability():
     logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, -1.0, 5.5]])
-    tokens, confidence = sample_tokens(logits, 0.0)
+    tokens, log_probs = sample_tokens(logits, 0.0)
     assert tokens.tolist() == [1, 2]
-    torch.testing.assert_close(confidence, logits.double().softmax(-1)[[0, 1], [1, 2]])
+    torch.testing.assert_close(log_probs.exp(), logits.double().softmax(-1)[[0, 1], [1, 2]])
 
 
 # --- padding invariance -----------------------------------------------------------------------------------------

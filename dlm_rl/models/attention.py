@@ -32,25 +32,43 @@ def additive_mask(
     - full: every query sees every real key.
     - block: a query sees real keys whose block (position // block_size) is not after its own.
     - causal: a query sees real keys at or before its own column.
-    Padding queries also see themselves, which keeps softmax finite where no key is allowed; their outputs are
-    never used.
+    Padding queries see every key, which keeps softmax finite; their outputs are never used.
+    """
+    valid = attention_mask.bool()  # [B, K]
+    queries = valid.shape[1] if query_length is None else query_length
+    positions = position_ids_from_padding(attention_mask)  # [B, K]
+    if mode == "causal":  # by column, which orders real tokens like their positions and keeps padding apart
+        positions = torch.arange(valid.shape[1], device=valid.device).expand_as(positions)
+    return positional_mask(
+        positions, valid, positions[:, -queries:], valid[:, -queries:], mode, block_size=block_size, dtype=dtype
+    )
+
+
+def positional_mask(
+    key_positions: torch.Tensor,
+    key_valid: torch.Tensor,
+    query_positions: torch.Tensor,
+    query_valid: torch.Tensor,
+    mode: str,
+    *,
+    block_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The [B, 1, Q, K] float mask for keys and queries given by their positions, in any column order.
+
+    Samplers with KV caches feed tokens out of order (a dual cache holds the suffix before the current block);
+    attention then follows the true positions. A valid query sees valid keys as `mode` allows; a padding query
+    sees every key, which keeps its softmax finite (its output is never used).
     """
     if mode not in ATTENTION_MODES:
         raise ValueError(f"attention mode {mode!r} is not one of {ATTENTION_MODES}")
-    valid = attention_mask.bool()  # [B, K]
-    batch, keys = valid.shape
-    queries = keys if query_length is None else query_length
-    allowed = valid[:, None, :].expand(batch, queries, keys)  # [B, Q, K]
+    allowed = key_valid.bool()[:, None, :].expand(-1, query_positions.shape[1], -1)  # [B, Q, K]
     if mode == "block":
         if not block_size or block_size < 1:
             raise ValueError(f"attention mode 'block' needs a positive block_size, got {block_size!r}")
-        block = position_ids_from_padding(attention_mask) // block_size  # [B, K]
-        allowed = allowed & (block[:, None, :] <= block[:, -queries:, None])
+        allowed = allowed & (key_positions[:, None, :] // block_size <= query_positions[:, :, None] // block_size)
     elif mode == "causal":
-        columns = torch.arange(keys, device=valid.device)
-        allowed = allowed & (columns[None, :] <= columns[-queries:, None])[None]
-    own = torch.zeros(queries, keys, dtype=torch.bool, device=valid.device)
-    own[torch.arange(queries), torch.arange(keys - queries, keys)] = True
-    allowed = allowed | (own[None] & ~valid[:, -queries:, None])
-    mask = torch.zeros(batch, 1, queries, keys, dtype=dtype, device=valid.device)
+        allowed = allowed & (key_positions[:, None, :] <= query_positions[:, :, None])
+    allowed = allowed | ~query_valid.bool()[:, :, None]
+    mask = torch.zeros(allowed.shape[0], 1, *allowed.shape[1:], dtype=dtype, device=allowed.device)
     return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)

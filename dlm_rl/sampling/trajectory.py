@@ -1,0 +1,44 @@
+"""Trajectory: what a batch of samples was, and how each was decoded — the rollout record TraceRL trains on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Trajectory:
+    """A batch of B samples; token ids travel end to end (nothing is decoded and re-tokenised).
+
+    `step_map[b, j]` is the row's own denoising step (0, 1, ...) at which response token j was first unmasked:
+    each forward a row takes part in is one step, so steps are monotone across blocks and `nfe` = last step + 1.
+    The state at step s is the prompt plus the response with every token of `step_map >= s` masked; the tokens
+    committed at s are those with `step_map == s`, and `log_probs` holds their log-probability under the model
+    (softmax of the plain, unguided logits) in that state. Tokens filled by early stop (`sampled` False) were not
+    drawn from the model: their step is the step that finished the row and their log-prob is NaN.
+    Response token j lies in decoding block `(block_offset[b] + j) // block_length`.
+    """
+
+    prompt_ids: torch.Tensor  # [B, P] left padded
+    prompt_mask: torch.Tensor  # [B, P] 1 = real token
+    response_ids: torch.Tensor  # [B, R]
+    step_map: torch.Tensor  # [B, R] long
+    log_probs: torch.Tensor  # [B, R] float32; NaN where not sampled
+    sampled: torch.Tensor  # [B, R] bool: committed by a model step (False: filled by early stop)
+    nfe: torch.Tensor  # [B] forward passes the row took part in
+    block_length: int
+    block_offset: torch.Tensor  # [B]: offset of response token 0 inside its decoding block
+    finish_reason: list[str]  # "eos" or "length"
+
+    def __len__(self) -> int:
+        return self.response_ids.shape[0]
+
+    @property
+    def steps_per_block(self) -> torch.Tensor:
+        """[B] mean number of steps per block each row decoded (early stop ends a row's last block early)."""
+        positions = torch.arange(self.response_ids.shape[1], device=self.response_ids.device)
+        block = (self.block_offset[:, None] + positions) // self.block_length  # [B, R]
+        first = block[:, 0]
+        last = block.masked_fill(~self.sampled, -1).max(dim=1).values
+        return self.nfe.double() / (last - first + 1)
