@@ -77,6 +77,23 @@ def test_sample_several_prompts_and_samples(trained, capsys):
     assert [r["prompt"] for r in records] == ["1+2=", "1+2=", "3+4=", "3+4="]
 
 
+def test_sample_fast_sampler_prints_its_trajectory(trained, capsys):
+    capsys.readouterr()
+    argv = ["sample", "--model", trained, "--prompt", "12+57+33=", "--gen-length", "8", "--block-length", "4",
+            "--threshold", "0.5", "--cache", "dual", "--trajectory"]
+    assert main(argv) == 0
+    (record,) = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert len(record["response_ids"]) == len(record["step_map"]) == len(record["log_probs"]) == 8
+    steps = [s for s, lp in zip(record["step_map"], record["log_probs"]) if lp is not None]
+    assert sorted(set(steps)) == list(range(record["nfe"]))  # every forward committed something
+    assert all(lp <= 0 for lp in record["log_probs"] if lp is not None)
+
+
+def test_sample_bad_threshold_is_a_clear_error(trained, capsys):
+    assert main(["sample", "--model", trained, "--prompt", "1+2=", "--threshold", "1.5"]) == 2
+    assert "threshold must be in (0, 1], got 1.5" in capsys.readouterr().err
+
+
 def test_eval_prints_accuracy_and_pass_at_k(trained, capsys):
     capsys.readouterr()
     assert main(["eval", "--model", trained, "--task", "addition3", "--n", "8", "--samples", "2"]) == 0

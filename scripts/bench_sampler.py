@@ -1,0 +1,114 @@
+#!/usr/bin/env python
+"""Compare samplers in one run: reference (one token per step), threshold, threshold + prefix cache,
+threshold + dual cache — accuracy, forward passes, steps per block and tokens/s on held-out testbed problems.
+
+    python scripts/bench_sampler.py [--settings math,chain,chain128] [--n 512] [--threads 1]
+
+Each setting is a testbed checkpoint (built with `make demo` or scripts/build_tiny_models.py) at a generation
+length; every sampler runs greedy and at T = 1 on the same prompts. tokens/s counts the whole canvas
+(n x gen_length tokens) over the wall time of the sampling calls. The reference is LLaDA's sampler as published
+(no early stop); `ablations` adds it with early stop, to show how much of the gain early stop alone gives.
+The last line printed is one JSON object with the key `results`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+SETTINGS = {
+    # name: (testbed checkpoint, task, generation length, block length)
+    "math": ("addition3-base", "addition3", 8, 8),
+    "chain": ("chain-base", "chain", 40, 40),
+    "chain128": ("chain128-base", "chain128", 128, 32),
+}
+SAMPLERS = {
+    "reference": dict(early_stop=False),
+    "threshold": dict(threshold=0.9),
+    "threshold+prefix": dict(threshold=0.9, cache="prefix"),
+    "threshold+dual": dict(threshold=0.9, cache="dual"),
+}
+ABLATIONS = {"reference+early_stop": dict(early_stop=True)}
+
+
+def run(model, prompts, rows, task, sampler: dict, gen_length, block_length, temperature, batch_size, seed) -> dict:
+    from dlm_rl.data.tasks import score
+    from dlm_rl.evaluation import decode_responses, rollout
+    from dlm_rl.sampling.config import SamplerConfig
+
+    config = SamplerConfig(gen_length=gen_length, block_length=block_length, temperature=temperature, **sampler)
+    generator = torch.Generator(model.device).manual_seed(seed)
+    start = time.perf_counter()
+    trajectories = rollout(model, prompts, config, batch_size=batch_size, generator=generator)
+    seconds = time.perf_counter() - start
+    texts = [t for tr in trajectories for t in decode_responses(model.tokenizer, tr.response_ids)]
+    nfe = torch.cat([tr.nfe for tr in trajectories]).double()
+    steps_per_block = torch.cat([tr.steps_per_block for tr in trajectories])
+    correct = [score(task, text, row) >= 1.0 for text, row in zip(texts, rows)]
+    return {
+        "accuracy": sum(correct) / len(rows),
+        "nfe": nfe.mean().item(),
+        "steps_per_block": steps_per_block.mean().item(),
+        "tokens_per_s": len(prompts) * gen_length / seconds,
+        "seconds": seconds,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, from {list(SETTINGS)}")
+    parser.add_argument("--n", type=int, default=512, help="held-out problems per setting")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    names = args.settings.split(",")
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
+    torch.set_num_threads(args.threads)
+
+    from dlm_rl.models.resolve import resolve_model
+    from dlm_rl.testbed import TASKS, VALIDATION_SIZE
+
+    results, ablations = [], []
+    for name in names:
+        checkpoint, task_name, gen_length, block_length = SETTINGS[name]
+        model = resolve_model(f"testbed:{checkpoint}").eval()
+        task = TASKS[task_name]
+        seen = set(task.dataset("test", VALIDATION_SIZE, seed=2)["prompt"])  # the checkpoints' stopping problems
+        held_out = task.dataset("test", args.n + VALIDATION_SIZE, seed=11).filter(lambda r: r["prompt"] not in seen)
+        held_out = held_out.select(range(min(args.n, len(held_out))))
+        prompts, rows = list(held_out["prompt"]), list(held_out)
+        run(model, prompts[:8], rows[:8], task.generator, {}, gen_length, block_length, 0.0, 8, 0)  # warm-up
+        for temperature in (0.0, 1.0):
+            common = dict(task=task_name, gen_length=gen_length, block_length=block_length, temperature=temperature)
+            measured = {}
+            for sampler, options in {**SAMPLERS, **ABLATIONS}.items():
+                print(f"{name} T={temperature} {sampler} ...", file=sys.stderr, flush=True)
+                measured[sampler] = run(
+                    model, prompts, rows, task.generator, options, gen_length, block_length, temperature,
+                    args.batch_size, args.seed,
+                )
+                print(f"  {measured[sampler]}", file=sys.stderr, flush=True)
+            reference, threshold = measured["reference"], measured["threshold"]
+            for sampler, m in measured.items():
+                row = {"name": sampler, **common, "n": len(prompts), **m}
+                row["speedup_vs_reference"] = m["tokens_per_s"] / reference["tokens_per_s"]
+                row["nfe_reduction_vs_reference"] = reference["nfe"] / m["nfe"]
+                row["accuracy_delta_vs_reference"] = m["accuracy"] - reference["accuracy"]
+                if sampler.startswith("threshold+"):
+                    row["speedup_vs_threshold"] = m["tokens_per_s"] / threshold["tokens_per_s"]
+                    row["accuracy_delta_vs_threshold"] = m["accuracy"] - threshold["accuracy"]
+                (ablations if sampler in ABLATIONS else results).append(row)
+    machine = {"torch_threads": args.threads, "torch": torch.__version__, "device": "cpu"}
+    print(json.dumps({"machine": machine, "results": results, "ablations": ablations}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
