@@ -84,7 +84,11 @@ def main() -> int:
         held_out = task.dataset("test", args.n + VALIDATION_SIZE, seed=11).filter(lambda r: r["prompt"] not in seen)
         held_out = held_out.select(range(min(args.n, len(held_out))))
         prompts, rows = list(held_out["prompt"]), list(held_out)
-        run(model, prompts[:8], rows[:8], task.generator, {}, gen_length, block_length, 0.0, 8, 0)  # warm-up
+        # Warm-up at full batch size (thread pools, allocator, caches); the reference with one step per block.
+        warm_up = [dict(steps=gen_length // block_length)] + [o for n, o in SAMPLERS.items() if n != "reference"]
+        for options in warm_up:
+            warm = prompts[: args.batch_size]
+            run(model, warm, rows, task.generator, options, gen_length, block_length, 1.0, args.batch_size, 0)
         for temperature in (0.0, 1.0):
             common = dict(task=task_name, gen_length=gen_length, block_length=block_length, temperature=temperature)
             measured = {}

@@ -19,7 +19,8 @@ PROMPTS = ["12+57+33=", "1+2=", "99+1+0=", "7*8", "5"]
 
 
 def _model(attention="full", shift=False, num_layers=2, seed=0):
-    model = tiny_model(seed=seed, num_layers=num_layers, attention=attention, block_size=4 if attention == "block" else None)
+    block_size = 4 if attention == "block" else None
+    model = tiny_model(seed=seed, num_layers=num_layers, attention=attention, block_size=block_size)
     if shift:  # an AR-converted (A2D) model reads token i from hidden state i-1
         model = DiffusionLM(model.model, dataclasses.replace(model.conventions, shift_logits=True), model.tokenizer)
     return model.eval()

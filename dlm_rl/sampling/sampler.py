@@ -111,6 +111,12 @@ class _Decoder:
                 index = torch.arange(rows.numel(), device=rows.device)
                 commit = commit_top_k(scores, masked, schedule[index, step_in_block])
                 step_in_block += 1
+            commit &= tokens != self.model.mask_token_id  # only NaN logits make the mask token the argmax
+            if not commit.any(1).all():
+                raise RuntimeError(
+                    f"a sampling step committed no token for rows {rows[~commit.any(1)].tolist()}: the model "
+                    "returned NaN logits there (check the dtype and the attention mask)"
+                )
             if policy_logits is not logits:  # guided sampling records the policy's own log-probs
                 log_probs = policy_logits.double().log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
             self.x[rows, lo:hi] = torch.where(commit, tokens, self.x[rows, lo:hi])
@@ -246,7 +252,8 @@ class _BlockForward:
                 attention_bias=bias.repeat(2, 1, 1, 1),
             ).logits
             policy, uncond = both.chunk(2)
-            return uncond + (config.cfg_scale + 1) * (policy - uncond), policy
+            guided = uncond + (config.cfg_scale + 1) * (policy - uncond)
+            return guided.masked_fill(policy.isneginf(), float("-inf")), policy  # -inf - -inf would be NaN
         out = model(
             ids,
             position_ids=query_positions,
