@@ -208,7 +208,7 @@ def test_config_errors_name_the_field(kwargs, message):
         SamplerConfig(gen_length=8, **kwargs)
 
 
-def test_nan_logits_fail_loudly_instead_of_looping():
+def test_nan_logits_fail_loudly_instead_of_sampling_garbage():
     model = tiny_model(seed=0).eval()
 
     def poison(module, inputs, output):
@@ -217,5 +217,5 @@ def test_nan_logits_fail_loudly_instead_of_looping():
 
     model.model.register_forward_hook(poison)
     ids, mask = left_pad([encode_prompt(model.tokenizer, p) for p in ["1+2=", "33+4="]], 0)
-    with pytest.raises(RuntimeError, match=r"committed no token for rows \[1\].*NaN logits"):
+    with pytest.raises(RuntimeError, match=r"NaN logits for rows \[1\]"):
         generate(model, ids, mask, SamplerConfig(gen_length=8))

@@ -100,6 +100,12 @@ class _Decoder:
         forward = _BlockForward(self, lo, hi)
         while rows.numel():
             logits, policy_logits = forward(rows)  # [n, bl, V]
+            broken = logits.isnan().flatten(1).any(1)  # [n]
+            if broken.any():  # NaN would be sampled as some arbitrary token, or commit nothing and loop
+                raise RuntimeError(
+                    f"the model returned NaN logits for rows {rows[broken].tolist()} (check the dtype and the "
+                    "attention mask)"
+                )
             masked = self.masked(rows, lo, hi)  # [n, bl]
             tokens, log_probs = sample_tokens(logits, config.temperature, self.generator)
             scores = ordering_scores(logits, log_probs, config.remasking, self.generator)
@@ -111,12 +117,6 @@ class _Decoder:
                 index = torch.arange(rows.numel(), device=rows.device)
                 commit = commit_top_k(scores, masked, schedule[index, step_in_block])
                 step_in_block += 1
-            commit &= tokens != self.model.mask_token_id  # only NaN logits make the mask token the argmax
-            if not commit.any(1).all():
-                raise RuntimeError(
-                    f"a sampling step committed no token for rows {rows[~commit.any(1)].tolist()}: the model "
-                    "returned NaN logits there (check the dtype and the attention mask)"
-                )
             if policy_logits is not logits:  # guided sampling records the policy's own log-probs
                 log_probs = policy_logits.double().log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
             self.x[rows, lo:hi] = torch.where(commit, tokens, self.x[rows, lo:hi])
