@@ -20,6 +20,27 @@ def test_cache_key_follows_the_recipe():
     assert testbed._key(spec) == testbed._key(testbed.Checkpoint(**spec.__dict__))
 
 
+def test_child_key_follows_its_parents_recipe(monkeypatch):
+    """A checkpoint continued from another must rebuild when the parent's recipe changes."""
+    child = testbed.CHECKPOINTS["chain128-base"]
+    before = testbed._key(child)
+    parent = testbed.CHECKPOINTS[child.init]
+    monkeypatch.setitem(testbed.CHECKPOINTS, child.init, testbed.Checkpoint(**{**parent.__dict__, "seed": 1}))
+    assert testbed._key(child) != before
+
+
+def test_build_waves_put_children_after_parents():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parent.parent / "scripts" / "build_tiny_models.py"
+    spec = importlib.util.spec_from_file_location("build_tiny_models", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    waves = script._waves(["chain128-base", "chain-base", "code-base"], testbed.CHECKPOINTS)
+    assert waves == [["chain-base", "code-base"], ["chain128-base"]]
+
+
 @pytest.mark.parametrize(
     "metrics, met",
     [
@@ -53,6 +74,25 @@ def test_build_stops_at_target_caches_and_loads(tmp_path, monkeypatch):
     assert testbed.build("probe") == {**metrics, "cached": True}
     model = resolve_model("testbed:probe")
     assert model.mask_token_id == 2 and model.tokenizer.decode(model.tokenizer("1+2=")["input_ids"]) == "1+2="
+
+
+def test_init_starts_from_the_parents_weights(tmp_path, monkeypatch):
+    """With learning rate 0 a continued checkpoint must come out with exactly its parent's weights."""
+    import torch
+
+    from dlm_rl.models.resolve import resolve_model
+
+    monkeypatch.setenv("DLM_RL_CACHE", str(tmp_path))
+    small = dict(batch_size=8, warmup_steps=0, train_size=64)
+    monkeypatch.setitem(testbed.CHECKPOINTS, "parent", testbed.Checkpoint("addition3", 3, "sft", **small))
+    child = testbed.Checkpoint("addition3", 2, "sft", learning_rate=0.0, init="parent", **small)
+    monkeypatch.setitem(testbed.CHECKPOINTS, "child", child)
+    testbed.build("child")  # builds the parent first
+    parent, child = resolve_model("testbed:parent"), resolve_model("testbed:child")
+    fresh = resolve_model("tiny")
+    for (name, a), b, c in zip(parent.state_dict().items(), child.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(a, c) for a, c in zip(parent.state_dict().values(), fresh.state_dict().values()))
 
 
 def test_every_task_fits_its_canvas():
