@@ -207,3 +207,28 @@ def test_caches_refused_for_llada_remote_code_format():
     ids, mask = _batch(model)
     with pytest.raises(ValueError, match="LLaDA's remote code takes no position ids or KV cache"):
         generate(llada_like, ids, mask, SamplerConfig(gen_length=8, cache="prefix"))
+
+
+@pytest.mark.parametrize("attention", ["full", "block"])
+def test_caches_work_on_a_qwen2_backbone(attention):
+    """Grouped-query attention and qkv biases (Qwen2, the SDAR/Dream family) through the same cache path."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from dlm_rl.models import Conventions
+
+    torch.manual_seed(0)
+    backbone = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=None, eos_token_id=1,
+    )).eval()
+    block_size = 4 if attention == "block" else None
+    model = DiffusionLM(backbone, Conventions(mask_token_id=2, attention=attention, block_size=block_size))
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+    mask = (ids != 0).long()
+    runs = {}
+    for cache in ("none", "prefix", "dual"):
+        config = SamplerConfig(gen_length=8, block_length=4, threshold=0.05, cache=cache)
+        runs[cache] = generate(model, ids, mask, config, torch.Generator().manual_seed(0))
+    for cache in ("prefix", "dual"):
+        assert torch.equal(runs[cache].response_ids, runs["none"].response_ids), cache
+        torch.testing.assert_close(runs[cache].log_probs, runs["none"].log_probs, atol=1e-5, rtol=0)
