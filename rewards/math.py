@@ -1,0 +1,175 @@
+"""Math accuracy: the completion's final answer checked against a gold answer with math-verify.
+
+math-verify bounds its own time with `signal.alarm`, which raises off the main thread (thread pools, threaded
+Ray actors) and silently turns rewards into 0. Its timeouts are therefore disabled and every check runs in a
+worker process instead: a check that takes longer than `TIMEOUT` seconds has its worker killed and restarted,
+and scores 0. Works the same on the main thread, in threads and in Ray actors.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing
+import re
+import threading
+from multiprocessing.connection import wait
+
+logger = logging.getLogger(__name__)
+
+TIMEOUT = 5.0  # seconds per check, wall clock
+# Several candidate values in the final answer ("3 or 4", "3, 4"): listing the right one among others earns nothing.
+# A comma needs a space after it, so that 1,000 stays one number; gold answers with commas (tuples, sets) skip this.
+_CANDIDATE_LIST = re.compile(r"\d\s*(?:,\s|;|\bor\b|\band\b)\s*\$?-?\d")
+WORKERS = 2
+
+
+def accuracy(prompts, completions, answer, **columns) -> list[float | None]:
+    """1.0 where the completion's final answer equals the gold `answer` mathematically, else 0.0
+    (None where the sample has no gold answer)."""
+    if len(answer) != len(completions):
+        raise ValueError(f"accuracy: {len(completions)} completions but {len(answer)} answers")
+    texts = [_text(c) for c in completions]
+    pairs = [(str(gold), text) for gold, text in zip(answer, texts) if gold is not None]
+    scores = iter(_pool().map(pairs))
+    return [None if gold is None else next(scores) for gold in answer]
+
+
+def final_answer(text: str) -> str | None:
+    """The answer a completion ends with: the last `\\boxed{...}`, else what follows the last `####` (GSM8K),
+    else the last `$...$` of the last non-empty line, else that line."""
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return boxed
+    if "####" in text:
+        tail = text.rsplit("####", 1)[1].strip()
+        return tail.splitlines()[0].strip() if tail else None
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return None
+    inline = re.findall(r"\$([^$]+)\$", lines[-1])
+    return f"${inline[-1]}$" if inline else lines[-1].rstrip(".")
+
+
+def check(gold: str, completion: str) -> float:
+    """Score one completion in this process (no time bound; `accuracy` bounds it from outside)."""
+    from math_verify import parse, verify
+
+    predicted = final_answer(completion)
+    if predicted is None or ("," not in gold and _CANDIDATE_LIST.search(predicted)):
+        return 0.0
+    gold_parsed = parse(_as_latex(gold), parsing_timeout=None)
+    # boxed / #### / $..$ answers are one expression; a plain last line is searched by math-verify's extractors
+    explicit = predicted.startswith("$") or _last_boxed(completion) is not None or "####" in completion
+    predicted_parsed = parse(_as_latex(predicted) if explicit else predicted, parsing_timeout=None)
+    if not gold_parsed or not predicted_parsed:
+        return 0.0
+    return float(verify(gold_parsed, predicted_parsed, timeout_seconds=None))
+
+
+def _as_latex(answer: str) -> str:
+    """`42`, `$42$` and `\\boxed{42}` alike, as one inline-math expression."""
+    answer = answer.strip()
+    boxed = _last_boxed(answer)
+    if boxed is not None:
+        answer = boxed
+    return f"${answer.strip('$').strip()}$"
+
+
+def _last_boxed(text: str) -> str | None:
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None  # unbalanced: no final answer
+
+
+def _text(completion) -> str:
+    """A completion as text: a string, or the last message of a chat-message list."""
+    if isinstance(completion, list):
+        return completion[-1]["content"] if completion else ""
+    return completion or ""
+
+
+def _worker(connection) -> None:
+    import logging
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every call that timeouts are off
+    while True:
+        gold, completion = connection.recv()
+        try:
+            connection.send(check(gold, completion))
+        except Exception as error:  # a parse error is a wrong answer, not a crash
+            connection.send(("error", repr(error)))
+
+
+class _Pool:
+    """Worker processes that score (gold, completion) pairs, each under a wall-clock limit."""
+
+    def __init__(self, size: int):
+        self.context = multiprocessing.get_context("spawn")
+        self.workers = [self._start() for _ in range(size)]
+        self.lock = threading.Lock()
+
+    def _start(self):
+        parent, child = self.context.Pipe()
+        process = self.context.Process(target=_worker, args=(child,), daemon=True)
+        process.start()
+        return process, parent
+
+    def map(self, pairs: list[tuple[str, str]]) -> list[float]:
+        import time
+
+        scores = [0.0] * len(pairs)
+        with self.lock:
+            pending = list(enumerate(pairs))[::-1]
+            busy = {}  # connection -> (worker index, item index, deadline)
+            idle = list(range(len(self.workers)))
+            while pending or busy:
+                while idle and pending:
+                    w = idle.pop()
+                    item, pair = pending.pop()
+                    self.workers[w][1].send(pair)
+                    busy[self.workers[w][1]] = (w, item, time.monotonic() + TIMEOUT)
+                timeout = max(0.0, min(d for _, _, d in busy.values()) - time.monotonic())
+                for connection in wait(list(busy), timeout=timeout):
+                    w, item, _ = busy.pop(connection)
+                    result = connection.recv()
+                    if isinstance(result, tuple):
+                        logger.warning("math check of sample %d failed (scored 0): %s", item, result[1])
+                    else:
+                        scores[item] = result
+                    idle.append(w)
+                now = time.monotonic()
+                for connection, (w, item, deadline) in list(busy.items()):
+                    if now >= deadline:
+                        logger.warning("math check of sample %d exceeded %.0f s (scored 0); restarting its worker",
+                                       item, TIMEOUT)
+                        self.workers[w][0].kill()
+                        self.workers[w][0].join()
+                        self.workers[w] = self._start()
+                        del busy[connection]
+                        idle.append(w)
+        return scores
+
+    def close(self) -> None:
+        for process, connection in self.workers:
+            process.kill()
+            connection.close()
+
+
+_shared: _Pool | None = None
+_shared_lock = threading.Lock()
+
+
+def _pool() -> _Pool:
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = _Pool(WORKERS)
+            atexit.register(_shared.close)
+        return _shared

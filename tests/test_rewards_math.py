@@ -1,0 +1,102 @@
+"""rewards.math.accuracy: final answers judged by math-verify, time-bounded in worker processes, the same from
+threads as from the main thread."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import rewards.math as math_reward
+from rewards.math import accuracy, final_answer
+
+CASES = [
+    # (gold, completion, expected)
+    ("\\frac{1}{2}", "so the result is \\boxed{0.5}", 1.0),  # fraction vs decimal
+    ("0.5", "\\boxed{\\frac{1}{2}}", 1.0),
+    ("0.5", "\\boxed{\\frac12}", 1.0),
+    ("$\\frac{1}{2}$", "\\boxed{1/2}", 1.0),  # gold with $...$
+    ("\\boxed{\\frac{1}{2}}", "\\boxed{0.5}", 1.0),  # gold with \boxed
+    ("0.5", "\\boxed{0.6}", 0.0),
+    ("2\\sqrt{2}", "\\boxed{\\sqrt{8}}", 1.0),  # equivalent radicals
+    ("\\sqrt{12}", "\\boxed{2\\sqrt{3}}", 1.0),
+    ("\\sqrt{2}", "\\boxed{\\sqrt{3}}", 0.0),
+    ("(x+1)^2", "\\boxed{x^2+2x+1}", 1.0),  # polynomial forms
+    ("x^2-1", "\\boxed{(x-1)(x+1)}", 1.0),
+    ("x^2+1", "\\boxed{x^2-1}", 0.0),
+    ("(1,2)", "\\boxed{(1,2)}", 1.0),  # tuples / open intervals
+    ("(1,2)", "\\boxed{[1,2]}", 0.0),  # open vs closed interval
+    ("[1,2]", "\\boxed{[1,2]}", 1.0),
+    ("\\{1,2\\}", "\\boxed{\\{2,1\\}}", 1.0),  # sets, order-free
+    ("\\{1,2\\}", "\\boxed{\\{1,3\\}}", 0.0),
+    ("42", "Natalia sold 48/2 = 24 clips in May.\n#### 42", 1.0),  # GSM8K ending
+    ("72", "48 + 24 = 72\n#### 72", 1.0),
+    ("72", "#### 71", 0.0),
+    ("1000", "#### 1,000", 1.0),  # thousands separator is one number
+    ("42", "", 0.0),  # empty completion
+    ("42", "   \n  ", 0.0),
+    ("42", "I am not sure.", 0.0),
+    ("3", "\\boxed{3, 4}", 0.0),  # multi-answer lists earn nothing
+    ("3", "The answer is 3 or 4", 0.0),
+    ("4", "The answer is 3 or 4", 0.0),
+    ("3", "\\boxed{3 \\text{ or } 4}", 0.0),
+    ("7", "first \\boxed{7}, but actually \\boxed{8}", 0.0),  # the final answer is judged
+    ("8", "first \\boxed{7}, but actually \\boxed{8}", 1.0),
+    ("42", "The answer is 42.", 1.0),  # a plain last line
+    ("42", "We add.\nSo the answer is $42$", 1.0),
+    ("-3", "\\boxed{-3}", 1.0),
+    ("-3", "\\boxed{3}", 0.0),
+    ("10\\%", "\\boxed{0.1}", 1.0),
+    ("\\pi", "\\boxed{\\pi}", 1.0),
+    ("\\frac{\\pi}{2}", "\\boxed{\\frac{\\pi}{2}}", 1.0),
+    ("3", "\\boxed{x = 3}", 1.0),
+    ("1.25", "\\boxed{\\frac{5}{4}}", 1.0),
+    ("1.25", "\\boxed{1.250}", 1.0),
+    ("2", "\\boxed{2", 0.0),  # unbalanced box: no final answer
+    ("12", "\\boxed{\\boxed{12}}", 1.0),
+]
+
+
+def test_math_cases():
+    scores = accuracy(None, [c for _, c, _ in CASES], answer=[g for g, _, _ in CASES])
+    wrong = [(g, c, e, s) for (g, c, e), s in zip(CASES, scores) if s != e]
+    assert not wrong, wrong
+    assert len(CASES) >= 40
+
+
+def test_same_results_from_a_thread_pool():
+    """math-verify's signal timeouts would raise off the main thread; ours must not care."""
+    expected = accuracy(None, [c for _, c, _ in CASES], answer=[g for g, _, _ in CASES])
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda case: accuracy(None, [case[1]], answer=[case[0]])[0], CASES))
+    assert threaded == expected
+
+
+def test_pathological_expression_scores_zero_within_its_limit(monkeypatch, caplog):
+    monkeypatch.setattr(math_reward, "TIMEOUT", 1.0)
+    deep = "\\boxed{" + "(" * 3000 + "1" + ")" * 3000 + "}"
+    start = time.monotonic()
+    assert accuracy(None, [deep, "\\boxed{2}"], answer=["1", "2"]) == [0.0, 1.0]
+    assert time.monotonic() - start < 15
+    assert "exceeded" in caplog.text
+    assert accuracy(None, ["\\boxed{2}"], answer=["2"]) == [1.0]  # the restarted worker serves again
+
+
+def test_none_gold_is_not_applicable_and_chat_completions_are_read():
+    chat = [[{"role": "assistant", "content": "\\boxed{5}"}], [{"role": "assistant", "content": "\\boxed{6}"}]]
+    assert accuracy(None, chat, answer=["5", None]) == [1.0, None]
+
+
+def test_length_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match="2 completions but 1 answers"):
+        accuracy(None, ["a", "b"], answer=["1"])
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("x \\boxed{\\frac{1}{2}} y", "\\frac{1}{2}"), ("a\n#### 12\nextra", "12"), ("So it is $7$.", "$7$"),
+     ("", None), ("The answer is 9.", "The answer is 9")],
+)
+def test_final_answer(text, expected):
+    assert final_answer(text) == expected
