@@ -15,6 +15,8 @@ import re
 import threading
 from multiprocessing.connection import wait
 
+from rewards import completion_text
+
 logger = logging.getLogger(__name__)
 
 TIMEOUT = 5.0  # seconds per check, wall clock
@@ -29,7 +31,7 @@ def accuracy(prompts, completions, answer, **columns) -> list[float | None]:
     (None where the sample has no gold answer)."""
     if len(answer) != len(completions):
         raise ValueError(f"accuracy: {len(completions)} completions but {len(answer)} answers")
-    texts = [_text(c) for c in completions]
+    texts = [completion_text(c) for c in completions]
     pairs = [(str(gold), text) for gold, text in zip(answer, texts) if gold is not None]
     scores = iter(_pool().map(pairs))
     return [None if gold is None else next(scores) for gold in answer]
@@ -87,12 +89,6 @@ def _last_boxed(text: str) -> str | None:
             return text[i:j]
     return None  # unbalanced: no final answer
 
-
-def _text(completion) -> str:
-    """A completion as text: a string, or the last message of a chat-message list."""
-    if isinstance(completion, list):
-        return completion[-1]["content"] if completion else ""
-    return completion or ""
 
 
 def _worker(connection) -> None:
