@@ -162,9 +162,11 @@ def _isolation() -> tuple[tuple[str, ...], tuple[str, ...], str]:
     if os.geteuid() == 0 and unshare and setpriv:
         enter = (unshare, "--mount", "--net", "--pid", "--fork", "--kill-child", "--mount-proc", "sh", "-c", _ENTER)
         drop = (setpriv, f"--reuid={UNPRIVILEGED}", f"--regid={UNPRIVILEGED}", "--clear-groups", "--")
-        for python in dict.fromkeys([sys.executable, shutil.which("python3")]):
+        # Ours may be out of reach (a venv under /tmp is hidden by the private tmpfs): then the system python3.
+        system = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.path.isfile(p)), None)
+        for python in dict.fromkeys(p for p in (sys.executable, system) if p):
             probe = [*enter, "sandbox", tempfile.gettempdir(), *drop, python, "-I", "-c", "pass"]
-            if python and subprocess.run(probe, capture_output=True).returncode == 0:
+            if subprocess.run(probe, capture_output=True).returncode == 0:
                 logger.info(
                     "sandbox layers: namespaces (no network, own pids, private tmp), unprivileged user, rlimits, "
                     "wall-clock timeout, fresh directory, minimal environment (python: %s)", python
@@ -176,6 +178,11 @@ def _isolation() -> tuple[tuple[str, ...], tuple[str, ...], str]:
         "host files and the network are reachable"
     )
     return (), (), sys.executable
+
+
+def fully_isolated() -> bool:
+    """True when namespaces and the unprivileged user are active (not just limits)."""
+    return bool(_isolation()[0])
 
 
 def _command(workdir: str) -> list[str]:

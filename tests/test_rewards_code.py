@@ -11,7 +11,7 @@ import time
 import pytest
 
 from rewards.code import extract_code, pass_rate, score
-from rewards.sandbox import Limits
+from rewards.sandbox import Limits, fully_isolated
 
 FAST = Limits(seconds=2.0)
 TESTS = ["assert f(2) == 4", "assert f(3) == 9", "assert f(-1) == 1"]
@@ -69,6 +69,20 @@ HOSTILE = {
 }
 
 
+isolated = pytest.mark.skipif(
+    not fully_isolated(),
+    reason="the sandbox runs with limits only here (no root/unshare/setpriv): hostile programs could reach the host",
+)
+
+
+def test_the_strongest_sandbox_layers_are_active_on_root_machines():
+    """CI and the project's machines run as root with unshare and setpriv: isolation must not silently drop."""
+    if os.geteuid() != 0:
+        pytest.skip("namespaces need root here")
+    assert fully_isolated()
+
+
+@isolated
 @pytest.mark.parametrize("name", list(HOSTILE))
 def test_hostile_programs_earn_nothing(name, monkeypatch):
     monkeypatch.setenv(SECRET, "s3cret")
@@ -78,12 +92,14 @@ def test_hostile_programs_earn_nothing(name, monkeypatch):
     assert not _stray_processes(), "a sandboxed process outlived its run"
 
 
+@isolated
 def test_a_correct_function_with_a_left_over_child_still_passes_but_leaves_nothing():
     code = "import subprocess\nsubprocess.Popen(['sleep', '1234567'])\ndef f(x):\n    return x * x"
     assert score(code, TESTS, limits=FAST) == 1.0
     assert not _stray_processes()
 
 
+@isolated
 def test_no_loopback_connection_reaches_the_host():
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
@@ -97,6 +113,7 @@ def test_no_loopback_connection_reaches_the_host():
     server.close()
 
 
+@isolated
 def test_no_host_file_is_written_or_deleted(tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
