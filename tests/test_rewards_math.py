@@ -100,3 +100,31 @@ def test_length_mismatch_is_a_clear_error():
 )
 def test_final_answer(text, expected):
     assert final_answer(text) == expected
+
+
+def test_inside_ray_actors_plain_and_threaded(monkeypatch):
+    """Ray actors run methods off the main thread when threaded; signal-based timeouts would break there."""
+    ray = pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+
+    @ray.remote
+    class Scorer:
+        def score(self, completions, answers):
+            from concurrent.futures import ThreadPoolExecutor
+
+            from rewards.math import accuracy as score
+
+            with ThreadPoolExecutor(2) as pool:
+                threaded = list(pool.map(lambda c, a: score(None, [c], answer=[a])[0], completions, answers))
+            return score(None, completions, answer=answers), threaded
+
+    completions, answers = [c for _, c, _ in CASES[:12]], [g for g, _, _ in CASES[:12]]
+    expected = accuracy(None, completions, answer=answers)
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        actor = Scorer.options(max_concurrency=2).remote()
+        plain, threaded = ray.get(actor.score.remote(completions, answers))
+    finally:
+        ray.shutdown()
+    assert plain == threaded == expected
+    assert 0 < sum(expected) < len(expected)
