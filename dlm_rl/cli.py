@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--n", type=int, default=256, help="held-out problems")
     evaluate.add_argument("--samples", type=int, default=8, help="completions per problem at temperature 1")
     evaluate.add_argument("--seed", type=int, default=1)
+    evaluate.add_argument(
+        "--reward", action="append", default=[], metavar="REF",
+        help="also score the greedy completions: module:function or path/to/file.py:function (repeatable)",
+    )
+    evaluate.add_argument("--reward-weight", type=float, action="append", help="one per --reward (default 1)")
     for command in (sample, evaluate):
         _sampler_arguments(command)
 
@@ -115,6 +120,13 @@ def _eval(args) -> None:
     model = _load(args)
     held_out = task.dataset("test", args.n, seed=args.seed)
     options = _sampler_options(args)
+    rewards = None
+    if args.reward:
+        from dlm_rl.reward_functions import Rewards
+
+        rewards = Rewards(args.reward, args.reward_weight)
+    elif args.reward_weight:
+        raise ValueError("--reward-weight given without --reward")
     result = evaluate(
         model,
         held_out,
@@ -122,6 +134,7 @@ def _eval(args) -> None:
         gen_length=args.gen_length or task.response_length,
         samples=args.samples,
         sampler=options,
+        rewards=rewards,
     )
     print(json.dumps({"model": args.model, "task": args.task, **result}))
 

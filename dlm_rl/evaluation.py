@@ -72,11 +72,13 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
     sampler: dict | None = None,
+    rewards=None,
 ) -> dict:
     """Greedy accuracy, and pass@1 / pass@`samples` from `samples` completions per prompt at temperature 1.
 
     A completion counts as correct when its score is 1 (every test passes, for code). `sampler` holds further
-    SamplerConfig fields (threshold, cache, block_length, ...) for both runs.
+    SamplerConfig fields (threshold, cache, block_length, ...) for both runs. `rewards` (a `Rewards`) also
+    scores the greedy completions, with the dataset's other columns passed by name: their means are reported.
     """
     was_training = model.training
     model.eval()
@@ -90,6 +92,13 @@ def evaluate(
     )
     greedy_correct = [score(task, text, row) >= 1.0 for text, row in zip(greedy, rows)]
     result = {"n": len(rows), "greedy_accuracy": sum(greedy_correct) / len(rows), "examples": greedy[:3]}
+    if rewards is not None:
+        columns = {name: list(dataset[name]) for name in dataset.column_names if name != "prompt"}
+        scores = rewards(prompts, greedy, columns)
+        result["rewards"] = {
+            name: sum(s for s in values if s is not None) / max(1, sum(s is not None for s in values))
+            for name, values in scores.items()
+        }
     if samples:
         generator = torch.Generator(model.device).manual_seed(seed)
         sampled = complete(

@@ -1,7 +1,7 @@
 """Rewards named in a recipe (`module:function` or `path/to/file.py:function`), checked, weighted and summed.
 
 A reward has TRL's signature `fn(prompts, completions, **columns) -> list[float | None]` and may be `async def`.
-Dataset columns reach it by name. `None` means "not applicable to this sample" and counts as 0 in the total,
+Dataset columns reach it by name: all of them when it takes `**columns`, else the ones it names. `None` means "not applicable to this sample" and counts as 0 in the total,
 as in TRL.
 """
 
@@ -68,8 +68,8 @@ class Rewards:
                 raise ValueError(f"column {name!r} has {len(values)} values for {len(completions)} completions")
         result = {}
         for name, function in zip(self.names, self.functions):
-            _check_columns(name, function, columns)
-            result[name] = self._score(name, function, prompts, completions, columns)
+            wanted = _check_columns(name, function, columns)
+            result[name] = self._score(name, function, prompts, completions, wanted)
         result["total"] = [
             sum(w * s for w, s in zip(self.weights, scores) if s is not None)
             for scores in zip(*(result[n] for n in self.names))
@@ -108,14 +108,16 @@ async def _awaited(awaitable):
     return await awaitable
 
 
-def _check_columns(name: str, function, columns: dict) -> None:
+def _check_columns(name: str, function, columns: dict) -> dict:
+    """The columns to pass: every one if the function takes **kwargs, else those it names; missing ones raise."""
     parameters = list(inspect.signature(function).parameters.values())[2:]
-    missing = [
-        p.name for p in parameters
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty and p.name not in columns
-    ]
+    named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    missing = [p.name for p in named if p.default is p.empty and p.name not in columns]
     if missing:
         raise ValueError(f"reward {name} needs column(s) {missing}; the dataset has {sorted(columns)}")
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return columns
+    return {p.name: columns[p.name] for p in named if p.name in columns}
 
 
 def _validated(name: str, scores, count: int) -> list[float | None]:

@@ -1,11 +1,12 @@
 """Run untrusted Python in a throw-away sandbox, failing closed.
 
-Layers (which are active is logged once):
-- namespaces, when running as root with `unshare`: no network (a fresh network namespace), its own pid
-  namespace (every process it starts dies with it), and a mount namespace where the world-writable host
-  directories (/tmp, /var/tmp, /run/lock, /dev/shm) are private tmpfs and the work directory is /mnt; the
-  program then runs as an unprivileged user, so no other host file can be written, root-only files cannot be
-  read, and the process-count limit applies;
+Layers, strongest first (which are active is logged once):
+- bubblewrap, when `bwrap` works here: the whole host file system read-only, private tmpfs over the
+  world-writable directories (/tmp, /var/tmp, /run/lock, /dev/shm), the work directory at /mnt as the only
+  writable host path, no network, its own pid/ipc/uts namespaces; as root the program then runs as an
+  unprivileged user, so root-only files cannot be read and the process-count limit applies;
+- else namespaces, when running as root with `unshare`: the same without the read-only root (the private
+  tmpfs and the unprivileged user keep host files safe);
 - always: a fresh temporary directory as working directory, `python -I` (no environment variables, no user
   site), a minimal environment (nothing of ours leaks in), its own session killed as a whole, rlimits (address
   space, CPU seconds, file size, open files, processes), a wall-clock timeout, and output read up to a cap.
@@ -70,7 +71,7 @@ def run_python(
         for name, text in {"main.py": source, **(files or {})}.items():
             with open(os.path.join(workdir, name), "w") as f:
                 f.write(text)
-        if _isolation()[1]:  # the program will run as the unprivileged user: let it own its directory
+        if _isolation()[0] and os.geteuid() == 0:  # it will run as the unprivileged user: let it own its directory
             for entry in [workdir, *(os.path.join(workdir, n) for n in os.listdir(workdir))]:
                 os.chown(entry, UNPRIVILEGED, UNPRIVILEGED)
         os.chmod(workdir, 0o700)
@@ -151,42 +152,66 @@ exec "$@"
 """
 
 
+_PRIVATE_DIRS = ("/tmp", "/var/tmp", "/run/lock", "/dev/shm")
+
+
 @functools.cache
-def _isolation() -> tuple[tuple[str, ...], tuple[str, ...], str]:
-    """(namespace command, privilege-drop command, python) for the strongest isolation that works here.
+def _isolation() -> tuple[str, tuple[str, ...], str]:
+    """(layer name, command prefix taking the work directory as its next argument, python) for the strongest
+    isolation that works here; the layer is "" when only the always-on limits apply.
 
     The unprivileged user must be able to run the interpreter: ours if it can, else the system python3 (the
     harness needs only the standard library). Says once in the log which layers are active.
     """
-    unshare, setpriv = shutil.which("unshare"), shutil.which("setpriv")
-    if os.geteuid() == 0 and unshare and setpriv:
-        enter = (unshare, "--mount", "--net", "--pid", "--fork", "--kill-child", "--mount-proc", "sh", "-c", _ENTER)
-        drop = (setpriv, f"--reuid={UNPRIVILEGED}", f"--regid={UNPRIVILEGED}", "--clear-groups", "--")
-        # Ours may be out of reach (a venv under /tmp is hidden by the private tmpfs): then the system python3.
-        system = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.path.isfile(p)), None)
+    root = os.geteuid() == 0
+    setpriv = shutil.which("setpriv")
+    drop = (setpriv, f"--reuid={UNPRIVILEGED}", f"--regid={UNPRIVILEGED}", "--clear-groups", "--") if root else ()
+    candidates = []
+    bwrap = shutil.which("bwrap")
+    if bwrap and (setpriv or not root):
+        tmpfs = [arg for d in _PRIVATE_DIRS if os.path.isdir(d) for arg in ("--tmpfs", d)]
+        prefix = (
+            bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", *tmpfs,
+            "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent",
+            "--new-session", "--chdir", "/mnt", "--bind",
+        )  # the work directory and `/mnt` follow
+        candidates.append(("bubblewrap (read-only host, no network, own pids, private tmp)", prefix, ("/mnt",)))
+    unshare = shutil.which("unshare")
+    if root and unshare and setpriv:
+        prefix = (unshare, "--mount", "--net", "--pid", "--fork", "--kill-child", "--mount-proc", "sh", "-c", _ENTER,
+                  "sandbox")
+        candidates.append(("namespaces (no network, own pids, private tmp)", prefix, ()))
+    # Ours may be out of reach (a venv under /tmp is hidden by the private tmpfs): then the system python3.
+    system = next((p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.path.isfile(p)), None)
+    for layer, prefix, after in candidates:
         for python in dict.fromkeys(p for p in (sys.executable, system) if p):
-            probe = [*enter, "sandbox", tempfile.gettempdir(), *drop, python, "-I", "-c", "pass"]
-            if subprocess.run(probe, capture_output=True).returncode == 0:
+            command = (*prefix, tempfile.gettempdir(), *after, *drop)
+            if subprocess.run([*command, python, "-I", "-c", "pass"], capture_output=True).returncode == 0:
+                user = ", unprivileged user" if root else ""
                 logger.info(
-                    "sandbox layers: namespaces (no network, own pids, private tmp), unprivileged user, rlimits, "
-                    "wall-clock timeout, fresh directory, minimal environment (python: %s)", python
+                    "sandbox layers: %s%s, rlimits, wall-clock timeout, fresh directory, minimal environment "
+                    "(python: %s)", layer, user, python
                 )
-                return enter, drop, python
+                return layer, (*prefix, "{workdir}", *after, *drop), python
     logger.warning(
-        "sandbox: namespaces or the unprivileged user are unavailable (they need root, unshare and setpriv); "
-        "untrusted code runs with rlimits, a timeout, a fresh directory and a minimal environment only: "
+        "sandbox: neither bubblewrap nor namespaces work here (install bubblewrap, or run as root with unshare and "
+        "setpriv); untrusted code runs with rlimits, a timeout, a fresh directory and a minimal environment only: "
         "host files and the network are reachable"
     )
-    return (), (), sys.executable
+    return "", (), sys.executable
+
+
+def active_layer() -> str:
+    """The isolation layer in use: "bubblewrap ...", "namespaces ..." or "" (limits only)."""
+    return _isolation()[0]
 
 
 def fully_isolated() -> bool:
-    """True when namespaces and the unprivileged user are active (not just limits)."""
+    """True when bubblewrap or namespaces are active, with the unprivileged user when we are root."""
     return bool(_isolation()[0])
 
 
 def _command(workdir: str) -> list[str]:
     """The command that runs main.py in `workdir`."""
-    enter, drop, python = _isolation()
-    python_command = [python, "-I", "main.py"]
-    return [*enter, "sandbox", workdir, *drop, *python_command] if enter else python_command
+    _, prefix, python = _isolation()
+    return [workdir if arg == "{workdir}" else arg for arg in prefix] + [python, "-I", "main.py"]

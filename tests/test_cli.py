@@ -108,6 +108,23 @@ def test_eval_prints_accuracy_and_pass_at_k(trained, capsys):
     assert result["pass@1"] <= result["pass@2"]
 
 
+def test_eval_scores_greedy_completions_with_a_reward_from_a_user_file(trained, tmp_path, capsys):
+    user_file = tmp_path / "my_rewards.py"
+    user_file.write_text(
+        "def length(prompts, completions, answer):\n"
+        "    assert len(answer) == len(completions)  # a dataset column, passed by name\n"
+        "    return [float(len(c)) for c in completions]\n"
+    )
+    capsys.readouterr()
+    command = ["eval", "--model", trained, "--task", "addition3", "--n", "3", "--samples", "0"]
+    assert main([*command, "--reward", f"{user_file}:length", "--reward-weight", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    mean_length = sum(len(text) for text in result["examples"]) / 3  # n = 3: the examples are all completions
+    assert result["rewards"] == pytest.approx({"length": mean_length, "total": 2 * mean_length})
+    assert main([*command, "--reward", f"{user_file}:lenght"]) == 2
+    assert f"did you mean '{user_file}:length'?" in capsys.readouterr().err
+
+
 def test_eval_unknown_task_lists_valid_tasks(trained, capsys):
     assert main(["eval", "--model", trained, "--task", "addition4"]) == 2
     err = capsys.readouterr().err

@@ -4,14 +4,16 @@ their limits, leave no process, reach no host file or socket, and the caller sur
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 
 import pytest
 
 from rewards.code import extract_code, pass_rate, score
-from rewards.sandbox import Limits, fully_isolated
+from rewards.sandbox import Limits, active_layer, fully_isolated
 
 FAST = Limits(seconds=2.0)
 TESTS = ["assert f(2) == 4", "assert f(3) == 9", "assert f(-1) == 1"]
@@ -71,7 +73,8 @@ HOSTILE = {
 
 isolated = pytest.mark.skipif(
     not fully_isolated(),
-    reason="the sandbox runs with limits only here (no root/unshare/setpriv): hostile programs could reach the host",
+    reason="the sandbox runs with limits only here (no bubblewrap, no root/unshare/setpriv): hostile programs could "
+    "reach the host",
 )
 
 
@@ -80,6 +83,22 @@ def test_the_strongest_sandbox_layers_are_active_on_root_machines():
     if os.geteuid() != 0:
         pytest.skip("namespaces need root here")
     assert fully_isolated()
+    if shutil.which("bwrap"):  # CI installs it: the strongest layer must be the one in use
+        assert active_layer().startswith("bubblewrap"), active_layer()
+
+
+@pytest.mark.skipif(not active_layer().startswith("bubblewrap"), reason="bubblewrap is not the active layer here")
+def test_bubblewrap_keeps_even_world_writable_host_directories_read_only():
+    """Only bubblewrap makes the whole host read-only: a 0777 directory outside /tmp stays untouched."""
+    open_dir = tempfile.mkdtemp(prefix="dlm-rl-open-", dir="/var")  # traversable by everyone
+    try:
+        os.chmod(open_dir, 0o777)
+        target = os.path.join(open_dir, "pwned")
+        code = f"try: open({target!r}, 'w').write('x')\nexcept OSError: pass\ndef f(x): return 0"
+        assert score(code, TESTS, limits=FAST) == 0.0
+        assert not os.path.exists(target)
+    finally:
+        shutil.rmtree(open_dir)
 
 
 @isolated
