@@ -98,6 +98,7 @@ def evaluate(
         result["rewards"] = {
             name: sum(s for s in values if s is not None) / max(1, sum(s is not None for s in values))
             for name, values in scores.items()
+            if name != "errors"
         }
     if samples:
         generator = torch.Generator(model.device).manual_seed(seed)

@@ -61,22 +61,24 @@ class Rewards:
         self.weights = list(weights) if weights is not None else [1.0] * len(references)
 
     def __call__(self, prompts: list, completions: list, columns: dict[str, list] | None = None) -> dict[str, list]:
-        """{name: scores (None where not applicable), ..., "total": weighted sum}, one entry per completion."""
+        """{name: scores (None where not applicable), ..., "total": weighted sum, "errors": why a sample's reward
+        failed (None when none did)}, one entry per completion; a failed reward scores that sample 0."""
         columns = columns or {}
         for name, values in columns.items():
             if len(values) != len(completions):
                 raise ValueError(f"column {name!r} has {len(values)} values for {len(completions)} completions")
-        result = {}
+        result, errors = {}, [[] for _ in completions]
         for name, function in zip(self.names, self.functions):
             wanted = _check_columns(name, function, columns)
-            result[name] = self._score(name, function, prompts, completions, wanted)
+            result[name] = self._score(name, function, prompts, completions, wanted, errors)
         result["total"] = [
             sum(w * s for w, s in zip(self.weights, scores) if s is not None)
             for scores in zip(*(result[n] for n in self.names))
         ]
+        result["errors"] = ["; ".join(e) or None for e in errors]
         return result
 
-    def _score(self, name, function, prompts, completions, columns) -> list[float | None]:
+    def _score(self, name, function, prompts, completions, columns, errors) -> list[float | None]:
         try:
             scores = _call(function, prompts, completions, columns)
         except Exception as error:  # find the samples that fail, score them 0, keep the rest
@@ -88,6 +90,7 @@ class Rewards:
                     scores.extend(_call(function, prompts[i : i + 1], completions[i : i + 1], row))
                 except Exception as sample_error:
                     logger.warning("reward %s failed on sample %d (scored 0): %r", name, i, sample_error)
+                    errors[i].append(f"{name}: {sample_error!r}")
                     scores.append(0.0)
         return _validated(name, scores, len(completions))
 

@@ -97,6 +97,8 @@ def test_a_sample_that_breaks_a_reward_scores_zero_and_is_logged(user_file, capl
     with caplog.at_level(logging.WARNING):
         result = Rewards([f"{user_file}:flaky"])(["p"] * 3, ["fine", "boom", "ok"])
     assert result["flaky"] == [1.0, 0.0, 1.0]
+    assert result["errors"][0] is None and result["errors"][2] is None
+    assert result["errors"][1].startswith("flaky: ") and "cannot score boom" in result["errors"][1]
     assert "failed on sample 1" in caplog.text and "cannot score boom" in caplog.text
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,6 +18,10 @@ class Trajectory:
     (softmax of the plain, unguided logits) in that state. Tokens filled by early stop (`sampled` False) were not
     drawn from the model: their step is the step that finished the row and their log-prob is NaN.
     Response token j lies in decoding block `(block_offset[b] + j) // block_length`.
+
+    A rollout engine (`dlm_rl.rollout`) also fills in the fields after `finish_reason`: the decoded texts, which
+    requested (prompt, sample) each row is, the version of the weights that produced it, the prompt's dataset
+    row, and the rewards.
     """
 
     prompt_ids: torch.Tensor  # [B, P] left padded
@@ -30,6 +34,12 @@ class Trajectory:
     block_length: int
     block_offset: torch.Tensor  # [B]: offset of response token 0 inside its decoding block
     finish_reason: list[str]  # "eos" or "length"
+    completions: list[str] = field(default_factory=list)  # response text up to EOS
+    prompt_index: list[int] = field(default_factory=list)  # position of the row's prompt in the request
+    sample_index: list[int] = field(default_factory=list)  # 0 .. n_samples - 1 within that prompt
+    weight_version: int = 0
+    rows: list[dict] = field(default_factory=list)  # the prompt's dataset row (columns for the rewards)
+    rewards: dict[str, list] = field(default_factory=dict)  # as returned by `Rewards`: per reward, "total", "errors"
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]

@@ -1,0 +1,250 @@
+"""Rollout engines: chunk planning, rewards attached, Local vs Ray determinism, in-memory weight sync, and faults
+(an actor killed mid-batch, a hung actor, a chunk that keeps failing, a sampler error)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from dlm_rl.models.lora import LoraArguments, add_lora
+from dlm_rl.models.tiny import tiny_model
+from dlm_rl.reward_functions import Rewards
+from dlm_rl.rollout import LocalEngine, RayEngine, RolloutError
+from dlm_rl.rollout.engine import plan, weight_snapshot
+from dlm_rl.sampling import SamplerConfig
+
+ray = pytest.importorskip("ray")
+
+PROMPTS = [f"{i}+{i + 1}+{i + 2}=" for i in range(10)]
+CONFIG = SamplerConfig(gen_length=16, block_length=8, temperature=1.0, threshold=0.6)
+TINY = dict(hidden_size=32, num_layers=2, intermediate_size=64, seed=0)
+
+
+def tiny():
+    return tiny_model(**TINY)
+
+
+def tiny_with_lora():
+    return add_lora(tiny(), LoraArguments(use_lora=True, lora_r=4, lora_target_modules=["q_proj", "v_proj"]))
+
+
+def slow_tiny(seconds_per_forward: float):
+    model = tiny()
+    model.register_forward_pre_hook(lambda *_: time.sleep(seconds_per_forward))
+    return model
+
+
+def tiny_that_hangs_once(marker: str):
+    """The first forward (in whichever actor removes the marker file) never returns."""
+    model = tiny()
+
+    def hang(*_):
+        try:
+            os.remove(marker)
+        except FileNotFoundError:
+            return
+        time.sleep(10**6)
+
+    model.register_forward_pre_hook(hang)
+    return model
+
+
+def tiny_that_always_dies():
+    model = tiny()
+    model.register_forward_pre_hook(lambda *_: os._exit(1))
+    return model
+
+
+def signature(trajectories) -> list:
+    """Everything a trajectory records, NaN-free so that equal means equal."""
+    return [
+        (t.prompt_index, t.sample_index, t.response_ids.tolist(), t.step_map.tolist(), t.nfe.tolist(),
+         t.log_probs.nan_to_num(-1.0).tolist(), t.completions, t.finish_reason)
+        for t in trajectories
+    ]
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference of two logit tensors; the mask token's -inf must sit in the same places."""
+    assert torch.equal(a.isinf(), b.isinf())
+    return (a - b)[~a.isinf()].abs().max().item()
+
+
+def requested_pairs(trajectories) -> list:
+    return sorted(pair for t in trajectories for pair in zip(t.prompt_index, t.sample_index))
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors get this file's factories by value
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # room for two engines at once
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_result():
+    return LocalEngine(tiny(), rows_per_chunk=6, seed=7).generate(PROMPTS, 3, CONFIG)
+
+
+# --- without Ray -------------------------------------------------------------------------------------------------
+
+
+def test_plan_keeps_a_prompts_samples_together_and_seeds_every_chunk_differently():
+    chunks = plan(PROMPTS, 3, rows_per_chunk=6, seed=7, call=0)
+    assert [c.prompt_index for c in chunks[:2]] == [[0, 0, 0, 1, 1, 1], [2, 2, 2, 3, 3, 3]]
+    assert all(c.sample_index == [0, 1, 2] * (len(c.prompts) // 3) for c in chunks)
+    assert sum(len(c.prompts) for c in chunks) == 30
+    seeds = [c.seed for c in chunks] + [c.seed for c in plan(PROMPTS, 3, 6, seed=7, call=1)]
+    assert len(set(seeds)) == len(seeds)
+    assert [c.prompt_index for c in plan(PROMPTS, 8, rows_per_chunk=6, seed=0, call=0)][0] == [0] * 8
+
+
+def test_local_engine_returns_each_requested_sample_once_with_its_row_and_rewards(local_result):
+    assert requested_pairs(local_result) == [(p, s) for p in range(10) for s in range(3)]
+    rows = [{"prompt": p, "answer": str(i)} for i, p in enumerate(PROMPTS)]
+
+    def answer_length(prompts, completions, answer):
+        return [float(len(c) + len(a)) for c, a in zip(completions, answer)]
+
+    def breaks_on_prompt_two(prompts, completions, **columns):
+        if "2+3+4=" in prompts:
+            raise RuntimeError("cannot score this one")
+        return [1.0] * len(prompts)
+
+    engine = LocalEngine(tiny(), rows_per_chunk=6, seed=7, rewards=Rewards([answer_length, breaks_on_prompt_two]))
+    result = engine.generate(rows, 3, CONFIG)
+    assert signature(result) == signature(local_result)  # rewards change nothing about sampling
+    for t in result:
+        assert [row["answer"] for row in t.rows] == [str(i) for i in t.prompt_index]
+        assert t.rewards["answer_length"] == [len(c) + len(str(i)) for c, i in zip(t.completions, t.prompt_index)]
+        for i, error in zip(t.prompt_index, t.rewards["errors"]):
+            assert (error is not None) == (i == 2), (i, error)
+            assert error is None or "cannot score this one" in error
+
+
+def test_repeated_calls_draw_new_samples_and_an_explicit_seed_repeats_them():
+    engine = LocalEngine(tiny(), rows_per_chunk=6, seed=7)
+    first, second = engine.generate(PROMPTS, 3, CONFIG), engine.generate(PROMPTS, 3, CONFIG)
+    assert signature(first) != signature(second)
+    assert signature(LocalEngine(tiny(), rows_per_chunk=6).generate(PROMPTS, 3, CONFIG, seed=7)) == signature(first)
+
+
+def test_an_empty_request_returns_no_trajectories(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert LocalEngine(tiny()).generate([], 4, CONFIG) == []
+    assert "empty request" in caplog.text
+
+
+def test_lora_sync_sends_only_the_adapter():
+    model = tiny_with_lora()
+    adapter = weight_snapshot(model, full=False)
+    assert adapter and all("lora_" in name for name in adapter)
+    assert len(weight_snapshot(model, full=True)) > len(adapter)
+
+
+def test_local_engine_sync_copies_another_models_weights_and_advances_the_version():
+    trainer, engine = tiny(), LocalEngine(tiny())
+    with torch.no_grad():
+        for p in trainer.parameters():
+            p.add_(0.05)
+    assert engine.sync_weights(trainer) == 1
+    for (name, a), b in zip(trainer.state_dict().items(), engine.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert engine.generate(PROMPTS[:2], 1, CONFIG)[0].weight_version == 1
+
+
+def test_ray_engine_without_ray_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(ImportError, match=r"pip install 'dlm-rl\[ray\]'"):
+        RayEngine(tiny)
+
+
+# --- on Ray ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_actors(ray_cluster):
+    with RayEngine(tiny, num_actors=2, threads_per_actor=1, rows_per_chunk=6, seed=7) as engine:
+        yield engine
+
+
+def test_same_seed_trajectories_are_identical_local_and_ray_with_one_and_two_actors(
+    ray_cluster, two_actors, local_result
+):
+    with RayEngine(tiny, num_actors=1, threads_per_actor=2, rows_per_chunk=6, seed=7) as one_actor:
+        assert signature(one_actor.generate(PROMPTS, 3, CONFIG)) == signature(local_result)
+    two_actors.calls = 0  # as if fresh: the fixture may have served other tests first
+    assert signature(two_actors.generate(PROMPTS, 3, CONFIG)) == signature(local_result)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_after_sync_every_actor_has_the_trainers_logits(ray_cluster, lora):
+    factory = tiny_with_lora if lora else tiny
+    trainer = factory()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # an "update": every trainable tensor moves (LoRA B starts at zero)
+        for p in trainer.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    ids = torch.randint(0, 90, (3, 12), generator=generator)
+    mask = torch.ones_like(ids)
+    expected = trainer(ids, mask).logits
+    with RayEngine(factory, num_actors=2, threads_per_actor=1, rows_per_chunk=6) as engine:
+        before = engine.logits(ids, mask)
+        assert all(max_diff(logits, expected) > 1e-3 for logits in before)
+        version = engine.sync_weights(trainer, full=not lora)
+        for logits in engine.logits(ids, mask):
+            assert max_diff(logits, expected) <= 1e-6
+        assert {t.weight_version for t in engine.generate(PROMPTS, 2, CONFIG)} == {version} == {1}
+
+
+def test_a_sampler_error_in_an_actor_is_raised_with_the_prompt_not_retried(two_actors):
+    bad = SamplerConfig(gen_length=4096, block_length=64)  # beyond the tiny model's 256 positions
+    message = r"generation raised for prompts \d+\.\.\d+ \(first: '\d+\+\d+\+\d+='\).*exceeds the model's context"
+    with pytest.raises(RolloutError, match=message):
+        two_actors.generate(PROMPTS, 1, bad)
+
+
+def test_rollout_completes_exactly_when_one_of_two_actors_is_killed_mid_batch(ray_cluster, local_result, caplog):
+    factory = functools.partial(slow_tiny, 0.02)  # about 0.3 s per chunk: the kill lands mid-batch
+    with RayEngine(factory, num_actors=2, threads_per_actor=1, rows_per_chunk=6, seed=7) as engine:
+        victim = engine.actors[0]
+        killer = threading.Timer(0.5, lambda: ray.kill(victim))
+        with caplog.at_level(logging.WARNING):
+            killer.start()
+            result = engine.generate(PROMPTS * 4, 3, CONFIG)
+            killer.join()
+    assert requested_pairs(result) == [(p, s) for p in range(40) for s in range(3)]
+    assert "rollout actor 0: the actor died" in caplog.text and "rollout actor 0 restarted" in caplog.text
+    assert signature(result[:5]) == signature(local_result)  # re-run chunks are the same chunks
+
+
+def test_a_hung_actor_is_timed_out_and_its_chunk_rerun(ray_cluster, tmp_path, local_result, caplog):
+    marker = tmp_path / "hang"
+    marker.write_text("")
+    factory = functools.partial(tiny_that_hangs_once, str(marker))
+    with RayEngine(factory, num_actors=1, threads_per_actor=2, rows_per_chunk=6, seed=7, chunk_timeout_s=5) as engine:
+        with caplog.at_level(logging.WARNING):
+            result = engine.generate(PROMPTS, 3, CONFIG)
+    assert signature(result) == signature(local_result)
+    assert "no result after 5 s (hung)" in caplog.text and "restarted" in caplog.text
+
+
+def test_actors_that_cannot_be_placed_are_a_clear_error_not_a_hang(ray_cluster):
+    with pytest.raises(RolloutError, match=r"did not start within 1 s\. Each needs 64 CPU\(s\)"):
+        RayEngine(tiny, num_actors=1, threads_per_actor=64, startup_timeout_s=1)
+
+
+def test_a_chunk_that_keeps_killing_its_actor_raises_naming_the_prompt(ray_cluster):
+    with RayEngine(tiny_that_always_dies, num_actors=1, max_failures=2) as engine:
+        with pytest.raises(RolloutError, match=r"chunk 0 .*failed 2 times; first prompt: '0\+1\+2='.*actor died"):
+            engine.generate(PROMPTS, 1, CONFIG)
