@@ -1,8 +1,8 @@
 """Rewards named in a recipe (`module:function` or `path/to/file.py:function`), checked, weighted and summed.
 
 A reward has TRL's signature `fn(prompts, completions, **columns) -> list[float | None]` and may be `async def`.
-Dataset columns reach it by name: all of them when it takes `**columns`, else the ones it names. `None` means "not applicable to this sample" and counts as 0 in the total,
-as in TRL.
+Dataset columns reach it by name: all of them when it takes `**columns`, else the ones it names. `None` means
+"not applicable to this sample" and counts as 0 in the total, as in TRL.
 """
 
 from __future__ import annotations

@@ -7,10 +7,11 @@
   `functools.partial(resolve_model, "testbed:addition3-base")`, with LoRA added when the trainer uses it).
   `sync_weights` then moves tensors through the object store: the trainable ones (the adapter after a LoRA
   update) or, with `full=True`, every weight. No checkpoint files, no shared disk.
+- Each actor has `pipeline` chunks in flight, so it starts the next one without waiting for the driver.
 - Faults: an actor that dies mid-chunk, or whose chunk outlives `chunk_timeout_s`, is killed and replaced by a
-  fresh actor that is brought to the current weights; its chunk is re-run. A chunk failing `max_failures` times
-  raises `RolloutError` naming the prompt and the cause. Chunks are seeded, so a re-run gives the same
-  trajectory and every (prompt, sample) appears exactly once.
+  fresh actor that is brought to the current weights; its unfinished chunks are re-run. A chunk failing
+  `max_failures` times raises `RolloutError` naming the prompt and the cause. Chunks are seeded, so a re-run
+  gives the same trajectory and every (prompt, sample) appears exactly once.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class RayEngine(RolloutEngine):
         seed: int = 0,
         rewards: Callable | None = None,
         reward_threads: int = 2,
+        pipeline: int = 2,
         chunk_timeout_s: float = 600.0,
         startup_timeout_s: float = 600.0,
         max_failures: int = 3,
@@ -98,6 +100,7 @@ class RayEngine(RolloutEngine):
         if self.owns_ray:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         self.model_factory = model_factory
+        self.pipeline = pipeline
         self.chunk_timeout_s = chunk_timeout_s
         self.startup_timeout_s = startup_timeout_s
         self.max_failures = max_failures
@@ -164,8 +167,10 @@ class RayEngine(RolloutEngine):
     def _run(self, chunks: list[Chunk], config: SamplerConfig, done: Callable[[Trajectory], None]) -> list[Trajectory]:
         ray = self.ray
         queue = collections.deque(chunks)
-        idle = list(range(len(self.actors)))
-        running: dict = {}  # object ref -> (slot, chunk, deadline)
+        # Per actor, the chunks sent to it in order (up to `pipeline`, so it never waits for the driver) and
+        # when the one it is working on started.
+        sent: dict[int, collections.deque] = {slot: collections.deque() for slot in range(len(self.actors))}
+        started: dict[int, float] = {}
         results: dict[int, Trajectory] = {}
         failures: collections.Counter = collections.Counter()
         bar = tqdm(total=len(chunks), desc="rollout", disable=not self.progress, leave=False)
@@ -178,20 +183,26 @@ class RayEngine(RolloutEngine):
                     f"{where} failed {failures[chunk.index]} times; first prompt: {str(chunk.prompts[0])[:200]!r}; "
                     f"last cause: {cause}"
                 )
+            lost = [c for _, c in sent[slot]]
+            sent[slot].clear()
             self._restart(slot, f"{cause} while generating {where} (failure {failures[chunk.index]} of "
-                                f"{self.max_failures}); the chunk is re-run")
-            queue.appendleft(chunk)
-            idle.append(slot)
+                                f"{self.max_failures}); its {len(lost)} unfinished chunk(s) are re-run")
+            queue.extendleft(reversed(lost))
 
-        while queue or running:
-            while queue and idle:
-                slot, chunk = idle.pop(0), queue.popleft()
-                ref = self.actors[slot].run.remote(chunk, config)
-                running[ref] = (slot, chunk, time.monotonic() + self.chunk_timeout_s)
-            soonest = min(deadline for _, _, deadline in running.values())
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=max(0.0, soonest - time.monotonic()))
+        while queue or any(sent.values()):
+            for slot, pending in sent.items():
+                while queue and len(pending) < self.pipeline:
+                    if not pending:
+                        started[slot] = time.monotonic()
+                    chunk = queue.popleft()
+                    pending.append((self.actors[slot].run.remote(chunk, config), chunk))
+            owner = {ref: slot for slot, pending in sent.items() for ref, _ in pending}
+            deadline = min(started[slot] for slot, pending in sent.items() if pending) + self.chunk_timeout_s
+            ready, _ = ray.wait(list(owner), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             for ref in ready:
-                slot, chunk, _ = running.pop(ref)
+                slot = owner[ref]
+                position = next(i for i, (r, _) in enumerate(sent[slot]) if r == ref)
+                chunk = sent[slot][position][1]
                 try:
                     trajectory = ray.get(ref)
                 except ray.exceptions.RayActorError as error:
@@ -202,15 +213,15 @@ class RayEngine(RolloutEngine):
                         f"chunk {chunk.index}: generation raised for prompts {chunk.prompt_index[0]}.."
                         f"{chunk.prompt_index[-1]} (first: {str(chunk.prompts[0])[:200]!r}): {error.cause!r}"
                     ) from error
+                del sent[slot][position]
+                started[slot] = time.monotonic()  # the actor has moved on to its next chunk
                 results[chunk.index] = trajectory
                 done(trajectory)
-                idle.append(slot)
                 bar.update()
             now = time.monotonic()
-            for ref, (slot, chunk, deadline) in list(running.items()):
-                if now >= deadline:
-                    del running[ref]
-                    failed(slot, chunk, f"no result after {self.chunk_timeout_s:g} s (hung)")
+            for slot, pending in sent.items():
+                if pending and now - started[slot] >= self.chunk_timeout_s:
+                    failed(slot, pending[0][1], f"no result after {self.chunk_timeout_s:g} s (hung)")
         bar.close()
         return [results[chunk.index] for chunk in chunks]
 
