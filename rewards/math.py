@@ -2,16 +2,20 @@
 
 math-verify bounds its own time with `signal.alarm`, which raises off the main thread (thread pools, threaded
 Ray actors) and silently turns rewards into 0. Its timeouts are therefore disabled and every check runs in a
-worker process instead: a check that takes longer than `TIMEOUT` seconds has its worker killed and restarted,
-and scores 0. Works the same on the main thread, in threads and in Ray actors.
+worker process instead: a fresh `python -m rewards.math` (the caller's script is never re-run in it), ready
+before its first check is timed. A check that takes longer than `TIMEOUT` seconds has its worker killed and
+restarted, and scores 0. Works the same on the main thread, in threads and in Ray actors.
 """
 
 from __future__ import annotations
 
 import atexit
+import json
 import logging
-import multiprocessing
+import os
 import re
+import subprocess
+import sys
 import threading
 from multiprocessing.connection import wait
 
@@ -20,6 +24,7 @@ from rewards import completion_text
 logger = logging.getLogger(__name__)
 
 TIMEOUT = 5.0  # seconds per check, wall clock
+STARTUP_TIMEOUT = 300.0  # seconds for a worker to import math-verify
 # Several candidate values in the final answer ("3 or 4", "3, 4"): listing the right one among others earns nothing.
 # A comma needs a space after it, so that 1,000 stays one number; gold answers with commas (tuples, sets) skip this.
 _CANDIDATE_LIST = re.compile(r"\d\s*(?:,\s|;|\bor\b|\band\b)\s*\$?-?\d")
@@ -91,31 +96,64 @@ def _last_boxed(text: str) -> str | None:
 
 
 
-def _worker(connection) -> None:
-    import logging
-
+def _serve() -> None:
+    """The worker: reads JSON [gold, completion] lines on stdin, writes a score (or {"error": ...}) per line."""
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every call that timeouts are off
-    while True:
-        gold, completion = connection.recv()
+    replies, sys.stdout = sys.stdout, sys.stderr  # whatever a library prints cannot corrupt the replies
+    check("1", "1")  # import and warm up math-verify (seconds on a busy machine) before the clock starts
+    print(json.dumps("ready"), file=replies, flush=True)
+    for line in sys.stdin:
+        gold, completion = json.loads(line)
         try:
-            connection.send(check(gold, completion))
+            result = check(gold, completion)
         except Exception as error:  # a parse error is a wrong answer, not a crash
-            connection.send(("error", repr(error)))
+            result = {"error": repr(error)}
+        print(json.dumps(result), file=replies, flush=True)
+
+
+class _Worker:
+    """One `python -m rewards.math` process (a fresh interpreter: the caller's script is never re-run, as it
+    would be by multiprocessing's spawn)."""
+
+    def __init__(self):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "rewards.math"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+        )
+        self.stdout = self.process.stdout
+
+    def fileno(self) -> int:
+        return self.stdout.fileno()
+
+    def wait_ready(self) -> _Worker:
+        """Start-up (importing math-verify) never counts against a check's time limit."""
+        if not wait([self], timeout=STARTUP_TIMEOUT) or json.loads(self.stdout.readline() or "null") != "ready":
+            self.kill()
+            raise RuntimeError(f"a math-verify worker did not start within {STARTUP_TIMEOUT:.0f} s")
+        return self
+
+    def send(self, pair: tuple[str, str]) -> None:
+        self.process.stdin.write(json.dumps(list(pair)) + "\n")
+        self.process.stdin.flush()
+
+    def receive(self):
+        line = self.stdout.readline()
+        return json.loads(line) if line else {"error": "the worker exited"}
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
 
 
 class _Pool:
     """Worker processes that score (gold, completion) pairs, each under a wall-clock limit."""
 
     def __init__(self, size: int):
-        self.context = multiprocessing.get_context("spawn")
-        self.workers = [self._start() for _ in range(size)]
+        self.workers = [worker.wait_ready() for worker in [_Worker() for _ in range(size)]]
         self.lock = threading.Lock()
-
-    def _start(self):
-        parent, child = self.context.Pipe()
-        process = self.context.Process(target=_worker, args=(child,), daemon=True)
-        process.start()
-        return process, parent
 
     def map(self, pairs: list[tuple[str, str]]) -> list[float]:
         import time
@@ -129,14 +167,14 @@ class _Pool:
                 while idle and pending:
                     w = idle.pop()
                     item, pair = pending.pop()
-                    self.workers[w][1].send(pair)
-                    busy[self.workers[w][1]] = (w, item, time.monotonic() + TIMEOUT)
+                    self.workers[w].send(pair)
+                    busy[self.workers[w]] = (w, item, time.monotonic() + TIMEOUT)
                 timeout = max(0.0, min(d for _, _, d in busy.values()) - time.monotonic())
                 for connection in wait(list(busy), timeout=timeout):
                     w, item, _ = busy.pop(connection)
-                    result = connection.recv()
-                    if isinstance(result, tuple):
-                        logger.warning("math check of sample %d failed (scored 0): %s", item, result[1])
+                    result = connection.receive()
+                    if isinstance(result, dict):
+                        logger.warning("math check of sample %d failed (scored 0): %s", item, result["error"])
                     else:
                         scores[item] = result
                     idle.append(w)
@@ -145,17 +183,15 @@ class _Pool:
                     if now >= deadline:
                         logger.warning("math check of sample %d exceeded %.0f s (scored 0); restarting its worker",
                                        item, TIMEOUT)
-                        self.workers[w][0].kill()
-                        self.workers[w][0].join()
-                        self.workers[w] = self._start()
+                        self.workers[w].kill()
+                        self.workers[w] = _Worker().wait_ready()
                         del busy[connection]
                         idle.append(w)
         return scores
 
     def close(self) -> None:
-        for process, connection in self.workers:
-            process.kill()
-            connection.close()
+        for worker in self.workers:
+            worker.kill()
 
 
 _shared: _Pool | None = None
@@ -169,3 +205,7 @@ def _pool() -> _Pool:
             _shared = _Pool(WORKERS)
             atexit.register(_shared.close)
         return _shared
+
+
+if __name__ == "__main__":
+    _serve()

@@ -3,6 +3,8 @@ threads as from the main thread."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -128,3 +130,16 @@ def test_inside_ray_actors_plain_and_threaded(monkeypatch):
         ray.shutdown()
     assert plain == threaded == expected
     assert 0 < sum(expected) < len(expected)
+
+
+def test_a_users_script_without_a_main_guard_runs_once(tmp_path):
+    """Workers are fresh interpreters: multiprocessing's spawn would re-run an unguarded script in each worker."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        "from rewards.math import accuracy\n"
+        "print('script ran')\n"
+        "print(accuracy(None, ['\\\\boxed{102}', '\\\\boxed{7}'], answer=['102', '102']))\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["script ran", "[1.0, 0.0]"]
