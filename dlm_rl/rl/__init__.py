@@ -1,0 +1,1 @@
+"""Pieces the RL trainers share: trajectories turned into training rows, advantages, and the policy losses."""

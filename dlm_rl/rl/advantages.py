@@ -1,0 +1,45 @@
+"""Advantages: GRPO-style group z-scores of rewards, and step-level GAE for a diffusion value model."""
+
+from __future__ import annotations
+
+import torch
+
+
+def group_advantages(
+    rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, keep): each reward's z-score within its group (same prompt), with the group's unbiased std;
+    `keep` is False for groups whose rewards are all equal (no signal: the dynamic filter drops them)."""
+    rewards = rewards.double()
+    advantages = torch.zeros_like(rewards)
+    keep = torch.zeros_like(rewards, dtype=torch.bool)
+    for group in torch.unique(groups):
+        members = groups == group
+        values = rewards[members]
+        if len(values) < 2 or values.max() == values.min():
+            continue
+        advantages[members] = (values - values.mean()) / (values.std() + eps)
+        keep[members] = True
+    return advantages, keep
+
+
+def step_gae(
+    step_rewards: torch.Tensor,
+    step_values: torch.Tensor,
+    token_values: torch.Tensor,
+    token_step: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+) -> torch.Tensor:
+    """Per-token advantages of one sample from step-level GAE (TraceRL):
+    δ*_t = r*_t − V*_t + γV*_{t+1},  A*_t = δ*_t + γλA*_{t+1},  A_j = (r*_{t(j)} − V_j) + γV*_{t+1} + γλA*_{t+1},
+    with t(j) = `token_step[j]` ∈ 0..T−1 (the shrunk step index of token j), V*_T = A*_T = 0.
+    With γ = λ = 1 and the reward at the last step, A_j = R − V_j."""
+    steps = len(step_rewards)
+    next_value = torch.cat([step_values[1:], step_values.new_zeros(1)])
+    step_advantages = torch.zeros(steps + 1, dtype=step_values.dtype, device=step_values.device)
+    for t in reversed(range(steps)):
+        delta = step_rewards[t] - step_values[t] + gamma * next_value[t]
+        step_advantages[t] = delta + gamma * lam * step_advantages[t + 1]
+    later = gamma * next_value[token_step] + gamma * lam * step_advantages[token_step + 1]
+    return step_rewards[token_step] - token_values + later
