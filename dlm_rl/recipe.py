@@ -14,7 +14,10 @@ import yaml
 from trl import TrlParser
 
 # trainer name -> (module, config class); each module has `run(config)`.
-TRAINERS = {"mdm": ("dlm_rl.trainers.mdm", "MDMConfig")}
+TRAINERS = {
+    "mdm": ("dlm_rl.trainers.mdm", "MDMConfig"),
+    "tracerl": ("dlm_rl.trainers.tracerl", "TraceRLConfig"),
+}
 
 
 def read_recipe(path: str) -> dict:
