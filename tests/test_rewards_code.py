@@ -67,7 +67,43 @@ HOSTILE = {
     "child left running": "import subprocess\nsubprocess.Popen(['sleep', '1234567'])\ndef f(x): return 0",
     "kill the parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos.kill(1, signal.SIGKILL)",
     "secret from the environment": f"import os\ndef f(x):\n    return x * x if os.environ.get('{SECRET}') else 0",
-    "300 MB print": "print('x' * 300_000_000)\ndef f(x): return x * x",
+    "300 MB print": "print('x' * 300_000_000)\ndef f(x): return x + 1",
+    "300 MB printed as the answer": "def f(x):\n    print('x' * 300_000_000)\n    return 'x' * 300_000_000",
+    "results forged from the harness's frames": (
+        "import sys\nframe = sys._getframe(0)\n"
+        "while frame is not None and 'nonce' not in frame.f_locals:\n    frame = frame.f_back\n"
+        "if frame is not None:\n"
+        "    for i in range(3):\n        frame.f_locals['results'].write(frame.f_locals['nonce'] + f' {i}\\n')\n"
+        "    frame.f_locals['results'].flush()\n"
+        "    import os; os._exit(0)\n"
+        "def f(x): return 0"
+    ),
+    "nonce read from the harness's stdin": (
+        "import os\n"
+        "try:\n"
+        "    nonce = open(f'/proc/{os.getppid()}/fd/0').readline().strip()\n"
+        "    open('results.txt', 'a').write(''.join(f'{nonce} {i}\\n' for i in range(3)))\n"
+        "except Exception:\n"
+        "    pass\n"
+        "def f(x): return 0"
+    ),
+    "results forged from the harness's memory": (
+        "import os, re\n"
+        "for pid in os.listdir('/proc'):\n"
+        "    try:\n"
+        "        data = open(f'/proc/{pid}/cmdline', 'rb').read()\n"
+        "        if b'main.py' in data:\n"
+        "            maps = open(f'/proc/{pid}/maps').read()\n"
+        "            mem = open(f'/proc/{pid}/mem', 'rb')\n"
+        "            for line in maps.splitlines():\n"
+        "                start, end = (int(x, 16) for x in line.split()[0].split('-'))\n"
+        "                mem.seek(start)\n"
+        "                for nonce in set(re.findall(rb'[0-9a-f]{32}', mem.read(end - start))):\n"
+        "                    open('results.txt', 'a').write(''.join(f'{nonce.decode()} {i}\\n' for i in range(3)))\n"
+        "    except Exception:\n"
+        "        pass\n"
+        "def f(x): return 0"
+    ),
 }
 
 
