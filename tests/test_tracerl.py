@@ -83,3 +83,42 @@ def test_recipe_validation(tmp_path):
     recipe.write_text("trainer: tracerl\nreward_weights: [1.0, 2.0]\n")
     with pytest.raises(ValueError, match="1 reward_funcs but 2 reward_weights"):
         parse_recipe(str(recipe))
+
+
+def test_with_lora_only_the_adapter_gets_gradients_and_the_reference_is_the_disabled_adapter():
+    import torch
+
+    from dlm_rl.models.lora import LoraArguments, add_lora
+    from dlm_rl.models.tiny import tiny_model
+    from dlm_rl.reward_functions import Rewards
+    from dlm_rl.rollout import LocalEngine
+    from dlm_rl.sampling import SamplerConfig
+    from dlm_rl.trainers.tracerl import TraceRLConfig, _log_probs, _update, reference_log_probs
+
+    def tiny():
+        return tiny_model(hidden_size=32, num_layers=2, intermediate_size=64, seed=0)
+
+    base, model = tiny(), add_lora(tiny(), LoraArguments(use_lora=True, lora_r=4))
+    with torch.no_grad():  # a trained adapter: LoRA B starts at zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.2 * torch.randn_like(p))
+
+    def by_characters(prompts, completions, **columns):
+        return [float(sum(map(ord, c)) % 5) for c in completions]
+
+    engine = LocalEngine(model, rows_per_chunk=16, rewards=Rewards([by_characters]))
+    trajectories = engine.generate(["1+2=", "3+4=", "5+6=", "7+8="], 4, SamplerConfig(gen_length=8, temperature=1.0))
+    config = TraceRLConfig(model="tiny", beta=0.1, kl_reference="reference")
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(parameters, lr=0.0)
+    metrics = _update(model, optimizer, parameters, trajectories, config, gen_length=8)
+    assert math.isfinite(metrics["loss"]) and metrics["kl"] > 0  # the adapter moved the policy off the reference
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == ("lora_" in name), name
+    ids, mask = torch.randint(3, 90, (2, 10)), torch.ones(2, 10, dtype=torch.long)
+    response = ids[:, -4:]
+    with torch.no_grad():
+        reference = reference_log_probs(model, (ids, mask), response)
+        assert torch.allclose(reference, _log_probs(base, (ids, mask), response), atol=1e-6)
+        assert not torch.allclose(_log_probs(model, (ids, mask), response), _log_probs(base, (ids, mask), response))

@@ -6,8 +6,8 @@ a step left with nothing is skipped and logged), rebuild the visited states from
 recompute the old log-probs exactly, and take `inner_epochs` PPO-clip updates. Logs go to `output_dir`:
 `metrics.jsonl` (one line per step) and `completions.jsonl` (every sampled completion with its rewards).
 
-Not yet here (issue 6): the value model, the block-attention row layout, the KL to a frozen reference, the
-diffu-GRPO / coupled / random-masking baselines, TensorBoard and the curve PNG.
+Not yet here (issue 6): the value model, the block-attention row layout, the diffu-GRPO / coupled /
+random-masking baselines, TensorBoard and the curve PNG.
 """
 
 from __future__ import annotations
@@ -66,7 +66,10 @@ class TraceRLConfig(LoraArguments):
     epsilon: float = 0.2
     """PPO clip range ε."""
     beta: float = 0.0
-    """k3-KL weight (to π_old)."""
+    """k3-KL weight."""
+    kl_reference: str = "old"
+    """KL anchor: 'old' (π_old, the rollout's weights) or 'reference' (the frozen base: the disabled LoRA adapter,
+    so no second copy of the weights)."""
     shrink: int = 1
     """Trace shrinkage s: merge every s consecutive steps into one training row."""
     normaliser: str = "tokens"
@@ -89,6 +92,10 @@ class TraceRLConfig(LoraArguments):
     def __post_init__(self):
         if self.normaliser not in ("tokens", "length"):
             raise ValueError(f"normaliser must be 'tokens' or 'length', got {self.normaliser!r}")
+        if self.kl_reference not in ("old", "reference"):
+            raise ValueError(f"kl_reference must be 'old' or 'reference', got {self.kl_reference!r}")
+        if self.kl_reference == "reference" and not self.use_lora:
+            raise ValueError("kl_reference: 'reference' needs use_lora (the reference is the disabled adapter)")
         if self.num_generations < 2:
             raise ValueError("num_generations must be at least 2: advantages compare samples of one prompt")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
@@ -190,20 +197,21 @@ def _update(model, optimizer, parameters, trajectories, config: TraceRLConfig, g
         row_advantages = advantages[rows.sample[kept]].to(device, torch.float32)[:, None]
         with torch.no_grad():
             old = _log_probs(model, inputs, response)  # exact recompute: ratio 1 before the first update
-        chunks.append((inputs, targets, response, row_advantages, old))
+            reference = reference_log_probs(model, inputs, response) if config.kl_reference == "reference" else None
+        chunks.append((inputs, targets, response, row_advantages, old, reference))
     if not chunks:
         return {"skipped": 1}
-    total_rows = sum(len(c[1]) for c in chunks)
+    total_rows = sum(len(chunk[1]) for chunk in chunks)
     normaliser = "tokens" if config.normaliser == "tokens" else gen_length
     stats = {}
     model.train()
     for _ in range(config.inner_epochs):
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
-        for inputs, targets, response, row_advantages, old in chunks:
+        for inputs, targets, response, row_advantages, old, reference in chunks:
             logp = _log_probs(model, inputs, response)
             loss, stats = ppo_trace_loss(logp, old, row_advantages, targets, epsilon=config.epsilon,
-                                         beta=config.beta, normaliser=normaliser)
+                                         beta=config.beta, logp_ref=reference, normaliser=normaliser)
             (loss * len(targets) / total_rows).backward()
             loss_sum += loss.item() * len(targets) / total_rows
         if not torch.isfinite(torch.tensor(loss_sum)):
@@ -219,6 +227,12 @@ def _log_probs(model, inputs, response) -> torch.Tensor:
     input_ids, attention_mask = inputs
     logits = model(input_ids, attention_mask).logits[:, -response.shape[1] :]
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, response[..., None])[..., 0]
+
+
+def reference_log_probs(model, inputs, response) -> torch.Tensor:
+    """Log-probabilities under the frozen base model: the same weights with the LoRA adapter disabled."""
+    with model.model.disable_adapter():
+        return _log_probs(model, inputs, response)
 
 
 def _reward_metrics(trajectories) -> dict:
