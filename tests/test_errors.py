@@ -1,5 +1,8 @@
 """Bad input gets clear errors: recipe keys, dataset columns, mask tokens, sampler geometry."""
 
+import glob
+import os
+
 import pytest
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -91,3 +94,11 @@ def test_completion_longer_than_canvas():
     collate = DiffusionCollator(char_tokenizer(), response_length=3)  # `\boxed{`, `3`, `}` + EOS need 4
     with pytest.raises(ValueError, match="does not fit response_length=3"):
         collate([{"prompt": "1+2=", "completion": "\\boxed{3}"}])
+
+
+@pytest.mark.parametrize("recipe", sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "recipes", "*.yaml"))))
+def test_shipped_recipes_parse_and_validate(recipe):
+    with open(recipe) as f:
+        assert f.readline().startswith("# dlm-rl train recipes/"), "a recipe starts with the command that runs it"
+    module, config = parse_recipe(recipe)
+    assert callable(module.run)
