@@ -96,7 +96,10 @@ def test_completion_longer_than_canvas():
         collate([{"prompt": "1+2=", "completion": "\\boxed{3}"}])
 
 
-@pytest.mark.parametrize("recipe", sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "recipes", "*.yaml"))))
+RECIPES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "recipes", "*.yaml")))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
 def test_shipped_recipes_parse_and_validate(recipe):
     with open(recipe) as f:
         assert f.readline().startswith("# dlm-rl train recipes/"), "a recipe starts with the command that runs it"
