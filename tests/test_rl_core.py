@@ -11,6 +11,7 @@ import torch
 from dlm_rl.models.tiny import tiny_model
 from dlm_rl.rl.advantages import group_advantages, step_gae
 from dlm_rl.rl.losses import k3_kl, ppo_trace_loss
+from dlm_rl.rl.rows import response_log_probs
 from dlm_rl.rl.trace import shrink_steps, trace_rows
 from dlm_rl.rollout import LocalEngine
 from dlm_rl.sampling import SamplerConfig
@@ -79,8 +80,7 @@ def test_rows_of_a_sampled_trajectory_replay_its_log_probs():
     (trajectory,) = LocalEngine(model, rows_per_chunk=8).generate(["1+2=", "33+4=", "5="], 2, config)
     rows = trace_rows(trajectory, model.mask_token_id, s=1)
     with torch.no_grad():
-        logits = model(rows.input_ids, rows.attention_mask).logits[:, rows.prompt_length :]
-    logp = torch.log_softmax(logits.double(), -1).gather(-1, rows.response_ids[..., None])[..., 0]
+        logp = response_log_probs(model, rows).double()
     recorded = trajectory.log_probs[rows.sample].double()
     assert rows.targets.sum() == trajectory.sampled.sum()  # every drawn token is trained exactly once
     assert (logp - recorded)[rows.targets].abs().max() <= 1e-5

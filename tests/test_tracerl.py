@@ -93,7 +93,8 @@ def test_with_lora_only_the_adapter_gets_gradients_and_the_reference_is_the_disa
     from dlm_rl.reward_functions import Rewards
     from dlm_rl.rollout import LocalEngine
     from dlm_rl.sampling import SamplerConfig
-    from dlm_rl.trainers.tracerl import TraceRLConfig, _log_probs, _update, reference_log_probs
+    from dlm_rl.rl.rows import Rows, reference_log_probs, response_log_probs
+    from dlm_rl.trainers.tracerl import Learner, TraceRLConfig
 
     def tiny():
         return tiny_model(hidden_size=32, num_layers=2, intermediate_size=64, seed=0)
@@ -110,15 +111,97 @@ def test_with_lora_only_the_adapter_gets_gradients_and_the_reference_is_the_disa
     engine = LocalEngine(model, rows_per_chunk=16, rewards=Rewards([by_characters]))
     trajectories = engine.generate(["1+2=", "3+4=", "5+6=", "7+8="], 4, SamplerConfig(gen_length=8, temperature=1.0))
     config = TraceRLConfig(model="tiny", beta=0.1, kl_reference="reference")
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(parameters, lr=0.0)
-    metrics = _update(model, optimizer, parameters, trajectories, config, gen_length=8)
+    learner = Learner(model, config, gen_length=8)
+    learner.optimizer = torch.optim.SGD(learner.parameters, lr=0.0)
+    metrics = learner.update(trajectories)
     assert math.isfinite(metrics["loss"]) and metrics["kl"] > 0  # the adapter moved the policy off the reference
     for name, p in model.named_parameters():
         assert (p.grad is not None) == ("lora_" in name), name
-    ids, mask = torch.randint(3, 90, (2, 10)), torch.ones(2, 10, dtype=torch.long)
-    response = ids[:, -4:]
+    ids = torch.randint(3, 90, (2, 10))
+    rows = Rows(input_ids=ids, attention_mask=torch.ones_like(ids), targets=torch.ones(2, 4, dtype=torch.bool),
+                response_ids=ids[:, -4:], sample=torch.arange(2), step=torch.zeros(2), weight=torch.ones(2))
     with torch.no_grad():
-        reference = reference_log_probs(model, (ids, mask), response)
-        assert torch.allclose(reference, _log_probs(base, (ids, mask), response), atol=1e-6)
-        assert not torch.allclose(_log_probs(model, (ids, mask), response), _log_probs(base, (ids, mask), response))
+        reference = reference_log_probs(model, rows)
+        assert torch.allclose(reference, response_log_probs(base, rows), atol=1e-6)
+        assert not torch.allclose(response_log_probs(model, rows), response_log_probs(base, rows))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"method": "diffu_grpo", "inner_epochs": 2},
+        {"method": "coupled"},
+        {"method": "random_masking"},
+        {"method": "tracerl", "value_model": True, "inner_epochs": 2, "shrink": 2},
+    ],
+    ids=["diffu_grpo", "coupled", "random_masking", "tracerl+value"],
+)
+def test_every_method_trains_and_writes_tensorboard_and_a_curve(tmp_path, extra):
+    from dlm_rl.trainers.tracerl import TraceRLConfig, run
+
+    config = TraceRLConfig(model="tiny", task="addition3", train_size=16, eval_size=4, num_generations=4,
+                           prompts_per_step=2, max_steps=2, eval_steps=2, lora_r=4, learning_rate=1e-3,
+                           reward_funcs=[f"{_write_reward(tmp_path)}:by_length"],  # varies within groups
+                           output_dir=str(tmp_path / "run"), **extra)
+    last = run(config)
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    trained = [m for m in metrics[1:] if not m.get("skipped")]
+    assert trained, "no step trained"
+    for m in trained:
+        assert math.isfinite(m["loss"]) and m["rows"] > 0 and math.isfinite(m["entropy"])
+        assert m["kl"] >= 0 and 0 <= m["clip_fraction"] <= 1
+        if extra.get("value_model"):
+            assert math.isfinite(m["value_loss"]) and "value_mean" in m
+    assert last["step"] == 2
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "run" / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if extra.get("value_model"):
+        assert (tmp_path / "run" / "final" / "value_model.pt").exists()
+
+
+def _write_reward(directory):
+    path = directory / "by_length.py"
+    path.write_text("def by_length(prompts, completions, **columns):\n"
+                    "    return [float(len(c) % 3) for c in completions]\n")
+    return path
+
+
+def test_a_batch_emptied_by_the_group_filter_is_skipped_and_the_run_goes_on(tmp_path):
+    from dlm_rl.trainers.tracerl import TraceRLConfig, run
+
+    path = tmp_path / "constant.py"
+    path.write_text("def constant(prompts, completions, **columns):\n    return [1.0] * len(completions)\n")
+    config = TraceRLConfig(model="tiny", task="addition3", train_size=8, eval_size=2, num_generations=2,
+                           prompts_per_step=2, max_steps=3, eval_steps=3, lora_r=4, tensorboard=False,
+                           reward_funcs=[f"{path}:constant"], output_dir=str(tmp_path / "run"))
+    last = run(config)
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m.get("skipped") for m in metrics[1:]] == [1, 1, 1] and last["step"] == 3
+    assert all(m["kept_fraction"] == 0 for m in metrics[1:])
+
+
+def test_value_model_learns_the_reward_and_only_its_adapter_and_head_train():
+    from dlm_rl.models.lora import LoraArguments, add_lora
+    from dlm_rl.models.tiny import tiny_model
+    from dlm_rl.reward_functions import Rewards
+    from dlm_rl.rl.value import ValueModel
+    from dlm_rl.rollout import LocalEngine
+    from dlm_rl.sampling import SamplerConfig
+    from dlm_rl.trainers.tracerl import Learner, TraceRLConfig
+
+    config = TraceRLConfig(model="tiny", value_model=True, lora_r=4, learning_rate=0.0, value_learning_rate=3e-2,
+                           inner_epochs=1)
+    model = tiny_model(hidden_size=32, num_layers=2, intermediate_size=64, seed=0)
+    value = ValueModel.from_policy(model, config)
+    add_lora(model, LoraArguments(use_lora=True, lora_r=4))
+    engine = LocalEngine(model, rows_per_chunk=16, rewards=Rewards([lambda prompts, completions, **c: [0.7] * len(
+        completions)]))
+    trajectories = engine.generate(["1+2=", "3+4="], 4, SamplerConfig(gen_length=8, temperature=1.0))
+    learner = Learner(model, config, gen_length=8, value=value)
+    first = learner.update(trajectories)
+    assert first["value_mean"] == 0.0  # zero-initialised head: A_j = R at the start
+    for name, p in value.named_parameters():
+        assert (p.grad is not None) == ("lora_" in name or name.startswith("head")), name
+    for _ in range(30):
+        last = learner.update(trajectories)
+    assert abs(last["value_mean"] - 0.7) < 0.1 and last["value_loss"] < first["value_loss"]

@@ -48,6 +48,7 @@ class Conventions:
 class DiffusionOutput:
     logits: torch.Tensor  # [B, Q, V]: row i is the distribution of token i (shift already undone)
     past_key_values: object | None = None
+    hidden_states: torch.Tensor | None = None  # [B, Q, H] last layer, aligned like the logits (when asked for)
 
 
 class DiffusionLM(nn.Module):
@@ -88,6 +89,7 @@ class DiffusionLM(nn.Module):
         attention_bias: torch.Tensor | None = None,
         past_key_values=None,
         use_cache: bool = False,
+        output_hidden_states: bool = False,
     ) -> DiffusionOutput:
         """Logits for `input_ids` [B, Q].
 
@@ -95,6 +97,7 @@ class DiffusionLM(nn.Module):
         attention: override the model's attention mode ("full", "block", "causal") for this call.
         attention_bias: an explicit [B, 1, Q, K] additive mask (e.g. TraceRL's packed rows); replaces the mode.
         past_key_values / use_cache: the KV-cache hook for samplers; the cache is returned in the output.
+        output_hidden_states: also return the last layer's hidden states (a value head reads them).
         With shifted logits the first new token's distribution comes from the previous token, which the caller
         must therefore include in `input_ids` when it uses a cache.
         """
@@ -113,6 +116,8 @@ class DiffusionLM(nn.Module):
                 dtype=self.dtype,
             )
         kwargs = {"use_cache": use_cache}
+        if output_hidden_states:
+            kwargs["output_hidden_states"] = True
         if past_key_values is not None:
             kwargs["past_key_values"] = past_key_values
         if self.conventions.mask_format == "attention_bias":  # LLaDA's forward takes no position ids
@@ -122,10 +127,14 @@ class DiffusionLM(nn.Module):
             kwargs["attention_mask"] = attention_bias == 0 if self.conventions.mask_format == "bool" else attention_bias
         out = self.model(input_ids=input_ids, **kwargs)
         logits = out.logits  # [B, Q, V]
+        hidden = out.hidden_states[-1] if output_hidden_states else None
         if self.shift_logits:
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+            hidden = None if hidden is None else torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1)
         logits = logits.index_fill(-1, torch.tensor([self.mask_token_id], device=logits.device), float("-inf"))
-        return DiffusionOutput(logits=logits, past_key_values=out.past_key_values if use_cache else None)
+        return DiffusionOutput(
+            logits=logits, past_key_values=out.past_key_values if use_cache else None, hidden_states=hidden
+        )
 
     def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
         """Save weights (or the LoRA adapter), tokenizer and `dlm_rl.json` so that `load` restores all three."""

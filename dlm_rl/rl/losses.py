@@ -21,10 +21,12 @@ def ppo_trace_loss(
     beta: float = 0.0,
     logp_ref: torch.Tensor | None = None,
     normaliser: str | int = "tokens",
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """−(1/N) Σ_rows (1/L_row) Σ_targets min(ρA, clip(ρ, 1−ε, 1+ε)A)  +  β · the same average of k3-KL.
+    """−(1/N) Σ_rows (w_row/L_row) Σ_targets min(ρA, clip(ρ, 1−ε, 1+ε)A)  +  β · the same average of k3-KL (unweighted).
 
-    All tensors are [N, R] (advantages may be [N, 1]); `targets` marks the trained tokens. `logp_ref` is the
+    All tensors are [N, R] (advantages may be [N, 1]); `targets` marks the trained tokens, `weights` [N] (default 1)
+    scale each row's surrogate (the 1/t of randomly masked rows). `logp_ref` is the
     KL anchor (π_old, or the frozen reference); without it the KL is taken to `logp_old`. `normaliser` is
     "tokens" (L_row = the row's number of targets) or a constant (e.g. the response length).
     """
@@ -40,10 +42,11 @@ def ppo_trace_loss(
     surrogate = torch.minimum(ratio * advantages, clipped * advantages)
     kl = k3_kl(logp, (logp_old if logp_ref is None else logp_ref).detach())
 
-    def average(x: torch.Tensor) -> torch.Tensor:
-        return ((x * targets).sum(dim=1) / per_row).mean()
+    def average(x: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
+        per_row_mean = (x * targets).sum(dim=1) / per_row
+        return (per_row_mean if row_weights is None else per_row_mean * row_weights).mean()
 
-    loss = -average(surrogate) + beta * average(kl)
+    loss = -average(surrogate, weights) + beta * average(kl)
     count = targets.sum().clamp(min=1)
     with torch.no_grad():
         stats = {

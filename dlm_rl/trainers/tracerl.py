@@ -3,17 +3,19 @@
 Each step: sample `num_generations` responses for `prompts_per_step` prompts with the rollout engine, score
 them with the recipe's rewards, turn rewards into group z-score advantages (groups without variance are dropped;
 a step left with nothing is skipped and logged), rebuild the visited states from `step_map` (`dlm_rl.rl.trace`),
-recompute the old log-probs exactly, and take `inner_epochs` PPO-clip updates. Logs go to `output_dir`:
-`metrics.jsonl` (one line per step) and `completions.jsonl` (every sampled completion with its rewards).
+recompute the old log-probs exactly, and take `inner_epochs` PPO-clip updates. Logs go to `output_dir`
+(`dlm_rl.run_log`): metrics.jsonl, TensorBoard, completions.jsonl and curve.png.
 
-Not yet here (issue 6): the value model, the block-attention row layout, the diffu-GRPO / coupled /
-random-masking baselines, TensorBoard and the curve PNG.
+`method` swaps how log-probabilities are read, everything else equal, for ablations: `tracerl` (the visited
+states; plain rows for full attention, packed rows for block attention), `diffu_grpo`, `coupled` and
+`random_masking` (random masks, `dlm_rl.rl.masking`). `value_model: true` adds TraceRL's value model
+(`dlm_rl.rl.value`): per-token advantages by step-level GAE instead of group z-scores.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import os
 import random
 import time
@@ -25,10 +27,16 @@ from tqdm.auto import tqdm
 from dlm_rl.models.lora import LoraArguments, add_lora
 from dlm_rl.rl.advantages import group_advantages
 from dlm_rl.rl.losses import ppo_trace_loss
-from dlm_rl.rl.trace import trace_rows
+from dlm_rl.rl.masking import diffu_grpo_rows, random_mask_rows
+from dlm_rl.rl.rows import Rows, reference_log_probs, response_log_probs
+from dlm_rl.rl.trace import model_trace_rows
+from dlm_rl.rl.value import ValueModel, clipped_value_loss, trace_gae
+from dlm_rl.run_log import RunLog
 from dlm_rl.sampling.config import SamplerConfig
 
 logger = logging.getLogger(__name__)
+
+METHODS = ("tracerl", "diffu_grpo", "coupled", "random_masking")
 
 
 @dataclass
@@ -36,9 +44,12 @@ class TraceRLConfig(LoraArguments):
     """TraceRL settings; every field can be a recipe key."""
 
     model: str = "testbed:addition3-base"
-    """'testbed:NAME', 'tiny', 'smollm2', or a saved model path."""
+    """'testbed:NAME', 'tiny', 'smollm2', a saved model path, or a LLaDA / Dream / SDAR hub name."""
+    trust_remote_code: bool = False
+    """Needed for LLaDA, Dream and SDAR checkpoints (their modelling code ships with the weights)."""
     task: str = "addition3"
-    """Testbed task giving the prompts and the columns the rewards read (e.g. 'answer', 'tests')."""
+    """The prompts and the columns the rewards read ('answer', 'tests'): a testbed task, or 'reasoning_gym:NAME'
+    for an offline reasoning-gym generator (then set gen_length)."""
     train_size: int = 4096
     """Training prompts drawn from the task."""
     eval_size: int = 128
@@ -47,6 +58,10 @@ class TraceRLConfig(LoraArguments):
     """Rewards as 'module:function' or 'path/to/file.py:function'."""
     reward_weights: list[float] | None = None
     """One weight per reward (default 1 each)."""
+    method: str = "tracerl"
+    """How log-probabilities are read: 'tracerl' (the visited states), or the baselines 'diffu_grpo',
+    'coupled', 'random_masking' (random masks; coupled and random_masking use the constant normaliser, as their
+    1/t weights require)."""
     use_lora: bool = True
     """Train a LoRA adapter (the default) instead of all weights."""
     num_generations: int = 8
@@ -70,6 +85,21 @@ class TraceRLConfig(LoraArguments):
     kl_reference: str = "old"
     """KL anchor: 'old' (π_old, the rollout's weights) or 'reference' (the frozen base: the disabled LoRA adapter,
     so no second copy of the weights)."""
+    old_log_probs: str = "recompute"
+    """π_old: 'recompute' (exact, one extra forward) or 'sampler' (the log-probs recorded while decoding; exact
+    only for method tracerl with shrink 1)."""
+    truncation_penalty: float = 0.0
+    """Subtracted from the reward of a response that hit the length limit without EOS."""
+    value_model: bool = False
+    """TraceRL's value model: a copy of the backbone with a zero-initialised head (own LoRA adapter with LoRA)."""
+    value_learning_rate: float = 5.0e-4
+    """The value model's learning rate."""
+    value_clip: float = 0.2
+    """Clip range of the value loss."""
+    gamma: float = 1.0
+    """GAE discount over denoising steps (γ = λ = 1: A_j = R − V_j)."""
+    lam: float = 1.0
+    """GAE λ."""
     shrink: int = 1
     """Trace shrinkage s: merge every s consecutive steps into one training row."""
     normaliser: str = "tokens"
@@ -82,14 +112,26 @@ class TraceRLConfig(LoraArguments):
     """Fast-dLLM threshold decoding for rollouts (None: one token per step)."""
     temperature: float = 1.0
     """Rollout sampling temperature."""
+    micro_batch_rows: int = 64
+    """Rows per forward/backward pass (gradients accumulate over a rollout's rows: one optimiser step per epoch)."""
     eval_steps: int = 10
     """Greedy accuracy on the held-out prompts every this many steps (and before and after)."""
     output_dir: str = "runs/tracerl"
-    """Where metrics.jsonl, completions.jsonl and the final model go."""
+    """Where metrics.jsonl, TensorBoard logs, completions.jsonl, curve.png and the final model go."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars to output_dir/tensorboard."""
     seed: int = 0
     """Seed for prompt order, rollouts and the LoRA initialisation."""
 
     def __post_init__(self):
+        choices = {"method": METHODS, "old_log_probs": ("recompute", "sampler")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.old_log_probs == "sampler" and self.method != "tracerl":
+            raise ValueError("old_log_probs: 'sampler' needs method 'tracerl' (the sampler scored the visited states)")
+        if self.value_model and self.method != "tracerl":
+            raise ValueError("value_model needs method 'tracerl' (values are read on the visited states)")
         if self.normaliser not in ("tokens", "length"):
             raise ValueError(f"normaliser must be 'tokens' or 'length', got {self.normaliser!r}")
         if self.kl_reference not in ("old", "reference"):
@@ -102,25 +144,29 @@ class TraceRLConfig(LoraArguments):
             raise ValueError(f"{len(self.reward_funcs)} reward_funcs but {len(self.reward_weights)} reward_weights")
 
 
+        if self.task.startswith("reasoning_gym:") and self.gen_length is None:
+            raise ValueError(f"task {self.task!r} needs gen_length (testbed tasks know their response length)")
+        if self.micro_batch_rows < 1:
+            raise ValueError(f"micro_batch_rows must be at least 1, got {self.micro_batch_rows}")
+
+
 def run(config: TraceRLConfig) -> dict:
     """Train; returns the final metrics line (also the last line of metrics.jsonl)."""
     from dlm_rl.evaluation import evaluate
     from dlm_rl.models.resolve import resolve_model
     from dlm_rl.reward_functions import Rewards
     from dlm_rl.rollout import LocalEngine
-    from dlm_rl.testbed import TASKS
 
-    if config.task not in TASKS:
-        raise ValueError(f"unknown testbed task {config.task!r}; choose one of {sorted(TASKS)}")
-    task = TASKS[config.task]
+    train, held_out, scorer, task_length = load_task(config)
     torch.manual_seed(config.seed)
     rewards = Rewards(config.reward_funcs, config.reward_weights)  # bad references fail before any work
-    model = resolve_model(config.model)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = resolve_model(config.model, trust_remote_code=config.trust_remote_code).to(device)
+    value = ValueModel.from_policy(model, config) if config.value_model else None  # copied before the adapter
     if config.use_lora:
         add_lora(model, config)
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-    gen_length = config.gen_length or task.response_length
+    gen_length = config.gen_length or task_length
+    learner = Learner(model, config, gen_length, value)
     sampler = SamplerConfig(
         gen_length=gen_length,
         block_length=config.block_length,
@@ -129,25 +175,21 @@ def run(config: TraceRLConfig) -> dict:
     )
     engine = LocalEngine(model, rows_per_chunk=config.prompts_per_step * config.num_generations, seed=config.seed,
                          rewards=rewards)
-    train = list(task.dataset("train", config.train_size, seed=config.seed))
-    held_out = task.dataset("test", config.eval_size, seed=1)
     order = random.Random(config.seed)
-    os.makedirs(config.output_dir, exist_ok=True)
-    metrics_file = open(os.path.join(config.output_dir, "metrics.jsonl"), "w")
-    completions_file = open(os.path.join(config.output_dir, "completions.jsonl"), "w")
+    log = RunLog(config.output_dir, tensorboard=config.tensorboard)
 
     def held_out_accuracy() -> float:
-        result = evaluate(model, held_out, task.generator, gen_length=gen_length, samples=0, progress=False,
+        result = evaluate(model, held_out, scorer, gen_length=gen_length, samples=0, progress=False,
                           sampler={"block_length": config.block_length})
         model.train()
         return result["greedy_accuracy"]
 
     line = {"step": 0, "eval/greedy_accuracy": held_out_accuracy()}
     logger.info("step 0: held-out greedy accuracy %.3f", line["eval/greedy_accuracy"])
-    metrics_file.write(json.dumps(line) + "\n")
+    log.log(line)
     position, skipped = len(train), 0
     try:
-        for step in tqdm(range(1, config.max_steps + 1), desc="TraceRL"):
+        for step in (bar := tqdm(range(1, config.max_steps + 1), desc=f"{config.method}")):
             if position + config.prompts_per_step > len(train):
                 order.shuffle(train)
                 position = 0
@@ -157,9 +199,9 @@ def run(config: TraceRLConfig) -> dict:
             start = time.perf_counter()
             trajectories = engine.generate(batch, config.num_generations, sampler)
             line["time/generation_and_reward"] = time.perf_counter() - start
-            _log_completions(completions_file, step, trajectories)
+            log.log_completions(step, trajectories)
             start = time.perf_counter()
-            line.update(_update(model, optimizer, parameters, trajectories, config, gen_length))
+            line.update(learner.update(trajectories))
             line["time/training"] = time.perf_counter() - start
             if line.get("skipped"):
                 skipped += 1
@@ -169,70 +211,161 @@ def run(config: TraceRLConfig) -> dict:
             if step % config.eval_steps == 0 or step == config.max_steps:
                 line["eval/greedy_accuracy"] = held_out_accuracy()
                 logger.info("step %d: held-out greedy accuracy %.3f", step, line["eval/greedy_accuracy"])
-            metrics_file.write(json.dumps(line) + "\n")
-            metrics_file.flush()
+            bar.set_postfix(reward=f"{line['reward/total']:.3f}", rows=line.get("rows", 0))
+            log.log(line)
     finally:
-        metrics_file.close()
-        completions_file.close()
+        log.close()
         engine.close()
         model.save_pretrained(os.path.join(config.output_dir, "final"))
+        if value is not None:
+            torch.save(value.state_dict(), os.path.join(config.output_dir, "final", "value_model.pt"))
     return line
 
 
-def _update(model, optimizer, parameters, trajectories, config: TraceRLConfig, gen_length: int) -> dict:
-    """Advantages, trace rows and `inner_epochs` PPO steps over all of this rollout's rows."""
-    chunks = []
-    for trajectory in trajectories:
-        totals = torch.tensor(trajectory.rewards["total"], dtype=torch.float64)
-        advantages, keep = group_advantages(totals, torch.tensor(trajectory.prompt_index))
-        if not keep.any():
-            continue
-        rows = trace_rows(trajectory, model.mask_token_id, s=config.shrink)
-        kept = keep[rows.sample]
-        if not kept.any():
-            continue
-        device = model.device
-        inputs = (rows.input_ids[kept].to(device), rows.attention_mask[kept].to(device))
-        targets, response = rows.targets[kept].to(device), rows.response_ids[kept].to(device)
-        row_advantages = advantages[rows.sample[kept]].to(device, torch.float32)[:, None]
-        with torch.no_grad():
-            old = _log_probs(model, inputs, response)  # exact recompute: ratio 1 before the first update
-            reference = reference_log_probs(model, inputs, response) if config.kl_reference == "reference" else None
-        chunks.append((inputs, targets, response, row_advantages, old, reference))
-    if not chunks:
-        return {"skipped": 1}
-    total_rows = sum(len(chunk[1]) for chunk in chunks)
-    normaliser = "tokens" if config.normaliser == "tokens" else gen_length
-    stats = {}
-    model.train()
-    for _ in range(config.inner_epochs):
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        for inputs, targets, response, row_advantages, old, reference in chunks:
-            logp = _log_probs(model, inputs, response)
-            loss, stats = ppo_trace_loss(logp, old, row_advantages, targets, epsilon=config.epsilon,
-                                         beta=config.beta, logp_ref=reference, normaliser=normaliser)
-            (loss * len(targets) / total_rows).backward()
-            loss_sum += loss.item() * len(targets) / total_rows
-        if not torch.isfinite(torch.tensor(loss_sum)):
-            raise FloatingPointError(f"TraceRL loss is {loss_sum}; stopping before the weights are damaged")
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-        optimizer.step()
-    return {"loss": loss_sum, "grad_norm": float(grad_norm), "rows": total_rows, "kl": stats["kl"],
-            "clip_fraction": stats["clip_fraction"]}
+def load_task(config: TraceRLConfig) -> tuple[list[dict], object, str, int | None]:
+    """(training rows, held-out dataset, the scorer's task name, the task's response length) for `config.task`."""
+    from dlm_rl.data.tasks import reasoning_gym_task
+    from dlm_rl.testbed import TASKS
+
+    if config.task.startswith("reasoning_gym:"):
+        name = config.task.removeprefix("reasoning_gym:")
+        train = reasoning_gym_task(name, config.train_size, seed=config.seed)
+        held_out = reasoning_gym_task(name, config.eval_size, seed=config.seed + 1_000_003)
+        return list(train), held_out, "reasoning_gym", None
+    if config.task not in TASKS:
+        raise ValueError(f"unknown task {config.task!r}; choose one of {sorted(TASKS)} or 'reasoning_gym:NAME'")
+    task = TASKS[config.task]
+    train = list(task.dataset("train", config.train_size, seed=config.seed))
+    return train, task.dataset("test", config.eval_size, seed=1), task.generator, task.response_length
 
 
-def _log_probs(model, inputs, response) -> torch.Tensor:
-    """[N, R] log-probabilities of the response tokens in each row's state."""
-    input_ids, attention_mask = inputs
-    logits = model(input_ids, attention_mask).logits[:, -response.shape[1] :]
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, response[..., None])[..., 0]
+class Learner:
+    """Turns a rollout's trajectories into `inner_epochs` policy (and value) updates."""
 
+    def __init__(self, model, config: TraceRLConfig, gen_length: int, value: ValueModel | None = None):
+        self.model, self.config, self.value = model, config, value
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+        if value is not None:
+            self.value_parameters = [p for p in value.parameters() if p.requires_grad]
+            self.value_optimizer = torch.optim.AdamW(self.value_parameters, lr=config.value_learning_rate)
+        random_rows = config.method in ("coupled", "random_masking")
+        self.normaliser = gen_length if random_rows or config.normaliser == "length" else "tokens"
+        self.generator = torch.Generator().manual_seed(config.seed)  # the baselines' random masks
 
-def reference_log_probs(model, inputs, response) -> torch.Tensor:
-    """Log-probabilities under the frozen base model: the same weights with the LoRA adapter disabled."""
-    with model.model.disable_adapter():
-        return _log_probs(model, inputs, response)
+    def rows(self, trajectory) -> Rows:
+        method, mask_id = self.config.method, self.model.mask_token_id
+        if method == "tracerl":
+            return model_trace_rows(trajectory, self.model, self.config.shrink)
+        if method == "diffu_grpo":
+            return diffu_grpo_rows(trajectory, mask_id, self.generator)
+        return random_mask_rows(trajectory, mask_id, self.generator, coupled=method == "coupled")
+
+    def update(self, trajectories) -> dict:
+        """Build every epoch's rows and score them under π_old first, then take the PPO steps; returns metrics."""
+        config, model = self.config, self.model
+        epochs = [[] for _ in range(config.inner_epochs)]  # per epoch: one dict per trajectory that trains
+        kept_samples = total_samples = 0
+        for trajectory in trajectories:
+            rewards = torch.tensor(trajectory.rewards["total"], dtype=torch.float64)
+            truncated = torch.tensor([reason == "length" for reason in trajectory.finish_reason])
+            rewards = rewards - config.truncation_penalty * truncated
+            total_samples += len(rewards)
+            if self.value is None:
+                advantages, keep = group_advantages(rewards, torch.tensor(trajectory.prompt_index))
+            else:
+                advantages, keep = None, torch.ones(len(rewards), dtype=torch.bool)
+            if not keep.any():
+                continue
+            kept_samples += int(keep.sum())
+            for epoch in range(config.inner_epochs):
+                if epoch and config.method == "tracerl":  # the visited states do not change between epochs
+                    epochs[epoch].append(epochs[0][-1])
+                    continue
+                rows = self.rows(trajectory)
+                rows = rows.select(keep.to(rows.sample.device)[rows.sample]).to(model.device)
+                batch = {"rows": rows}
+                batch["old"], batch["entropy"] = self.score_old(rows, trajectory)
+                if config.kl_reference == "reference":
+                    batch["reference"] = self.forward(lambda r: reference_log_probs(model, r), rows)
+                if self.value is None:
+                    batch["advantages"] = advantages.to(model.device, torch.float32)[rows.sample][:, None]
+                else:
+                    batch["old_values"] = self.forward(self.value, rows)
+                    final = rewards.to(model.device)
+                    batch["advantages"] = trace_gae(rows, batch["old_values"], final, config.gamma, config.lam)
+                    batch["returns"] = batch["advantages"] + batch["old_values"]
+                epochs[epoch].append(batch)
+        metrics = {"kept_fraction": kept_samples / max(1, total_samples)}
+        if not epochs[0]:
+            return {**metrics, "skipped": 1}
+        for batches in epochs:
+            metrics.update(self.step(batches))
+        return metrics
+
+    def score_old(self, rows: Rows, trajectory) -> tuple[torch.Tensor, float]:
+        """π_old's log-probs of the rows (recomputed, or the sampler's) and its mean entropy on the targets."""
+        logp, entropy = self.forward(lambda r: response_log_probs(self.model, r, entropy=True), rows)
+        if self.config.old_log_probs == "sampler":
+            recorded = trajectory.log_probs.to(rows.sample.device)[rows.sample]
+            logp = torch.where(rows.targets, recorded, torch.zeros_like(recorded))
+        mean_entropy = float((entropy * rows.targets).sum() / rows.targets.sum().clamp(min=1))
+        return logp, mean_entropy
+
+    @torch.no_grad()
+    def forward(self, fn, rows: Rows):
+        """`fn(rows)` in micro-batches, outputs concatenated (a tuple of outputs concatenated elementwise)."""
+        size = self.config.micro_batch_rows
+        outputs = [fn(rows.select(slice(i, i + size))) for i in range(0, len(rows), size)]
+        if isinstance(outputs[0], tuple):
+            return tuple(torch.cat(parts) for parts in zip(*outputs))
+        return torch.cat(outputs)
+
+    def step(self, batches: list[dict]) -> dict:
+        """One optimiser step of the policy (and the value model) over all rows of `batches`."""
+        config, model = self.config, self.model
+        total_rows = sum(len(b["rows"]) for b in batches)
+        sums = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "value_loss": 0.0}
+        model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.value is not None:
+            self.value_optimizer.zero_grad(set_to_none=True)
+        size = config.micro_batch_rows
+        for batch in batches:
+            for i in range(0, len(batch["rows"]), size):
+                part = slice(i, i + size)
+                rows = batch["rows"].select(part)
+                share = len(rows) / total_rows
+                logp = response_log_probs(model, rows)
+                loss, stats = ppo_trace_loss(
+                    logp, batch["old"][part], batch["advantages"][part], rows.targets, epsilon=config.epsilon,
+                    beta=config.beta, logp_ref=batch["reference"][part] if "reference" in batch else None,
+                    normaliser=self.normaliser, weights=rows.weight,
+                )
+                (loss * share).backward()
+                sums["loss"] += loss.item() * share
+                sums["kl"] += stats["kl"] * share
+                sums["clip_fraction"] += stats["clip_fraction"] * share
+                if self.value is not None:
+                    value_loss = clipped_value_loss(self.value(rows), batch["old_values"][part],
+                                                    batch["returns"][part], rows.targets, config.value_clip)
+                    (value_loss * share).backward()
+                    sums["value_loss"] += value_loss.item() * share
+        if not math.isfinite(sums["loss"]) or not math.isfinite(sums["value_loss"]):
+            raise FloatingPointError(f"TraceRL loss is {sums}; stopping before the weights are damaged")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm)
+        self.optimizer.step()
+        metrics = {**sums, "grad_norm": float(grad_norm), "rows": total_rows,
+                   "entropy": sum(b["entropy"] * len(b["rows"]) for b in batches) / total_rows}
+        if self.value is None:
+            del metrics["value_loss"]
+        else:
+            torch.nn.utils.clip_grad_norm_(self.value_parameters, config.max_grad_norm)
+            self.value_optimizer.step()
+            targets = [b["rows"].targets for b in batches]
+            metrics["value_mean"] = float(sum((b["old_values"] * t).sum() for b, t in zip(batches, targets))
+                                          / sum(t.sum() for t in targets))
+        return metrics
 
 
 def _reward_metrics(trajectories) -> dict:
@@ -243,11 +376,6 @@ def _reward_metrics(trajectories) -> dict:
         metrics[f"reward/{name}"] = sum(values) / max(1, len(values))
     metrics["nfe"] = float(torch.cat([t.nfe.double() for t in trajectories]).mean())
     metrics["reward_errors"] = sum(e is not None for t in trajectories for e in t.rewards["errors"])
+    metrics["truncated_fraction"] = sum(r == "length" for t in trajectories for r in t.finish_reason) / sum(
+        len(t) for t in trajectories)
     return metrics
-
-
-def _log_completions(file, step: int, trajectories) -> None:
-    for t in trajectories:
-        for i, text in enumerate(t.completions):
-            rewards = {n: v[i] for n, v in t.rewards.items()}
-            file.write(json.dumps({"step": step, "prompt": t.rows[i]["prompt"], "completion": text, **rewards}) + "\n")

@@ -1,0 +1,54 @@
+"""The baselines' training rows: log-probabilities from random masks instead of the visited states (DESIGN.md §4.4).
+
+- diffu-GRPO (d1): one row per response, the response fully masked and each prompt token masked with p = 0.15.
+- random masking: one row per response, each response token masked with probability t ~ U(0.2, 0.8); weight 1/t.
+- coupled (DiffuCoder): the random-masking row plus its complement (the other tokens masked), weight 1/(1 − t),
+  so every response token is scored exactly once.
+A row's targets are its masked response tokens that the model drew. Rows are drawn from `generator`; a trainer
+draws fresh rows for every inner epoch and scores old, reference and current policy on the same rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dlm_rl.rl.rows import Rows
+from dlm_rl.sampling.trajectory import Trajectory
+
+MASK_LOW, MASK_HIGH = 0.2, 0.8
+
+
+def diffu_grpo_rows(
+    trajectory: Trajectory, mask_token_id: int, generator: torch.Generator, prompt_mask_p: float = 0.15
+) -> Rows:
+    device = trajectory.response_ids.device
+    noise = torch.rand(trajectory.prompt_ids.shape, generator=generator, device=generator.device).to(device)
+    prompt = trajectory.prompt_ids.masked_fill((noise < prompt_mask_p) & trajectory.prompt_mask.bool(), mask_token_id)
+    response = torch.full_like(trajectory.response_ids, mask_token_id)
+    return _rows(trajectory, prompt, [response], [trajectory.sampled], [torch.ones(len(trajectory), device=device)])
+
+
+def random_mask_rows(trajectory: Trajectory, mask_token_id: int, generator: torch.Generator, coupled: bool) -> Rows:
+    device = trajectory.response_ids.device
+    t = MASK_LOW + (MASK_HIGH - MASK_LOW) * torch.rand(len(trajectory), 1, generator=generator, device=generator.device)
+    masked = torch.rand(trajectory.response_ids.shape, generator=generator, device=generator.device) < t
+    t, masked = t.to(device), masked.to(device)
+    halves = [masked, ~masked] if coupled else [masked]
+    weights = [1 / t[:, 0], 1 / (1 - t[:, 0])]
+    states = [trajectory.response_ids.masked_fill(m, mask_token_id) for m in halves]
+    return _rows(trajectory, trajectory.prompt_ids, states, [m & trajectory.sampled for m in halves],
+                 weights[: len(halves)])
+
+
+def _rows(trajectory: Trajectory, prompt_ids, states, targets, weights) -> Rows:
+    n = len(trajectory)
+    mask = torch.cat([trajectory.prompt_mask, torch.ones_like(trajectory.response_ids)], dim=1)
+    return Rows(
+        input_ids=torch.cat([torch.cat([prompt_ids, state], dim=1) for state in states]),
+        attention_mask=mask.repeat(len(states), 1),
+        targets=torch.cat(targets),
+        response_ids=trajectory.response_ids.repeat(len(states), 1),
+        sample=torch.arange(n, device=mask.device).repeat(len(states)),
+        step=torch.full((n * len(states),), -1, device=mask.device),
+        weight=torch.cat(weights).float(),
+    )

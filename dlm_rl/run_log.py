@@ -1,0 +1,75 @@
+"""A training run's records in its output directory: `metrics.jsonl` (one line per step), TensorBoard scalars
+(`tensorboard/`), `completions.jsonl` (every sampled completion with its rewards) and, at the end, `curve.png`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+
+logger = logging.getLogger(__name__)
+
+
+class RunLog:
+    def __init__(self, output_dir: str, tensorboard: bool = True):
+        os.makedirs(output_dir, exist_ok=True)
+        self.output_dir = output_dir
+        self.metrics = open(os.path.join(output_dir, "metrics.jsonl"), "w")
+        self.completions = open(os.path.join(output_dir, "completions.jsonl"), "w")
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+
+    def log(self, line: dict) -> None:
+        """Append a metrics line (it must have "step"); numbers also go to TensorBoard."""
+        self.metrics.write(json.dumps(line) + "\n")
+        self.metrics.flush()
+        if self.writer is not None:
+            for name, value in line.items():
+                if name != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(name, value, line["step"])
+            self.writer.flush()
+
+    def log_completions(self, step: int, trajectories) -> None:
+        for t in trajectories:
+            for i, text in enumerate(t.completions):
+                rewards = {name: values[i] for name, values in t.rewards.items()}
+                record = {"step": step, "prompt": t.rows[i]["prompt"], "completion": text,
+                          "finish_reason": t.finish_reason[i], **rewards}
+                self.completions.write(json.dumps(record) + "\n")
+        self.completions.flush()
+
+    def close(self, curve: tuple[str, ...] = ("reward/total", "eval/greedy_accuracy")) -> None:
+        """Close the files and draw `curve.png` of the named metrics against the step."""
+        self.metrics.close()
+        self.completions.close()
+        if self.writer is not None:
+            self.writer.close()
+        try:
+            plot_curve(os.path.join(self.output_dir, "metrics.jsonl"), os.path.join(self.output_dir, "curve.png"),
+                       curve)
+        except Exception as error:  # a missing plot must not cost the run
+            logger.warning("could not draw the curve: %s", error)
+
+
+def plot_curve(metrics_path: str, png_path: str, names: tuple[str, ...]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [json.loads(x) for x in open(metrics_path)]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for name in names:
+        points = [(line["step"], line[name]) for line in lines if name in line]
+        if points:
+            axis.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=name)
+    axis.set_xlabel("step")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=100)
+    plt.close(figure)

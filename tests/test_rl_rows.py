@@ -1,0 +1,160 @@
+"""Training rows beyond plain trace rows: the packed `[prompt ; clean ; noisy]` layout of block-attention models
+(hand-made traces, its attention mask, and exact replay of a sampled block-model trajectory), the baselines'
+random masks, and the value model's GAE on rows."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dlm_rl.models.tiny import tiny_model
+from dlm_rl.rl.masking import MASK_HIGH, MASK_LOW, diffu_grpo_rows, random_mask_rows
+from dlm_rl.rl.rows import packed_block_bias, response_log_probs
+from dlm_rl.rl.trace import model_trace_rows, packed_trace_rows, trace_rows
+from dlm_rl.rl.value import ValueModel, row_ranks, trace_gae
+from dlm_rl.rollout import LocalEngine
+from dlm_rl.sampling import SamplerConfig
+from dlm_rl.sampling.trajectory import Trajectory
+
+M, PAD, EOS, BLOCK = 99, 0, 2, 4
+
+
+def block_trajectory() -> Trajectory:
+    """Block size 4, response length 6. Sample 0: prompt of 3, so response tokens sit in blocks 0 | 1 1 1 1 | 2;
+    steps 0 | 1 1 2 3 | 4. Sample 1: prompt of 2 (one pad), blocks 0 0 | 1 1 1 1; steps 1 0 | 2 2 3 3, where
+    token 4 is a drawn EOS and token 5 an early-stop fill."""
+    return Trajectory(
+        prompt_ids=torch.tensor([[11, 12, 13], [PAD, 21, 22]]),
+        prompt_mask=torch.tensor([[1, 1, 1], [0, 1, 1]]),
+        response_ids=torch.tensor([[30, 31, 32, 33, 34, 35], [40, 41, 42, 43, EOS, EOS]]),
+        step_map=torch.tensor([[0, 1, 1, 2, 3, 4], [1, 0, 2, 2, 3, 3]]),
+        log_probs=torch.zeros(2, 6),
+        sampled=torch.tensor([[True] * 6, [True] * 5 + [False]]),
+        nfe=torch.tensor([5, 4]),
+        block_length=BLOCK,
+        block_offset=torch.tensor([3, 2]),
+        finish_reason=["length", "eos"],
+    )
+
+
+def test_packed_rows_hold_one_state_of_every_block():
+    rows = packed_trace_rows(block_trajectory(), M, BLOCK, s=1)
+    assert rows.sample.tolist() == [0, 0, 0, 1, 1]  # the busiest block of sample 0 has 3 steps, of sample 1, 2
+    copies = rows.input_ids[:, -6:].tolist()
+    assert copies == [
+        [M, M, M, M, M, M],  # every block at its first step
+        [30, 31, 32, M, M, 35],  # block 1 at its second step; blocks 0 and 2 are done (no targets)
+        [30, 31, 32, 33, M, 35],
+        [M, M, M, M, M, M],
+        [M, 41, 42, 43, M, M],  # block 0 second step; block 1 at step 3 masks the drawn EOS and the fill
+    ]
+    assert rows.targets.int().tolist() == [
+        [1, 1, 1, 0, 0, 1], [0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 1, 0],
+        [0, 1, 1, 1, 0, 0], [1, 0, 0, 0, 1, 0],  # the fill is never a target
+    ]
+    # prompt, clean response, then the copy: one pad, the prompt tail sharing block 0, the noisy response
+    assert rows.input_ids[3, :12].tolist() == [PAD, 21, 22, 40, 41, 42, 43, EOS, EOS, PAD, 21, 22]
+    assert rows.position_ids[3].tolist() == [0, 0, 1, 2, 3, 4, 5, 6, 7, 0, 0, 1, 2, 3, 4, 5, 6, 7]
+    assert rows.noisy[3].int().tolist() == [0] * 9 + [1] * 9
+    assert rows.attention_mask[3].tolist() == [0] + [1] * 8 + [0] + [1] * 8
+    assert rows.input_ids[0, 9:12].tolist() == [11, 12, 13]  # sample 0: the whole prompt shares block 0
+
+
+def test_packed_rows_shrink_within_each_block():
+    rows = packed_trace_rows(block_trajectory(), M, BLOCK, s=2)
+    assert rows.sample.tolist() == [0, 0, 1]  # block 1 of sample 0: steps {1, 2} then {3}
+    assert rows.input_ids[0, -6:].tolist() == [M] * 6
+    assert rows.targets[0].int().tolist() == [1, 1, 1, 1, 0, 1]
+    assert rows.input_ids[1, -6:].tolist() == [30, 31, 32, 33, M, 35]
+    assert rows.targets[1].int().tolist() == [0] * 4 + [1, 0]
+    assert rows.targets[2].int().tolist() == [1, 1, 1, 1, 1, 0]  # sample 1: each block's two steps merge
+
+
+def test_packed_attention_mask():
+    rows = packed_trace_rows(block_trajectory(), M, BLOCK, s=1)
+    bias = packed_block_bias(rows.position_ids, rows.attention_mask, rows.noisy, BLOCK, torch.float32)
+    seen = (bias[0, 0] == 0).int()  # sample 0: columns 0-2 prompt, 3-8 clean response, 9-11 prompt copy, 12-17
+    # noisy token 0 (column 12, position 3) shares block 0 with the prompt: it sees the prompt's copy, not the
+    # clean prompt (whose states saw the clean token 0)
+    assert seen[12].tolist() == [0] * 9 + [1, 1, 1, 1, 0, 0, 0, 0, 0]
+    # noisy token 1 (column 13, position 4, block 1) sees the clean block 0 (positions 0-3) and its noisy block
+    assert seen[13].tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 0] + [0, 0, 0, 0, 1, 1, 1, 1, 0]
+    # clean token 1 (column 4) sees clean blocks 0 and 1, never the copy
+    assert seen[4].tolist() == [1] * 8 + [0] + [0] * 9
+    # noisy token 5 (column 17, block 2) sees clean blocks 0-1 and only itself among the copy
+    assert seen[17].tolist() == [1] * 8 + [0] + [0] * 8 + [1]
+    padded = (bias[3, 0] == 0).int()
+    assert padded[5, 0] == 0 and padded[5, 9] == 0 and padded[0].all()  # pads are never keys; pad queries see all
+
+
+def test_packed_rows_need_the_samplers_blocks():
+    with pytest.raises(ValueError, match="training blocks must be the sampler's"):
+        packed_trace_rows(block_trajectory(), M, 8)
+
+
+@pytest.mark.parametrize("s", [1, 2])
+def test_packed_rows_of_a_sampled_block_model_trajectory_replay_its_log_probs(s):
+    """A block-attention model: every drawn token is a target once; with s = 1 the packed rows reproduce the
+    sampler's log-probs and equal the plain rows' (one row per step); a sample needs at most block/s rows."""
+    model = tiny_model(hidden_size=32, num_layers=2, intermediate_size=64, attention="block", block_size=4,
+                       seed=1).eval()
+    config = SamplerConfig(gen_length=12, temperature=1.0, threshold=0.3)
+    (trajectory,) = LocalEngine(model, rows_per_chunk=8).generate(["1+2=", "33+4=", "5="], 2, config)
+    packed = model_trace_rows(trajectory, model, s)
+    assert packed.noisy is not None
+    assert packed.targets.sum() == trajectory.sampled.sum()
+    assert torch.bincount(packed.sample).max() <= math.ceil(4 / s)
+    if s > 1:
+        return
+    plain = trace_rows(trajectory, model.mask_token_id, s=1)
+    with torch.no_grad():
+        packed_logp, plain_logp = response_log_probs(model, packed), response_log_probs(model, plain)
+    recorded = trajectory.log_probs
+    assert (packed_logp - recorded[packed.sample])[packed.targets].abs().max() <= 1e-5
+    assert (plain_logp - recorded[plain.sample])[plain.targets].abs().max() <= 1e-5
+    assert len(packed) < len(plain)
+
+
+def test_diffu_grpo_rows_mask_the_whole_response_and_some_prompt_tokens():
+    trajectory = block_trajectory()
+    trajectory.prompt_ids = trajectory.prompt_ids.repeat(1, 200)
+    trajectory.prompt_mask = trajectory.prompt_mask.repeat(1, 200)
+    rows = diffu_grpo_rows(trajectory, M, torch.Generator().manual_seed(0))
+    prompt = rows.input_ids[:, :600]
+    assert rows.input_ids[:, 600:].eq(M).all() and torch.equal(rows.targets, trajectory.sampled)
+    masked = prompt.eq(M) & trajectory.prompt_mask.bool()
+    assert 0.10 < masked.sum() / trajectory.prompt_mask.sum() < 0.20
+    assert not (prompt.eq(M) & ~trajectory.prompt_mask.bool()).any()  # padding is never masked
+    again = diffu_grpo_rows(trajectory, M, torch.Generator().manual_seed(0))
+    assert torch.equal(again.input_ids, rows.input_ids)
+
+
+@pytest.mark.parametrize("coupled", [False, True])
+def test_random_mask_rows(coupled):
+    trajectory = block_trajectory()
+    rows = random_mask_rows(trajectory, M, torch.Generator().manual_seed(3), coupled=coupled)
+    assert len(rows) == (4 if coupled else 2)
+    states = rows.input_ids[:, 3:]
+    assert torch.equal(rows.targets, states.eq(M) & trajectory.sampled[rows.sample])
+    t = 1 / rows.weight[:2]
+    assert ((t >= MASK_LOW) & (t <= MASK_HIGH)).all()
+    if coupled:  # the complement: every drawn token is scored exactly once, with weight 1/(1 - t)
+        assert torch.equal(rows.targets[:2] | rows.targets[2:], trajectory.sampled)
+        assert not (rows.targets[:2] & rows.targets[2:]).any()
+        assert torch.allclose(rows.weight[2:], 1 / (1 - t))
+
+
+def test_value_model_starts_at_zero_and_gae_gives_reward_minus_value():
+    model = tiny_model(hidden_size=32, num_layers=2, intermediate_size=64, seed=0)
+    value = ValueModel.from_policy(model)
+    rows = trace_rows(block_trajectory(), model.mask_token_id, s=1)
+    with torch.no_grad():
+        assert value(rows).abs().max() == 0
+    values = torch.randn(rows.targets.shape)
+    rewards = torch.tensor([1.0, -0.5])
+    advantages = trace_gae(rows, values, rewards, gamma=1.0, lam=1.0)
+    expected = (rewards[rows.sample][:, None] - values) * rows.targets
+    assert torch.allclose(advantages, expected, atol=1e-6)
+    assert row_ranks(rows.sample).tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3]
