@@ -50,6 +50,8 @@ class TraceRLConfig(LoraArguments):
     task: str = "addition3"
     """The prompts and the columns the rewards read ('answer', 'tests'): a testbed task, or 'reasoning_gym:NAME'
     for an offline reasoning-gym generator (then set gen_length)."""
+    chat: bool = False
+    """Send each prompt as a user chat message through the tokenizer's chat template (instruct models)."""
     train_size: int = 4096
     """Training prompts drawn from the task."""
     eval_size: int = 128
@@ -157,7 +159,7 @@ def run(config: TraceRLConfig) -> dict:
     from dlm_rl.reward_functions import Rewards
     from dlm_rl.rollout import LocalEngine
 
-    train, held_out, scorer, task_length = load_task(config)
+    train, held_out_rows, scorer, task_length = load_task(config)
     torch.manual_seed(config.seed)
     rewards = Rewards(config.reward_funcs, config.reward_weights)  # bad references fail before any work
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -178,14 +180,16 @@ def run(config: TraceRLConfig) -> dict:
     order = random.Random(config.seed)
     log = RunLog(config.output_dir, tensorboard=config.tensorboard)
 
-    def held_out_accuracy() -> float:
-        result = evaluate(model, held_out, scorer, gen_length=gen_length, samples=0, progress=False,
-                          sampler={"block_length": config.block_length})
+    def held_out() -> dict:
+        """Greedy accuracy on the held-out prompts (the task's checker) and the rewards' means there."""
+        result = evaluate(model, held_out_rows, scorer, gen_length=gen_length, samples=0, progress=False,
+                          sampler={"block_length": config.block_length}, rewards=rewards)
         model.train()
-        return result["greedy_accuracy"]
+        logger.info("held-out greedy accuracy %.3f, rewards %s", result["greedy_accuracy"], result["rewards"])
+        return {"eval/greedy_accuracy": result["greedy_accuracy"],
+                **{f"eval/reward/{name}": value for name, value in result["rewards"].items()}}
 
-    line = {"step": 0, "eval/greedy_accuracy": held_out_accuracy()}
-    logger.info("step 0: held-out greedy accuracy %.3f", line["eval/greedy_accuracy"])
+    line = {"step": 0, **held_out()}
     log.log(line)
     position, skipped = len(train), 0
     try:
@@ -209,8 +213,7 @@ def run(config: TraceRLConfig) -> dict:
             engine.sync_weights(model)
             line.update(_reward_metrics(trajectories))
             if step % config.eval_steps == 0 or step == config.max_steps:
-                line["eval/greedy_accuracy"] = held_out_accuracy()
-                logger.info("step %d: held-out greedy accuracy %.3f", step, line["eval/greedy_accuracy"])
+                line.update(held_out())
             bar.set_postfix(reward=f"{line['reward/total']:.3f}", rows=line.get("rows", 0))
             log.log(line)
     finally:
@@ -231,12 +234,18 @@ def load_task(config: TraceRLConfig) -> tuple[list[dict], object, str, int | Non
         name = config.task.removeprefix("reasoning_gym:")
         train = reasoning_gym_task(name, config.train_size, seed=config.seed)
         held_out = reasoning_gym_task(name, config.eval_size, seed=config.seed + 1_000_003)
-        return list(train), held_out, "reasoning_gym", None
-    if config.task not in TASKS:
+        scorer, length = "reasoning_gym", None
+    elif config.task in TASKS:
+        task = TASKS[config.task]
+        train = task.dataset("train", config.train_size, seed=config.seed)
+        held_out = task.dataset("test", config.eval_size, seed=1)
+        scorer, length = task.generator, task.response_length
+    else:
         raise ValueError(f"unknown task {config.task!r}; choose one of {sorted(TASKS)} or 'reasoning_gym:NAME'")
-    task = TASKS[config.task]
-    train = list(task.dataset("train", config.train_size, seed=config.seed))
-    return train, task.dataset("test", config.eval_size, seed=1), task.generator, task.response_length
+    if config.chat:
+        train, held_out = (d.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
+                           for d in (train, held_out))
+    return list(train), held_out, scorer, length
 
 
 class Learner:
