@@ -205,3 +205,64 @@ def test_value_model_learns_the_reward_and_only_its_adapter_and_head_train():
     for _ in range(30):
         last = learner.update(trajectories)
     assert abs(last["value_mean"] - 0.7) < 0.1 and last["value_loss"] < first["value_loss"]
+
+
+def _tiny_rollout(reward, n_prompts=2, samples=4, gen_length=8, **model_kwargs):
+    from dlm_rl.models.lora import LoraArguments, add_lora
+    from dlm_rl.models.tiny import tiny_model
+    from dlm_rl.reward_functions import Rewards
+    from dlm_rl.rollout import LocalEngine
+    from dlm_rl.sampling import SamplerConfig
+
+    model = add_lora(tiny_model(hidden_size=32, num_layers=2, intermediate_size=64, seed=0, **model_kwargs),
+                     LoraArguments(use_lora=True, lora_r=4))
+    engine = LocalEngine(model, rows_per_chunk=64, rewards=Rewards([reward]))
+    prompts = ["1+2=", "3+4=", "5+6=", "7+8="][:n_prompts]
+    return model, engine.generate(prompts, samples, SamplerConfig(gen_length=gen_length, temperature=1.0))
+
+
+def test_old_log_probs_from_the_sampler_equal_the_exact_recompute():
+    import torch
+
+    from dlm_rl.trainers.tracerl import Learner, TraceRLConfig
+
+    model, (trajectory,) = _tiny_rollout(lambda prompts, completions, **c: [1.0] * len(completions))
+    exact = Learner(model, TraceRLConfig(model="tiny"), gen_length=8)
+    recorded = Learner(model, TraceRLConfig(model="tiny", old_log_probs="sampler"), gen_length=8)
+    rows = exact.rows(trajectory)
+    (a, _), (b, _) = exact.score_old(rows, trajectory), recorded.score_old(rows, trajectory)
+    assert torch.isfinite(b).all() and (a - b)[rows.targets].abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="needs method 'tracerl'"):
+        TraceRLConfig(model="tiny", method="coupled", old_log_probs="sampler")
+
+
+def test_truncation_penalty_separates_otherwise_equal_rewards():
+    from dlm_rl.trainers.tracerl import Learner, TraceRLConfig
+
+    model, trajectories = _tiny_rollout(lambda prompts, completions, **c: [1.0] * len(completions), gen_length=4)
+    (trajectory,) = trajectories
+    trajectory.finish_reason = ["length", "eos"] * (len(trajectory) // 2)  # half of each group hit the limit
+    assert Learner(model, TraceRLConfig(model="tiny"), gen_length=4).update(trajectories).get("skipped") == 1
+    metrics = Learner(model, TraceRLConfig(model="tiny", truncation_penalty=0.5), gen_length=4).update(trajectories)
+    assert not metrics.get("skipped") and metrics["kept_fraction"] == 1.0 and metrics["rows"] > 0
+
+
+def test_value_model_reads_packed_rows_of_a_block_attention_model():
+    import torch
+
+    from dlm_rl.rl.value import ValueModel
+    from dlm_rl.trainers.tracerl import Learner, TraceRLConfig
+
+    def by_length(prompts, completions, **columns):
+        return [float(len(c) % 3) for c in completions]
+
+    model, trajectories = _tiny_rollout(by_length, gen_length=8, attention="block", block_size=4)
+    config = TraceRLConfig(model="tiny", value_model=True, value_learning_rate=1e-2)
+    learner = Learner(model, config, gen_length=8, value=ValueModel.from_policy(model))
+    rows = learner.rows(trajectories[0])
+    assert rows.noisy is not None  # the packed layout
+    first = learner.update(trajectories)
+    assert math.isfinite(first["value_loss"]) and first["value_mean"] == 0.0
+    learner.update(trajectories)
+    with torch.no_grad():
+        assert learner.value(rows).abs().max() > 0  # the head moved
