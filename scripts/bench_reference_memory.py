@@ -36,8 +36,8 @@ def one_case(case: str, rows: int, length: int) -> dict:
     state = ids.clone()
     state[:, -response:][torch.rand(rows, response) < 0.5] = model.mask_token_id
     targets = state[:, -response:] == model.mask_token_id
-    batch = Rows(input_ids=state, attention_mask=torch.ones_like(ids), targets=targets, response_ids=ids[:, -response:], sample=torch.arange(rows), step=torch.zeros(rows),
-                 weight=torch.ones(rows))
+    batch = Rows(input_ids=state, attention_mask=torch.ones_like(ids), targets=targets, response_ids=ids[:, -response:],
+                 sample=torch.arange(rows), step=torch.zeros(rows), weight=torch.ones(rows))
     with torch.no_grad():
         old = response_log_probs(model, batch)
         if case == "disabled_adapter":
