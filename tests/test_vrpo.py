@@ -1,0 +1,92 @@
+"""VRPO's score and loss: hand-made ELBO values, the exact zero of antithetic sampling at θ = ref (disabled
+adapter, frozen copy, and precomputed reference ELBOs), preference pairs with chat messages, and bad pairs."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from dlm_rl.models.lora import LoraArguments, add_lora
+from dlm_rl.models.tiny import tiny_model
+from dlm_rl.rl.vrpo import (
+    PreferenceEstimator,
+    collate_pairs,
+    preference_loss,
+    preference_score,
+    reference_elbo,
+    vrpo_loss,
+)
+
+ROWS = [
+    {"prompt": "1+2=", "chosen": "3", "rejected": "4"},
+    {"prompt": "10+5=", "chosen": "15", "rejected": "16"},
+    {"prompt": "7+7=", "chosen": "14", "rejected": "41"},
+]
+
+
+def tiny():
+    return tiny_model(hidden_size=32, num_layers=2, intermediate_size=64, seed=0)
+
+
+def test_score_and_loss_on_hand_made_elbos():
+    score = preference_score(torch.tensor([-3.0, -1.0]), torch.tensor([-4.0, -1.0]),
+                             torch.tensor([-5.0, -2.0]), torch.tensor([-5.0, -1.5]), beta=0.2)
+    assert score.tolist() == pytest.approx([0.2 * (1.0 - 0.0), 0.2 * (0.0 - (-0.5))])
+    expected = -(math.log(1 / (1 + math.exp(-0.2))) + math.log(1 / (1 + math.exp(-0.1)))) / 2
+    assert preference_loss(score).item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("reference", ["disabled_adapter", "frozen_copy", "precomputed"])
+def test_antithetic_sampling_at_theta_equal_ref_gives_exactly_zero_and_log2(reference):
+    base = tiny()
+    frozen = copy.deepcopy(base) if reference == "frozen_copy" else None
+    model = add_lora(base, LoraArguments(use_lora=True, lora_r=4))  # LoRA B starts at 0: θ = ref
+    chosen, rejected = collate_pairs(model.tokenizer, ROWS, response_length=4)
+    estimator = PreferenceEstimator(n_t=4, n_yt=2, antithetic=True)
+    generator = torch.Generator().manual_seed(0)
+    precomputed = None
+    if reference == "precomputed":
+        precomputed = tuple(reference_elbo(model, b, estimator.sample(b["response_mask"], generator))
+                            for b in (chosen, rejected))
+    loss, stats = vrpo_loss(model, chosen, rejected, estimator, beta=0.2, generator=generator, frozen=frozen,
+                            reference=precomputed)
+    assert torch.equal(stats["score"], torch.zeros(3))
+    assert loss.item() == torch.tensor(2.0).log().item()  # log 2 to the last float32 bit
+    loss.backward()  # the gradient is still there: it is what moves θ away from ref
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_without_antithetic_sampling_the_score_is_noisy_at_theta_equal_ref():
+    model = add_lora(tiny(), LoraArguments(use_lora=True, lora_r=4))
+    chosen, rejected = collate_pairs(model.tokenizer, ROWS, response_length=4)
+    estimator = PreferenceEstimator(n_t=1, n_yt=1, antithetic=False)
+    _, stats = vrpo_loss(model, chosen, rejected, estimator, beta=1.0, generator=torch.Generator().manual_seed(0))
+    assert stats["score"].abs().max() > 0
+
+
+def test_pairs_with_chat_messages_use_the_chat_template():
+    model = tiny()
+    model.tokenizer.chat_template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+    rows = [{"prompt": [{"role": "user", "content": "1+2="}], "chosen": [{"role": "assistant", "content": "3"}],
+             "rejected": [{"role": "assistant", "content": "4"}]}]
+    chosen, rejected = collate_pairs(model.tokenizer, rows, response_length=3)
+    text = model.tokenizer.decode(chosen["input_ids"][0][chosen["attention_mask"][0].bool()])
+    assert text.startswith("<1+2=>3")
+    assert torch.equal(chosen["input_ids"][:, :-3], rejected["input_ids"][:, :-3])  # same prompt
+    assert chosen["response_mask"].sum() == 3
+
+
+def test_bad_pairs_fail_clearly():
+    tokenizer = tiny().tokenizer
+    with pytest.raises(ValueError, match=r"row 0 lacks column\(s\) \['rejected'\]"):
+        collate_pairs(tokenizer, [{"prompt": "1+2=", "chosen": "3"}], response_length=4)
+    with pytest.raises(ValueError, match="row 1 has an empty 'rejected' response"):
+        collate_pairs(tokenizer, [ROWS[0], {"prompt": "1=", "chosen": "1", "rejected": "  "}], response_length=4)
+    with pytest.raises(ValueError, match="n_t >= 1"):
+        PreferenceEstimator(n_t=0)
+    with pytest.raises(ValueError, match="disabled LoRA adapter"):
+        chosen, _ = collate_pairs(tokenizer, ROWS, response_length=4)
+        reference_elbo(tiny(), chosen, PreferenceEstimator().sample(chosen["response_mask"], None))
