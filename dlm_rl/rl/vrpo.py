@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from dlm_rl.data.collate import DiffusionCollator
-from dlm_rl.diffusion.elbo import elbo
+from dlm_rl.diffusion.elbo import noised_log_probs
 from dlm_rl.diffusion.noise import MCNoise
 
 
@@ -55,10 +55,17 @@ class PreferenceEstimator:
 
 @dataclass
 class ReferenceELBO:
-    """A reference ELBO [B] and the noise it was computed with (antithetic sampling reuses that noise)."""
+    """A reference ELBO's per-draw terms [n, B] and the noise they were computed with (antithetic sampling reuses
+    that noise)."""
 
-    value: torch.Tensor
+    draws: torch.Tensor
     noise: MCNoise
+
+
+def elbo_draws(model, batch: dict, noise: MCNoise) -> torch.Tensor:
+    """[n, B] per-draw ELBO terms w_k Σ_i 1[masked] log p; their mean over draws is the estimate B̂."""
+    logp = noised_log_probs(model, batch["input_ids"], noise, batch["attention_mask"])
+    return noise.weight * logp.sum(-1)
 
 
 def collate_pairs(tokenizer, rows: list[dict], response_length: int) -> tuple[dict, dict]:
@@ -90,8 +97,8 @@ def _text(response) -> str:
 def reference_elbo(model, batch: dict, noise: MCNoise, frozen=None) -> ReferenceELBO:
     """B̂_ref of a batch under `noise`: the frozen model if given, else `model` with its LoRA adapter disabled."""
     with torch.no_grad(), _reference(model, frozen) as reference:
-        value = elbo(reference, batch["input_ids"], batch["response_mask"], noise, batch["attention_mask"])
-    return ReferenceELBO(value.detach(), noise)
+        draws = elbo_draws(reference, batch, noise)
+    return ReferenceELBO(draws.detach(), noise)
 
 
 @contextlib.contextmanager
@@ -119,7 +126,8 @@ def vrpo_loss(
     """The VRPO loss of a batch of pairs, and its statistics.
 
     The policy's noise is drawn here (or, with antithetic sampling and precomputed `reference`, taken from it);
-    without antithetic sampling the reference gets its own independent draws.
+    without antithetic sampling the reference gets its own independent draws. `estimator_var` estimates Var[ŝ]
+    over the noise from the spread of the per-draw scores (their variance / n, averaged over pairs).
     """
     estimates = {}
     for name, batch, ref in zip(("chosen", "rejected"), (chosen, rejected), reference or (None, None)):
@@ -130,14 +138,16 @@ def vrpo_loss(
         if ref is None:
             ref_noise = noise if estimator.antithetic else estimator.sample(batch["response_mask"], generator)
             ref = reference_elbo(model, batch, ref_noise, frozen)
-        policy = elbo(model, batch["input_ids"], batch["response_mask"], noise, batch["attention_mask"])
-        estimates[name] = (policy, ref.value)
-    score = preference_score(*estimates["chosen"], *estimates["rejected"], beta)
+        estimates[name] = (elbo_draws(model, batch, noise), ref.draws)
+    per_draw = preference_score(*estimates["chosen"], *estimates["rejected"], beta)  # [n, B]
+    score = per_draw.mean(0)
     loss = preference_loss(score)
     with torch.no_grad():
+        n = per_draw.shape[0]
         stats = {
             "score_mean": float(score.mean()),
             "implicit_accuracy": float((score > 0).float().mean()),
             "reward_margin": float(score.mean() / beta) if beta else 0.0,
+            "estimator_var": float(per_draw.var(0).mean() / n) if n > 1 else float("nan"),
         }
     return loss, {**stats, "score": score.detach()}

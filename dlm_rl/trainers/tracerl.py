@@ -17,14 +17,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from dlm_rl.models.lora import LoraArguments, add_lora
+from dlm_rl.models.lora import add_lora
 from dlm_rl.rl.advantages import group_advantages
 from dlm_rl.rl.losses import ppo_trace_loss
 from dlm_rl.rl.masking import diffu_grpo_rows, random_mask_rows
@@ -33,6 +32,7 @@ from dlm_rl.rl.trace import model_trace_rows
 from dlm_rl.rl.value import ValueModel, clipped_value_loss, trace_gae
 from dlm_rl.run_log import RunLog
 from dlm_rl.sampling.config import SamplerConfig
+from dlm_rl.trainers.online import OnlineArguments, PromptStream, held_out_metrics, load_task, reward_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -40,44 +40,13 @@ METHODS = ("tracerl", "diffu_grpo", "coupled", "random_masking")
 
 
 @dataclass
-class TraceRLConfig(LoraArguments):
-    """TraceRL settings; every field can be a recipe key."""
+class TraceRLConfig(OnlineArguments):
+    """TraceRL settings (the shared ones are `OnlineArguments`); every field can be a recipe key."""
 
-    model: str = "testbed:addition3-base"
-    """'testbed:NAME', 'tiny', 'smollm2', a saved model path, or a LLaDA / Dream / SDAR hub name."""
-    trust_remote_code: bool = False
-    """Needed for LLaDA, Dream and SDAR checkpoints (their modelling code ships with the weights)."""
-    task: str = "addition3"
-    """The prompts and the columns the rewards read ('answer', 'tests'): a testbed task, or 'reasoning_gym:NAME'
-    for an offline reasoning-gym generator (then set gen_length)."""
-    chat: bool = False
-    """Send each prompt as a user chat message through the tokenizer's chat template (instruct models)."""
-    train_size: int = 4096
-    """Training prompts drawn from the task."""
-    eval_size: int = 128
-    """Held-out prompts for the greedy accuracy check."""
-    reward_funcs: list[str] = field(default_factory=lambda: ["rewards.math:accuracy"])
-    """Rewards as 'module:function' or 'path/to/file.py:function'."""
-    reward_weights: list[float] | None = None
-    """One weight per reward (default 1 each)."""
     method: str = "tracerl"
     """How log-probabilities are read: 'tracerl' (the visited states), or the baselines 'diffu_grpo',
     'coupled', 'random_masking' (random masks; coupled and random_masking use the constant normaliser, as their
     1/t weights require)."""
-    use_lora: bool = True
-    """Train a LoRA adapter (the default) instead of all weights."""
-    num_generations: int = 8
-    """Samples per prompt (the group for advantages)."""
-    prompts_per_step: int = 16
-    """Prompts per rollout step."""
-    max_steps: int = 50
-    """Rollout steps."""
-    learning_rate: float = 1e-4
-    """AdamW learning rate."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping."""
     inner_epochs: int = 1
     """PPO epochs μ over each rollout's rows."""
     epsilon: float = 0.2
@@ -106,26 +75,13 @@ class TraceRLConfig(LoraArguments):
     """Trace shrinkage s: merge every s consecutive steps into one training row."""
     normaliser: str = "tokens"
     """Per-row loss normaliser: 'tokens' (trained tokens in the row) or 'length' (the response length)."""
-    gen_length: int | None = None
-    """Response canvas; the task's response length by default."""
-    block_length: int | None = None
-    """Sampler block length (default: the whole response)."""
-    threshold: float | None = 0.9
-    """Fast-dLLM threshold decoding for rollouts (None: one token per step)."""
-    temperature: float = 1.0
-    """Rollout sampling temperature."""
-    micro_batch_rows: int = 64
-    """Rows per forward/backward pass (gradients accumulate over a rollout's rows: one optimiser step per epoch)."""
-    eval_steps: int = 10
-    """Greedy accuracy on the held-out prompts every this many steps (and before and after)."""
     output_dir: str = "runs/tracerl"
     """Where metrics.jsonl, TensorBoard logs, completions.jsonl, curve.png and the final model go."""
-    tensorboard: bool = True
-    """Write TensorBoard scalars to output_dir/tensorboard."""
-    seed: int = 0
-    """Seed for prompt order, rollouts and the LoRA initialisation."""
+    micro_batch_rows: int = 64
+    """Rows per forward/backward pass (gradients accumulate over a rollout's rows: one optimiser step per epoch)."""
 
     def __post_init__(self):
+        super().__post_init__()
         choices = {"method": METHODS, "old_log_probs": ("recompute", "sampler")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -140,26 +96,18 @@ class TraceRLConfig(LoraArguments):
             raise ValueError(f"kl_reference must be 'old' or 'reference', got {self.kl_reference!r}")
         if self.kl_reference == "reference" and not self.use_lora:
             raise ValueError("kl_reference: 'reference' needs use_lora (the reference is the disabled adapter)")
-        if self.num_generations < 2:
-            raise ValueError("num_generations must be at least 2: advantages compare samples of one prompt")
-        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
-            raise ValueError(f"{len(self.reward_funcs)} reward_funcs but {len(self.reward_weights)} reward_weights")
-
-
-        if self.task.startswith("reasoning_gym:") and self.gen_length is None:
-            raise ValueError(f"task {self.task!r} needs gen_length (testbed tasks know their response length)")
         if self.micro_batch_rows < 1:
             raise ValueError(f"micro_batch_rows must be at least 1, got {self.micro_batch_rows}")
 
 
 def run(config: TraceRLConfig) -> dict:
     """Train; returns the final metrics line (also the last line of metrics.jsonl)."""
-    from dlm_rl.evaluation import evaluate
     from dlm_rl.models.resolve import resolve_model
     from dlm_rl.reward_functions import Rewards
     from dlm_rl.rollout import LocalEngine
 
     train, held_out_rows, scorer, task_length = load_task(config)
+    prompts = PromptStream(train, config.prompts_per_step, config.seed)
     torch.manual_seed(config.seed)
     rewards = Rewards(config.reward_funcs, config.reward_weights)  # bad references fail before any work
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -177,31 +125,19 @@ def run(config: TraceRLConfig) -> dict:
     )
     engine = LocalEngine(model, rows_per_chunk=config.prompts_per_step * config.num_generations, seed=config.seed,
                          rewards=rewards)
-    order = random.Random(config.seed)
     log = RunLog(config.output_dir, tensorboard=config.tensorboard)
 
     def held_out() -> dict:
-        """Greedy accuracy on the held-out prompts (the task's checker) and the rewards' means there."""
-        result = evaluate(model, held_out_rows, scorer, gen_length=gen_length, samples=0, progress=False,
-                          sampler={"block_length": config.block_length}, rewards=rewards)
-        model.train()
-        logger.info("held-out greedy accuracy %.3f, rewards %s", result["greedy_accuracy"], result["rewards"])
-        return {"eval/greedy_accuracy": result["greedy_accuracy"],
-                **{f"eval/reward/{name}": value for name, value in result["rewards"].items()}}
+        return held_out_metrics(model, held_out_rows, scorer, gen_length, config.block_length, rewards)
 
     line = {"step": 0, **held_out()}
     log.log(line)
-    position, skipped = len(train), 0
+    skipped = 0
     try:
         for step in (bar := tqdm(range(1, config.max_steps + 1), desc=f"{config.method}")):
-            if position + config.prompts_per_step > len(train):
-                order.shuffle(train)
-                position = 0
-            batch = train[position : position + config.prompts_per_step]
-            position += config.prompts_per_step
             line = {"step": step}
             start = time.perf_counter()
-            trajectories = engine.generate(batch, config.num_generations, sampler)
+            trajectories = engine.generate(prompts.next(), config.num_generations, sampler)
             line["time/generation_and_reward"] = time.perf_counter() - start
             log.log_completions(step, trajectories)
             start = time.perf_counter()
@@ -211,7 +147,7 @@ def run(config: TraceRLConfig) -> dict:
                 skipped += 1
                 logger.warning("step %d: every group had equal rewards; no update (%d skipped so far)", step, skipped)
             engine.sync_weights(model)
-            line.update(_reward_metrics(trajectories))
+            line.update(reward_metrics(trajectories))
             if step % config.eval_steps == 0 or step == config.max_steps:
                 line.update(held_out())
             bar.set_postfix(reward=f"{line['reward/total']:.3f}", rows=line.get("rows", 0))
@@ -223,29 +159,6 @@ def run(config: TraceRLConfig) -> dict:
         if value is not None:
             torch.save(value.state_dict(), os.path.join(config.output_dir, "final", "value_model.pt"))
     return line
-
-
-def load_task(config: TraceRLConfig) -> tuple[list[dict], object, str, int | None]:
-    """(training rows, held-out dataset, the scorer's task name, the task's response length) for `config.task`."""
-    from dlm_rl.data.tasks import reasoning_gym_task
-    from dlm_rl.testbed import TASKS
-
-    if config.task.startswith("reasoning_gym:"):
-        name = config.task.removeprefix("reasoning_gym:")
-        train = reasoning_gym_task(name, config.train_size, seed=config.seed)
-        held_out = reasoning_gym_task(name, config.eval_size, seed=config.seed + 1_000_003)
-        scorer, length = "reasoning_gym", None
-    elif config.task in TASKS:
-        task = TASKS[config.task]
-        train = task.dataset("train", config.train_size, seed=config.seed)
-        held_out = task.dataset("test", config.eval_size, seed=1)
-        scorer, length = task.generator, task.response_length
-    else:
-        raise ValueError(f"unknown task {config.task!r}; choose one of {sorted(TASKS)} or 'reasoning_gym:NAME'")
-    if config.chat:
-        train, held_out = (d.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
-                           for d in (train, held_out))
-    return list(train), held_out, scorer, length
 
 
 class Learner:
@@ -375,16 +288,3 @@ class Learner:
             metrics["value_mean"] = float(sum((b["old_values"] * t).sum() for b, t in zip(batches, targets))
                                           / sum(t.sum() for t in targets))
         return metrics
-
-
-def _reward_metrics(trajectories) -> dict:
-    names = [n for n in trajectories[0].rewards if n not in ("errors",)]
-    metrics = {}
-    for name in names:
-        values = [v for t in trajectories for v in t.rewards[name] if v is not None]
-        metrics[f"reward/{name}"] = sum(values) / max(1, len(values))
-    metrics["nfe"] = float(torch.cat([t.nfe.double() for t in trajectories]).mean())
-    metrics["reward_errors"] = sum(e is not None for t in trajectories for e in t.rewards["errors"])
-    metrics["truncated_fraction"] = sum(r == "length" for t in trajectories for r in t.finish_reason) / sum(
-        len(t) for t in trajectories)
-    return metrics

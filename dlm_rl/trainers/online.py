@@ -1,0 +1,143 @@
+"""What the on-policy trainers (TraceRL, VRPO on rollouts) share: their common settings, the task's prompts and
+held-out check, the prompt order, and the reward metrics of a rollout."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from dlm_rl.models.lora import LoraArguments
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class OnlineArguments(LoraArguments):
+    """Settings of every trainer that learns from its own rollouts; every field can be a recipe key."""
+
+    model: str = "testbed:addition3-base"
+    """'testbed:NAME', 'tiny', 'smollm2', a saved model path, or a LLaDA / Dream / SDAR hub name."""
+    trust_remote_code: bool = False
+    """Needed for LLaDA, Dream and SDAR checkpoints (their modelling code ships with the weights)."""
+    task: str = "addition3"
+    """The prompts and the columns the rewards read ('answer', 'tests'): a testbed task, or 'reasoning_gym:NAME'
+    for an offline reasoning-gym generator (then set gen_length)."""
+    chat: bool = False
+    """Send each prompt as a user chat message through the tokenizer's chat template (instruct models)."""
+    train_size: int = 4096
+    """Training prompts drawn from the task."""
+    eval_size: int = 128
+    """Held-out prompts for the greedy accuracy check."""
+    reward_funcs: list[str] = field(default_factory=lambda: ["rewards.math:accuracy"])
+    """Rewards as 'module:function' or 'path/to/file.py:function'."""
+    reward_weights: list[float] | None = None
+    """One weight per reward (default 1 each)."""
+    use_lora: bool = True
+    """Train a LoRA adapter (the default) instead of all weights."""
+    num_generations: int = 8
+    """Samples per prompt (compared with each other: advantages, preference pairs)."""
+    prompts_per_step: int = 16
+    """Prompts per rollout step."""
+    max_steps: int = 50
+    """Rollout steps."""
+    learning_rate: float = 1e-4
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping."""
+    gen_length: int | None = None
+    """Response canvas; the task's response length by default."""
+    block_length: int | None = None
+    """Sampler block length (default: the whole response)."""
+    threshold: float | None = 0.9
+    """Fast-dLLM threshold decoding for rollouts (None: one token per step)."""
+    temperature: float = 1.0
+    """Rollout sampling temperature."""
+    eval_steps: int = 10
+    """Greedy accuracy on the held-out prompts every this many steps (and before and after)."""
+    output_dir: str = "runs/online"
+    """Where metrics.jsonl, TensorBoard logs, completions.jsonl, curve.png and the final model go."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars to output_dir/tensorboard."""
+    seed: int = 0
+    """Seed for prompt order, rollouts and the LoRA initialisation."""
+
+    def __post_init__(self):
+        if self.num_generations < 2:
+            raise ValueError("num_generations must be at least 2: a prompt's samples are compared with each other")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"{len(self.reward_funcs)} reward_funcs but {len(self.reward_weights)} reward_weights")
+        if self.task.startswith("reasoning_gym:") and self.gen_length is None:
+            raise ValueError(f"task {self.task!r} needs gen_length (testbed tasks know their response length)")
+
+
+def load_task(config: OnlineArguments) -> tuple[list[dict], object, str, int | None]:
+    """(training rows, held-out dataset, the scorer's task name, the task's response length) for `config.task`."""
+    from dlm_rl.data.tasks import reasoning_gym_task
+    from dlm_rl.testbed import TASKS
+
+    if config.task.startswith("reasoning_gym:"):
+        name = config.task.removeprefix("reasoning_gym:")
+        train = reasoning_gym_task(name, config.train_size, seed=config.seed)
+        held_out = reasoning_gym_task(name, config.eval_size, seed=config.seed + 1_000_003)
+        scorer, length = "reasoning_gym", None
+    elif config.task in TASKS:
+        task = TASKS[config.task]
+        train = task.dataset("train", config.train_size, seed=config.seed)
+        held_out = task.dataset("test", config.eval_size, seed=1)
+        scorer, length = task.generator, task.response_length
+    else:
+        raise ValueError(f"unknown task {config.task!r}; choose one of {sorted(TASKS)} or 'reasoning_gym:NAME'")
+    if config.chat:
+        train, held_out = (d.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
+                           for d in (train, held_out))
+    return list(train), held_out, scorer, length
+
+
+class PromptStream:
+    """Batches of training rows in a seeded order, reshuffled at each pass."""
+
+    def __init__(self, rows: list[dict], batch_size: int, seed: int):
+        if batch_size > len(rows):
+            raise ValueError(f"{batch_size} prompts per step but the task has only {len(rows)} training prompts")
+        self.rows, self.batch_size = list(rows), batch_size
+        self.order = random.Random(seed)
+        self.position = len(self.rows)
+
+    def next(self) -> list[dict]:
+        if self.position + self.batch_size > len(self.rows):
+            self.order.shuffle(self.rows)
+            self.position = 0
+        batch = self.rows[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return batch
+
+
+def held_out_metrics(model, rows, scorer: str, gen_length: int, block_length: int | None, rewards) -> dict:
+    """Greedy accuracy on the held-out prompts (the task's checker) and the rewards' means there."""
+    from dlm_rl.evaluation import evaluate
+
+    result = evaluate(model, rows, scorer, gen_length=gen_length, samples=0, progress=False,
+                      sampler={"block_length": block_length}, rewards=rewards)
+    model.train()
+    logger.info("held-out greedy accuracy %.3f, rewards %s", result["greedy_accuracy"], result["rewards"])
+    return {"eval/greedy_accuracy": result["greedy_accuracy"],
+            **{f"eval/reward/{name}": value for name, value in result["rewards"].items()}}
+
+
+def reward_metrics(trajectories) -> dict:
+    """Mean of each reward over a rollout, mean NFE, failed rewards and the truncated fraction."""
+    names = [n for n in trajectories[0].rewards if n not in ("errors",)]
+    metrics = {}
+    for name in names:
+        values = [v for t in trajectories for v in t.rewards[name] if v is not None]
+        metrics[f"reward/{name}"] = sum(values) / max(1, len(values))
+    metrics["nfe"] = float(torch.cat([t.nfe.double() for t in trajectories]).mean())
+    metrics["reward_errors"] = sum(e is not None for t in trajectories for e in t.rewards["errors"])
+    metrics["truncated_fraction"] = sum(r == "length" for t in trajectories for r in t.finish_reason) / sum(
+        len(t) for t in trajectories)
+    return metrics
