@@ -17,6 +17,7 @@ from trl import TrlParser
 TRAINERS = {
     "mdm": ("dlm_rl.trainers.mdm", "MDMConfig"),
     "tracerl": ("dlm_rl.trainers.tracerl", "TraceRLConfig"),
+    "vrpo": ("dlm_rl.trainers.vrpo", "VRPOConfig"),
 }
 
 

@@ -1,0 +1,218 @@
+"""VRPO trainer: preference optimisation of a diffusion LM on ELBO estimates (LLaDA 1.5; `dlm_rl.rl.vrpo`).
+
+Pairs come either from a dataset with `prompt`, `chosen`, `rejected` columns (`dataset:`), or on-policy: each
+step samples `num_generations` responses per prompt, scores them with the recipe's rewards, and pairs the best
+with the worst response of each prompt when their rewards differ by more than `min_margin` (ties and small
+margins are dropped and counted). On-policy pairs keep the sampled token ids; nothing is decoded and re-encoded.
+Logs as TraceRL's (`dlm_rl.run_log`): loss, score, implicit accuracy, reward margin and the estimator's variance.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from dlm_rl.models.lora import add_lora
+from dlm_rl.rl.vrpo import PreferenceEstimator, collate_pairs, vrpo_loss
+from dlm_rl.run_log import RunLog
+from dlm_rl.sampling.config import SamplerConfig
+from dlm_rl.trainers.online import OnlineArguments, PromptStream, held_out_metrics, load_task, reward_metrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class VRPOConfig(OnlineArguments):
+    """VRPO settings (the shared ones are `OnlineArguments`); every field can be a recipe key."""
+
+    dataset: str | None = None
+    """Preference pairs: a .json/.jsonl file or a hub dataset with prompt/chosen/rejected columns. Unset: pairs
+    are built on-policy from rollouts scored by `reward_funcs`."""
+    beta: float = 0.2
+    """Preference temperature β of the score ŝ."""
+    n_t: int = 8
+    """Timesteps per ELBO estimate (budget n = n_t × n_yt)."""
+    n_yt: int = 1
+    """Masks per timestep (1 is VRPO's optimal allocation)."""
+    antithetic: bool = True
+    """The policy and the reference score a response with the same noise."""
+    estimator_form: str = "tokens"
+    """'tokens' (ℓ masked of L, weight L/ℓ) or 'time' (t ~ U, weight 1/t)."""
+    min_margin: float = 0.0
+    """On-policy pairs: keep a prompt's best/worst pair only when their rewards differ by more than this."""
+    micro_batch_pairs: int = 16
+    """Pairs per forward/backward pass (one optimiser step per training step)."""
+    output_dir: str = "runs/vrpo"
+    """Where metrics.jsonl, TensorBoard logs, completions.jsonl, curve.png and the final model go."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        PreferenceEstimator(self.n_t, self.n_yt, self.antithetic, self.estimator_form)  # validates the budget
+        if self.estimator_form not in ("tokens", "time"):
+            raise ValueError(f"estimator_form must be 'tokens' or 'time', got {self.estimator_form!r}")
+        if self.micro_batch_pairs < 1:
+            raise ValueError(f"micro_batch_pairs must be at least 1, got {self.micro_batch_pairs}")
+
+
+def on_policy_pairs(trajectories, min_margin: float) -> tuple[dict, dict, dict]:
+    """(chosen, rejected, counts): each prompt's best and worst sample as token-id batches, and how many prompts
+    were dropped as ties (all rewards equal) or below the margin."""
+    chosen, rejected = [], []
+    counts = {"pairs": 0, "ties_dropped": 0, "below_margin": 0}
+    for t in trajectories:
+        totals = torch.tensor(t.rewards["total"], dtype=torch.float64)
+        groups = torch.tensor(t.prompt_index)
+        for group in torch.unique(groups).tolist():
+            members = (groups == group).nonzero()[:, 0]
+            values = totals[members]
+            best, worst = members[values.argmax()], members[values.argmin()]
+            margin = float(values.max() - values.min())
+            if margin == 0:
+                counts["ties_dropped"] += 1
+            elif margin <= min_margin:
+                counts["below_margin"] += 1
+            else:
+                chosen.append(_row(t, best))
+                rejected.append(_row(t, worst))
+                counts["pairs"] += 1
+    return _stack(chosen), _stack(rejected), counts
+
+
+def _row(t, b: int) -> dict:
+    prompt_width = t.prompt_ids.shape[1]
+    response = torch.ones_like(t.response_ids[b])
+    return {
+        "input_ids": torch.cat([t.prompt_ids[b], t.response_ids[b]]),
+        "attention_mask": torch.cat([t.prompt_mask[b], response]),
+        "response_mask": torch.cat([torch.zeros(prompt_width, dtype=torch.bool, device=response.device),
+                                    response.bool()]),
+    }
+
+
+def _stack(rows: list[dict]) -> dict:
+    """Stack rows of possibly different prompt widths, left padding the shorter ones."""
+    if not rows:
+        return {}
+    width = max(len(r["input_ids"]) for r in rows)
+
+    def pad(x, value):
+        return torch.cat([x.new_full((width - len(x),), value), x])
+
+    return {
+        "input_ids": torch.stack([pad(r["input_ids"], 0) for r in rows]),
+        "attention_mask": torch.stack([pad(r["attention_mask"], 0) for r in rows]),
+        "response_mask": torch.stack([pad(r["response_mask"], False) for r in rows]),
+    }
+
+
+def run(config: VRPOConfig) -> dict:
+    """Train; returns the final metrics line (also the last line of metrics.jsonl)."""
+    from dlm_rl.models.resolve import resolve_model
+    from dlm_rl.reward_functions import Rewards
+    from dlm_rl.rollout import LocalEngine
+
+    train, held_out_rows, scorer, task_length = load_task(config)
+    torch.manual_seed(config.seed)
+    rewards = Rewards(config.reward_funcs, config.reward_weights)
+    pairs = _load_pairs(config.dataset) if config.dataset else None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = resolve_model(config.model, trust_remote_code=config.trust_remote_code).to(device)
+    frozen = None if config.use_lora else copy.deepcopy(model).requires_grad_(False).eval()
+    if config.use_lora:
+        add_lora(model, config)
+    gen_length = config.gen_length or task_length
+    estimator = PreferenceEstimator(config.n_t, config.n_yt, config.antithetic, config.estimator_form)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    generator = torch.Generator(device).manual_seed(config.seed)
+    sampler = SamplerConfig(gen_length=gen_length, block_length=config.block_length, threshold=config.threshold,
+                            temperature=config.temperature)
+    engine = None if pairs else LocalEngine(model, rows_per_chunk=config.prompts_per_step * config.num_generations,
+                                            seed=config.seed, rewards=rewards)
+    stream = PromptStream(pairs or train, config.prompts_per_step, config.seed)
+    log = RunLog(config.output_dir, tensorboard=config.tensorboard)
+
+    def held_out() -> dict:
+        return held_out_metrics(model, held_out_rows, scorer, gen_length, config.block_length, rewards)
+
+    line = {"step": 0, **held_out()}
+    log.log(line)
+    try:
+        for step in (bar := tqdm(range(1, config.max_steps + 1), desc="vrpo")):
+            line = {"step": step}
+            start = time.perf_counter()
+            if engine is None:
+                chosen, rejected = collate_pairs(model.tokenizer, stream.next(), gen_length)
+                line["pairs"] = len(chosen["input_ids"])
+            else:
+                trajectories = engine.generate(stream.next(), config.num_generations, sampler)
+                log.log_completions(step, trajectories)
+                chosen, rejected, counts = on_policy_pairs(trajectories, config.min_margin)
+                line.update(counts)
+                line.update(reward_metrics(trajectories))
+            line["time/generation_and_reward"] = time.perf_counter() - start
+            start = time.perf_counter()
+            if chosen:
+                line.update(_update(model, optimizer, parameters, chosen, rejected, estimator, config, generator,
+                                    frozen))
+            else:
+                logger.warning("step %d: no preference pair (every prompt's rewards tied or were too close)", step)
+                line["skipped"] = 1
+            line["time/training"] = time.perf_counter() - start
+            if engine is not None:
+                engine.sync_weights(model)
+            if step % config.eval_steps == 0 or step == config.max_steps:
+                line.update(held_out())
+            bar.set_postfix(loss=f"{line.get('loss', float('nan')):.3f}", pairs=line.get("pairs", 0))
+            log.log(line)
+    finally:
+        log.close(curve=("reward/total", "eval/greedy_accuracy", "implicit_accuracy"))
+        if engine is not None:
+            engine.close()
+        model.save_pretrained(os.path.join(config.output_dir, "final"))
+    return line
+
+
+def _update(model, optimizer, parameters, chosen, rejected, estimator, config, generator, frozen) -> dict:
+    """One optimiser step over all pairs, in micro-batches; returns the pair-weighted statistics."""
+    device = model.device
+    total = len(chosen["input_ids"])
+    sums = {"loss": 0.0, "score_mean": 0.0, "implicit_accuracy": 0.0, "reward_margin": 0.0, "estimator_var": 0.0}
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    for i in range(0, total, config.micro_batch_pairs):
+        part = {k: v[i : i + config.micro_batch_pairs].to(device) for k, v in chosen.items()}
+        other = {k: v[i : i + config.micro_batch_pairs].to(device) for k, v in rejected.items()}
+        share = len(part["input_ids"]) / total
+        loss, stats = vrpo_loss(model, part, other, estimator, config.beta, generator=generator, frozen=frozen)
+        (loss * share).backward()
+        sums["loss"] += loss.item() * share
+        for name in ("score_mean", "implicit_accuracy", "reward_margin", "estimator_var"):
+            sums[name] += stats[name] * share
+    if not torch.isfinite(torch.tensor(sums["loss"])):
+        raise FloatingPointError(f"VRPO loss is {sums['loss']}; stopping before the weights are damaged")
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+    optimizer.step()
+    return {**sums, "grad_norm": float(grad_norm), "pairs": total}
+
+
+def _load_pairs(name: str) -> list[dict]:
+    """Rows of a preference dataset: a local .json/.jsonl file or a hub dataset's train split."""
+    from datasets import load_dataset
+
+    from dlm_rl.data.collate import require_columns
+
+    if name.endswith((".json", ".jsonl")):
+        dataset = load_dataset("json", data_files=name, split="train")
+    else:
+        dataset = load_dataset(name, split="train")
+    require_columns(dataset, ["prompt", "chosen", "rejected"], f"VRPO dataset {name}")
+    if len(dataset) == 0:
+        raise ValueError(f"VRPO dataset {name} has no rows")
+    return list(dataset)
