@@ -90,3 +90,46 @@ def test_bad_pairs_fail_clearly():
     with pytest.raises(ValueError, match="disabled LoRA adapter"):
         chosen, _ = collate_pairs(tokenizer, ROWS, response_length=4)
         reference_elbo(tiny(), chosen, PreferenceEstimator().sample(chosen["response_mask"], None))
+
+
+def test_on_policy_pairs_take_each_prompts_best_and_worst_and_count_ties():
+    from dlm_rl.sampling.trajectory import Trajectory
+    from dlm_rl.trainers.vrpo import on_policy_pairs
+
+    trajectory = Trajectory(
+        prompt_ids=torch.tensor([[0, 11], [0, 11], [0, 11], [12, 13], [12, 13], [12, 13]]),
+        prompt_mask=torch.tensor([[0, 1]] * 3 + [[1, 1]] * 3),
+        response_ids=torch.arange(6)[:, None].repeat(1, 3) + 20,
+        step_map=torch.zeros(6, 3, dtype=torch.long), log_probs=torch.zeros(6, 3),
+        sampled=torch.ones(6, 3, dtype=torch.bool), nfe=torch.ones(6), block_length=3,
+        block_offset=torch.zeros(6, dtype=torch.long), finish_reason=["eos"] * 6,
+        prompt_index=[0, 0, 0, 1, 1, 1], rewards={"total": [0.5, 1.0, 0.0, 1.0, 1.0, 1.0]},
+    )
+    tied = Trajectory(**{**trajectory.__dict__, "rewards": {"total": [0.2, 0.3, 0.25, 0.0, 1.0, 0.5]}})
+    chosen, rejected, counts = on_policy_pairs([trajectory], min_margin=0.0)
+    assert counts == {"pairs": 1, "ties_dropped": 1, "below_margin": 0}
+    assert chosen["input_ids"].tolist() == [[0, 11, 21, 21, 21]]  # prompt 0: sample 1 (reward 1) over 2 (0)
+    assert rejected["input_ids"].tolist() == [[0, 11, 22, 22, 22]]
+    assert chosen["response_mask"].tolist() == [[False, False, True, True, True]]
+    _, _, counts = on_policy_pairs([tied], min_margin=0.2)
+    assert counts == {"pairs": 1, "ties_dropped": 0, "below_margin": 1}
+
+
+def test_the_trainer_on_a_pairs_file_starts_at_log2_and_fails_clearly_on_bad_files(tmp_path):
+    import json
+
+    from dlm_rl.trainers.vrpo import VRPOConfig, run
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in ROWS * 4))
+    config = VRPOConfig(model="tiny", task="addition3", dataset=str(data), eval_size=4, prompts_per_step=6,
+                        max_steps=2, eval_steps=2, lora_r=4, gen_length=4, n_t=2, tensorboard=False,
+                        output_dir=str(tmp_path / "run"))
+    run(config)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[1]["loss"] == pytest.approx(math.log(2), abs=1e-6) and lines[1]["pairs"] == 6
+    assert all(math.isfinite(m["loss"]) and m["estimator_var"] >= 0 for m in lines[1:])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "1+2=", "chosen": "3"}) + "\n")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['rejected'\]"):
+        run(VRPOConfig(model="tiny", dataset=str(bad), output_dir=str(tmp_path / "bad")))
