@@ -226,11 +226,12 @@ class Learner:
         return metrics
 
     def score_old(self, rows: Rows, trajectory) -> tuple[torch.Tensor, float]:
-        """π_old's log-probs of the rows (recomputed, or the sampler's) and its mean entropy on the targets."""
-        logp, entropy = self.forward(lambda r: response_log_probs(self.model, r, entropy=True), rows)
+        """π_old's log-probs of the rows and its mean entropy on the targets. With the sampler's log-probs no
+        forward pass is spent (that is the option's point) and the entropy is unknown (NaN)."""
         if self.config.old_log_probs == "sampler":
             recorded = trajectory.log_probs.to(rows.sample.device)[rows.sample]
-            logp = torch.where(rows.targets, recorded, torch.zeros_like(recorded))
+            return torch.where(rows.targets, recorded, torch.zeros_like(recorded)), float("nan")
+        logp, entropy = self.forward(lambda r: response_log_probs(self.model, r, entropy=True), rows)
         mean_entropy = float((entropy * rows.targets).sum() / rows.targets.sum().clamp(min=1))
         return logp, mean_entropy
 
@@ -277,8 +278,9 @@ class Learner:
             raise FloatingPointError(f"TraceRL loss is {sums}; stopping before the weights are damaged")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm)
         self.optimizer.step()
-        metrics = {**sums, "grad_norm": float(grad_norm), "rows": total_rows,
-                   "entropy": sum(b["entropy"] * len(b["rows"]) for b in batches) / total_rows}
+        metrics = {**sums, "grad_norm": float(grad_norm), "rows": total_rows}
+        if self.config.old_log_probs == "recompute":
+            metrics["entropy"] = sum(b["entropy"] * len(b["rows"]) for b in batches) / total_rows
         if self.value is None:
             del metrics["value_loss"]
         else:
