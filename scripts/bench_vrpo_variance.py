@@ -1,10 +1,11 @@
 """The variance of VRPO's preference score ŝ and of its loss gradient over the estimator's noise.
 
 For a fixed set of preference pairs and a fixed policy, draw the ELBO noise `--draws` times per cell and measure
-Var[ŝ] (averaged over pairs) and Var[‖∇ loss‖]. Cells: budgets n ∈ {1, 2, 4, 8} with one mask per timestep, the
-allocations (n_t, n_yt) ∈ {(8,1), (4,2), (2,4), (1,8)} at n = 8, each with antithetic sampling on and off. The
-policies are the LoRA adapters of VRPO runs (`final/` of their output_dir), given as STEPS=PATH; the pairs are
-on-policy best/worst pairs sampled once from the base model with the recipe's reward, as in training.
+Var[ŝ] (averaged over pairs) and the loss gradient's total variance over the LoRA parameters, E‖g − E g‖².
+Cells: budgets n ∈ {1, 2, 4, 8} with one mask per timestep, the allocations (n_t, n_yt) ∈ {(8,1), (4,2), (2,4),
+(1,8)} at n = 8, each with antithetic sampling on and off. The policies are the LoRA adapters of VRPO runs (`final/`
+of their output_dir), given as STEPS=PATH; the pairs are on-policy best/worst pairs sampled once from the base model
+with the recipe's reward, as in training.
 
     python scripts/bench_vrpo_variance.py --policy 20=runs/vrpo20/final --policy 200=runs/vrpo_tiny_math/final
 
@@ -63,16 +64,20 @@ def main() -> None:
             for antithetic in (True, False):
                 estimator = PreferenceEstimator(n_t, n_yt, antithetic, config.estimator_form)
                 generator = torch.Generator().manual_seed(args.seed)
-                scores, grads = [], []
+                scores, grad_sum, grad_square_sum = [], 0.0, 0.0
                 for _ in range(args.draws):
                     model.zero_grad(set_to_none=True)
                     loss, stats = vrpo_loss(model, chosen, rejected, estimator, config.beta, generator=generator)
                     loss.backward()
                     scores.append(stats["score"])
-                    grads.append(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in parameters)).item())
+                    grad = torch.cat([p.grad.double().flatten() for p in parameters])
+                    grad_sum = grad_sum + grad
+                    grad_square_sum += float(grad @ grad)
+                # E‖g − ḡ‖², the gradient's total variance (trace of its covariance), unbiased
+                var_grad = (grad_square_sum - float(grad_sum @ grad_sum) / args.draws) / (args.draws - 1)
                 row = {"n": n_t * n_yt, "n_t": n_t, "n_yt": n_yt, "antithetic": antithetic,
                        "policy_steps": int(steps), "var_score": float(torch.stack(scores).var(0).mean()),
-                       "var_grad": float(torch.tensor(grads).var()), "pairs": counts["pairs"], "draws": args.draws}
+                       "var_grad": var_grad, "pairs": counts["pairs"], "draws": args.draws}
                 results.append(row)
                 print(json.dumps(row), flush=True)
     ratios = {}

@@ -133,3 +133,26 @@ def test_the_trainer_on_a_pairs_file_starts_at_log2_and_fails_clearly_on_bad_fil
     bad.write_text(json.dumps({"prompt": "1+2=", "chosen": "3"}) + "\n")
     with pytest.raises(ValueError, match=r"missing column\(s\) \['rejected'\]"):
         run(VRPOConfig(model="tiny", dataset=str(bad), output_dir=str(tmp_path / "bad")))
+
+
+def test_loading_pairs_splits_implicit_chat_prompts_and_drops_pairs_that_do_not_fit(tmp_path):
+    import json
+
+    from dlm_rl.trainers.vrpo import load_pairs
+
+    def conversation(question, answer):
+        return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+    rows = [  # HuggingFaceH4/ultrafeedback_binarized's layout: the prompt also opens both conversations
+        {"prompt": "1+2=", "chosen": conversation("1+2=", "3"), "rejected": conversation("1+2=", "4")},
+        {"prompt": "9+9=", "chosen": conversation("9+9=", "18"), "rejected": conversation("9+9=", "1234567")},
+    ]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    tokenizer = tiny().tokenizer
+    pairs = load_pairs(str(data), "train", tokenizer, response_length=4)  # "1234567" + EOS does not fit
+    assert pairs == [{"prompt": [{"role": "user", "content": "1+2="}],
+                      "chosen": [{"role": "assistant", "content": "3"}],
+                      "rejected": [{"role": "assistant", "content": "4"}]}]
+    with pytest.raises(ValueError, match="no pair fits gen_length=1"):
+        load_pairs(str(data), "train", tokenizer, response_length=1)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dlm_rl.data.collate import DiffusionCollator
+from dlm_rl.data.collate import DiffusionCollator, encode_completion
 from dlm_rl.diffusion.elbo import noised_log_probs
 from dlm_rl.diffusion.noise import MCNoise
 
@@ -81,6 +81,14 @@ def collate_pairs(tokenizer, rows: list[dict], response_length: int) -> tuple[di
     chosen = collator([{"prompt": r["prompt"], "completion": _text(r["chosen"])} for r in rows])
     rejected = collator([{"prompt": r["prompt"], "completion": _text(r["rejected"])} for r in rows])
     return chosen, rejected
+
+
+def fitting_pairs(tokenizer, rows: list[dict], response_length: int) -> list[bool]:
+    """Per row: do both responses, plus one EOS, fit a canvas of `response_length` tokens?"""
+    return [
+        all(len(encode_completion(tokenizer, _text(row[c]))) + 1 <= response_length for c in ("chosen", "rejected"))
+        for row in rows
+    ]
 
 
 def _text(response) -> str:

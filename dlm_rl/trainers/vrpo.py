@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dlm_rl.models.lora import add_lora
-from dlm_rl.rl.vrpo import PreferenceEstimator, collate_pairs, vrpo_loss
+from dlm_rl.rl.vrpo import PreferenceEstimator, collate_pairs, fitting_pairs, vrpo_loss
 from dlm_rl.run_log import RunLog
 from dlm_rl.sampling.config import SamplerConfig
 from dlm_rl.trainers.online import OnlineArguments, PromptStream, held_out_metrics, load_task, reward_metrics
@@ -33,7 +33,10 @@ class VRPOConfig(OnlineArguments):
 
     dataset: str | None = None
     """Preference pairs: a .json/.jsonl file or a hub dataset with prompt/chosen/rejected columns. Unset: pairs
-    are built on-policy from rollouts scored by `reward_funcs`."""
+    are built on-policy from rollouts scored by `reward_funcs`. Conversational pairs whose prompt is the shared
+    first turns of `chosen` and `rejected` (no or a plain-text `prompt` column) have it split off."""
+    dataset_split: str = "train"
+    """The split of `dataset` to train on (e.g. `train_prefs` for HuggingFaceH4/ultrafeedback_binarized)."""
     beta: float = 0.2
     """Preference temperature β of the score ŝ."""
     n_t: int = 8
@@ -120,13 +123,13 @@ def run(config: VRPOConfig) -> dict:
     train, held_out_rows, scorer, task_length = load_task(config)
     torch.manual_seed(config.seed)
     rewards = Rewards(config.reward_funcs, config.reward_weights)
-    pairs = _load_pairs(config.dataset) if config.dataset else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = resolve_model(config.model, trust_remote_code=config.trust_remote_code).to(device)
+    gen_length = config.gen_length or task_length
+    pairs = load_pairs(config.dataset, config.dataset_split, model.tokenizer, gen_length) if config.dataset else None
     frozen = None if config.use_lora else copy.deepcopy(model).requires_grad_(False).eval()
     if config.use_lora:
         add_lora(model, config)
-    gen_length = config.gen_length or task_length
     estimator = PreferenceEstimator(config.n_t, config.n_yt, config.antithetic, config.estimator_form)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -202,17 +205,30 @@ def _update(model, optimizer, parameters, chosen, rejected, estimator, config, g
     return {**sums, "grad_norm": float(grad_norm), "pairs": total}
 
 
-def _load_pairs(name: str) -> list[dict]:
-    """Rows of a preference dataset: a local .json/.jsonl file or a hub dataset's train split."""
+def load_pairs(name: str, split: str, tokenizer, response_length: int) -> list[dict]:
+    """Rows of a preference dataset (a local .json/.jsonl file or a hub dataset), with implicit conversational
+    prompts split off and the pairs whose responses do not fit `response_length` dropped (counted in the log)."""
     from datasets import load_dataset
+    from trl.data_utils import is_conversational, maybe_extract_prompt
 
     from dlm_rl.data.collate import require_columns
 
     if name.endswith((".json", ".jsonl")):
-        dataset = load_dataset("json", data_files=name, split="train")
+        dataset = load_dataset("json", data_files=name, split=split)
     else:
-        dataset = load_dataset(name, split="train")
-    require_columns(dataset, ["prompt", "chosen", "rejected"], f"VRPO dataset {name}")
+        dataset = load_dataset(name, split=split)
+    require_columns(dataset, ["chosen", "rejected"], f"VRPO dataset {name}")
     if len(dataset) == 0:
         raise ValueError(f"VRPO dataset {name} has no rows")
-    return list(dataset)
+    if is_conversational({"chosen": dataset[0]["chosen"]}):
+        dataset = dataset.map(maybe_extract_prompt, desc="splitting off the shared prompt turns")
+    require_columns(dataset, ["prompt", "chosen", "rejected"], f"VRPO dataset {name}")
+    rows = list(dataset)
+    fits = fitting_pairs(tokenizer, rows, response_length)
+    kept = [row for row, fit in zip(rows, fits) if fit]
+    if len(kept) < len(rows):
+        logger.warning("VRPO dataset %s: %d of %d pairs have a response longer than gen_length=%d (+1 EOS) and "
+                       "are dropped", name, len(rows) - len(kept), len(rows), response_length)
+    if not kept:
+        raise ValueError(f"VRPO dataset {name}: no pair fits gen_length={response_length}; raise gen_length")
+    return kept
