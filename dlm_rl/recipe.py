@@ -18,6 +18,7 @@ TRAINERS = {
     "mdm": ("dlm_rl.trainers.mdm", "MDMConfig"),
     "tracerl": ("dlm_rl.trainers.tracerl", "TraceRLConfig"),
     "vrpo": ("dlm_rl.trainers.vrpo", "VRPOConfig"),
+    "didi": ("dlm_rl.trainers.didi", "DiDiConfig"),
 }
 
 

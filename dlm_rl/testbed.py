@@ -40,6 +40,8 @@ TASKS = {
     "code": Task("code", {"max_ops": 3}, response_length=32),
     # The chain problems on a 128-token canvas: long generations for sampler benchmarks (content ~35 tokens).
     "chain128": Task("chain", {"operands": 5, "digits": 1}, response_length=128),
+    # Unconditional chains of 21 one-digit facts (126 characters) for distillation (DiDi-Instruct).
+    "facts": Task("facts", {"count": 21}, response_length=128),
 }
 
 
@@ -77,6 +79,8 @@ CHECKPOINTS = {
         train_size=16000,
     ),
     # chain-base does not carry over to longer canvases (greedy 0% at 64 tokens): continue it on 128-token ones.
+    # DiDi-Instruct's teacher: a masked diffusion LM of unconditional 128-token fact chains.
+    "facts-teacher": Checkpoint("facts", max_steps=2000, purpose="sft", batch_size=64),
     "chain128-base": Checkpoint(
         "chain128", max_steps=1000, purpose="rl-base", stop_at_accuracy=0.4, warmup_steps=0, init="chain-base"
     ),
@@ -161,8 +165,10 @@ def build(name: str, *, force: bool = False) -> dict:
     train_seconds = time.perf_counter() - start
     trainer.save_model(path)
 
-    seen = set(validation["prompt"])
-    held_out = task.dataset("test", EVAL_SIZE, seed=spec.seed + 1).filter(lambda row: row["prompt"] not in seen)
+    seen = set(zip(validation["prompt"], validation["completion"]))
+    held_out = task.dataset("test", EVAL_SIZE, seed=spec.seed + 1).filter(
+        lambda row: (row["prompt"], row["completion"]) not in seen
+    )
     samples = 8 if spec.purpose == "rl-base" else 0
     logger.info("%s: trained in %.0f s; evaluating on %d held-out problems", name, train_seconds, len(held_out))
     result = evaluate(

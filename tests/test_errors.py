@@ -42,7 +42,7 @@ def test_recipe_values_and_overrides(tmp_path):
 def test_unknown_trainer_and_cli_exit_code(tmp_path, capsys):
     recipe = write(tmp_path, "trainer: ppo\n")
     assert main(["train", recipe]) == 2
-    assert "`trainer` must be one of ['mdm', 'tracerl', 'vrpo'], got 'ppo'" in capsys.readouterr().err
+    assert "`trainer` must be one of ['didi', 'mdm', 'tracerl', 'vrpo'], got 'ppo'" in capsys.readouterr().err
 
 
 def test_missing_dataset_column(tmp_path):

@@ -12,6 +12,8 @@ from dlm_rl.data.tasks import (
     code,
     code_pass_rate,
     exact_match,
+    facts,
+    facts_validity,
     reasoning_gym_task,
     score,
     split_of,
@@ -184,3 +186,17 @@ def test_all_ops_in_code_space():
     prompts = set(code(600)["prompt"])
     seen = {o.split()[0] for p in prompts for o in p[6:-1].split(", ")}
     assert seen == set(CODE_OPS)
+
+
+def test_facts_are_valid_chains_and_the_checker_counts_bad_facts():
+    train, test = facts(50, seed=3), facts(5, split="test", seed=3)
+    assert set(train["completion"]).isdisjoint(test["completion"]) and set(train["prompt"]) == {"#"}
+    assert all(len(text) == 126 and facts_validity(text) == 1.0 for text in train["completion"])
+    assert facts_validity("3+4=7;7*6=2;", count=2) == 1.0
+    assert facts_validity("3+4=8;8*6=8;", count=2) == 0.5  # a wrong sum; the next fact chains from what was written
+    assert facts_validity("3+4=7;5*6=0;", count=2) == 0.5  # correct, but not chained
+    assert facts_validity("3+4=7;7-9=8;", count=2) == 1.0  # 7 − 9 = 8 mod 10
+    assert facts_validity("3+4=7;", count=2) == 0.5  # a missing fact
+    assert facts_validity("3+4=7;7*6=2;1+1=2;", count=2) == 0.5  # extra text spoils the sample
+    assert facts_validity("3+4=7;7*6=2", count=2) == 0.5  # unterminated
+    assert score("facts", "3+4=7;x", {}) == pytest.approx(1 / 21)

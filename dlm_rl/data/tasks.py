@@ -95,6 +95,54 @@ def chain(n: int, *, operands: int = 4, digits: int = 2, split: str = "train", s
     return _collect("chain", draw, n, split, seed, "lower n or raise operands/digits")
 
 
+FACTS_PROMPT = "#"
+FACT_OPS = {"+": lambda a, b: (a + b) % 10, "-": lambda a, b: (a - b) % 10, "*": lambda a, b: (a * b) % 10}
+FACT_RE = re.compile(r"(\d)([-+*])(\d)=(\d)")
+
+
+def facts(n: int, *, count: int = 21, split: str = "train", seed: int = 0) -> Dataset:
+    """Unconditional text for distillation: after the fixed prompt `#`, a chain of `count` one-digit facts mod 10
+    such as `3+4=7;7*6=2;2-5=7;` where each fact starts from the previous result (21 facts = 126 characters).
+
+    A problem's split is the hash of its completion (the prompt is always the same)."""
+    if split not in ("train", "test") or n < 1 or count < 1:
+        raise ValueError(f"facts: need split 'train'/'test', n >= 1, count >= 1; got {split!r}, {n}, {count}")
+    rng, rows, seen = random.Random(seed), [], set()
+    while len(rows) < n:
+        a, parts = rng.randrange(10), []
+        for _ in range(count):
+            op, b = rng.choice(list(FACT_OPS)), rng.randrange(10)
+            c = FACT_OPS[op](a, b)
+            parts.append(f"{a}{op}{b}={c};")
+            a = c
+        text = "".join(parts)
+        if text not in seen and split_of(text) == split:  # 30**21 chains: a repeat is vanishingly rare
+            seen.add(text)
+            rows.append({"prompt": FACTS_PROMPT, "completion": text, "answer": ""})
+    return Dataset.from_list(rows)
+
+
+def facts_validity(text: str, count: int = 21) -> float:
+    """Fraction of the `count` facts of a `facts` text that are well formed, correct mod 10 and chained (their
+    first digit is the previous fact's result); missing facts count as invalid, and so does any extra text."""
+    pieces = text.split(";")
+    if pieces[-1] == "":
+        pieces.pop()
+    valid, previous = 0, None
+    for piece in pieces[:count]:
+        fact = FACT_RE.fullmatch(piece)
+        if fact is not None:
+            a, op, b, c = int(fact[1]), fact[2], int(fact[3]), int(fact[4])
+            if FACT_OPS[op](a, b) == c and (previous is None or a == previous):
+                valid += 1
+            previous = c
+        else:
+            previous = None
+    if len(pieces) > count or not text.endswith(";"):
+        valid = min(valid, count - 1)  # extra or unterminated text spoils the sample
+    return valid / count
+
+
 def code(n: int, *, max_ops: int = 2, split: str = "train", seed: int = 0) -> Dataset:
     """Write `f(x)` for a pipeline of 1..max_ops ops (add/sub/mul k, k in 1..9); checked by four unit tests.
 
@@ -320,11 +368,13 @@ def _reasoning_gym_scorer(name: str) -> Callable[[str | None, dict], float]:
 def score(task_name: str, completion: str, row: Mapping) -> float:
     """Reward in [0, 1] of `completion` for dataset row `row` of task `task_name`.
 
-    `task_name` is "addition", "chain", "code", "reasoning_gym" (the generator is `row["task"]`), or a
-    reasoning-gym generator name.
+    `task_name` is "addition", "chain", "code", "facts" (the fraction of valid facts), "reasoning_gym" (the
+    generator is `row["task"]`), or a reasoning-gym generator name.
     """
     if task_name in ("addition", "chain"):
         return float(exact_match(completion, row["answer"]))
+    if task_name == "facts":
+        return facts_validity(completion)
     if task_name == "code":
         return code_pass_rate(completion, list(row["tests"]), row.get("entry_point", "f"))
     from reasoning_gym.factory import DATASETS

@@ -81,9 +81,10 @@ class DiffusionLM(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None = None,
         *,
+        inputs_embeds: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         attention: str | None = None,
         attention_bias: torch.Tensor | None = None,
@@ -98,13 +99,17 @@ class DiffusionLM(nn.Module):
         attention_bias: an explicit [B, 1, Q, K] additive mask (e.g. TraceRL's packed rows); replaces the mode.
         past_key_values / use_cache: the KV-cache hook for samplers; the cache is returned in the output.
         output_hidden_states: also return the last layer's hidden states (a value head reads them).
+        inputs_embeds: [B, Q, H] input embeddings instead of `input_ids` (soft tokens, e.g. for guidance gradients).
         With shifted logits the first new token's distribution comes from the previous token, which the caller
         must therefore include in `input_ids` when it uses a cache.
         """
-        batch, length = input_ids.shape
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        batch, length = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        device = input_ids.device if input_ids is not None else inputs_embeds.device
         cached = 0 if past_key_values is None else past_key_values.get_seq_length()
         if attention_mask is None:
-            attention_mask = torch.ones(batch, cached + length, dtype=torch.long, device=input_ids.device)
+            attention_mask = torch.ones(batch, cached + length, dtype=torch.long, device=device)
         if position_ids is None:
             position_ids = position_ids_from_padding(attention_mask)[:, -length:]
         if attention_bias is None:
@@ -125,7 +130,10 @@ class DiffusionLM(nn.Module):
         else:
             kwargs["position_ids"] = position_ids
             kwargs["attention_mask"] = attention_bias == 0 if self.conventions.mask_format == "bool" else attention_bias
-        out = self.model(input_ids=input_ids, **kwargs)
+        if inputs_embeds is not None:
+            out = self.model(inputs_embeds=inputs_embeds, **kwargs)
+        else:
+            out = self.model(input_ids=input_ids, **kwargs)
         logits = out.logits  # [B, Q, V]
         hidden = out.hidden_states[-1] if output_hidden_states else None
         if self.shift_logits:

@@ -1,0 +1,116 @@
+"""Ancestral sampling of a masked diffusion LM (MDLM), and DiDi-Instruct's reward-guided variant.
+
+Time runs from 1 to 0 in `steps` equal steps; from t to s every masked response position is revealed with
+probability (t − s)/t, its token drawn from the model at temperature 1 (Gumbel noise in float64). A step that
+reveals nothing in a row leaves that row's state, and so its logits, unchanged: the next step reuses them (MDLM's
+caching) and forwards only the rows that changed, so `steps` beyond the response length cost no extra forwards.
+
+Guidance (DiDi-Instruct) uses the discriminator D: in the first half of the steps the logits get
+h · clip(∂ΣD/∂logits, ±1), the gradient taken through the expected next state (soft input embeddings); in the
+second half M candidate next states are drawn and one is picked by a softmax over their summed D logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dlm_rl.sampling.decoding import sample_tokens
+
+
+@dataclass
+class AncestralSamples:
+    response_ids: torch.Tensor
+    """[B, R] the sampled responses."""
+    forwards: float
+    """Forward passes of the model per sample (mean over rows)."""
+    discriminator_passes: int
+    """Forward (and, for gradient guidance, backward) passes of the discriminator."""
+
+
+@torch.no_grad()
+def ancestral_sample(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    gen_length: int,
+    steps: int,
+    *,
+    generator: torch.Generator | None = None,
+    discriminator=None,
+    guidance_scale: float = 1.0,
+    candidates: int = 4,
+) -> AncestralSamples:
+    """Sample `gen_length` tokens after each left-padded prompt in `steps` ancestral steps; with a
+    `discriminator`, reward-guided (gradient guidance, then `candidates`-way selection)."""
+    if steps < 1 or gen_length < 1:
+        raise ValueError(f"steps and gen_length must be positive, got {steps} and {gen_length}")
+    if discriminator is not None and candidates < 1:
+        raise ValueError(f"candidates must be at least 1, got {candidates}")
+    batch, width = prompt_ids.shape
+    device = prompt_ids.device
+    mask_id = model.mask_token_id
+    x = torch.cat([prompt_ids, torch.full((batch, gen_length), mask_id, device=device, dtype=prompt_ids.dtype)], 1)
+    attention_mask = torch.cat([prompt_mask, torch.ones(batch, gen_length, dtype=prompt_mask.dtype, device=device)], 1)
+    logits = None
+    stale = torch.ones(batch, dtype=torch.bool, device=device)  # rows whose logits must be recomputed
+    row_forwards = torch.zeros(batch, dtype=torch.long, device=device)
+    passes = 0
+    for k in range(steps):
+        masked = x == mask_id  # [B, C]
+        if not masked.any():
+            break
+        if stale.any():
+            fresh = model(x[stale], attention_mask[stale]).logits
+            logits = fresh if logits is None else logits.index_put((stale.nonzero()[:, 0],), fresh)
+            row_forwards += stale
+        reveal_prob = 1.0 / (steps - k)  # (t − s)/t with t = 1 − k/steps, s = t − 1/steps
+        step_logits = logits
+        if discriminator is not None and k < steps // 2:
+            step_logits = logits + guidance_scale * _guidance(discriminator, x, attention_mask, logits, masked,
+                                                              reveal_prob).clamp(-1, 1)
+            passes += 1
+        if discriminator is not None and k >= steps // 2 and candidates > 1:
+            proposals = torch.stack([_propose(x, masked, step_logits, reveal_prob, generator)
+                                     for _ in range(candidates)])  # [M, B, C]
+            chosen = _select(discriminator, proposals, attention_mask, mask_id, generator)
+            passes += candidates
+            new = proposals[chosen, torch.arange(batch, device=device)]
+        else:
+            new = _propose(x, masked, step_logits, reveal_prob, generator)
+        stale = (new != x).any(1) & (new == mask_id).any(1)  # changed, and something left to reveal
+        x = new
+    return AncestralSamples(x[:, width:], float(row_forwards.double().mean()), passes)
+
+
+def _propose(x, masked, logits, reveal_prob: float, generator) -> torch.Tensor:
+    """One ancestral step: reveal each masked position with probability `reveal_prob`."""
+    tokens, _ = sample_tokens(logits, 1.0, generator)
+    u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float64)
+    return torch.where(masked & (u < reveal_prob), tokens, x)
+
+
+def _guidance(discriminator, x, attention_mask, logits, masked, reveal_prob: float) -> torch.Tensor:
+    """∂/∂logits of ΣD over the masked positions, D read at the expected next state: a masked position's input
+    embedding is reveal_prob · (softmax(logits) @ E) + (1 − reveal_prob) · E[mask]."""
+    embeddings = discriminator.backbone.model.get_input_embeddings().weight  # [V, H]
+    mask_id = discriminator.backbone.mask_token_id
+    with torch.enable_grad():
+        soft = logits.detach().float().requires_grad_(True)
+        expected = soft.softmax(-1).to(embeddings.dtype) @ embeddings  # [B, C, H]
+        revealed = reveal_prob * expected + (1 - reveal_prob) * embeddings[mask_id]
+        inputs = torch.where(masked[..., None], revealed, embeddings[x])
+        d = discriminator(attention_mask=attention_mask, inputs_embeds=inputs)
+        (gradient,) = torch.autograd.grad((d * masked).sum(), soft)
+    return gradient.to(logits.dtype)
+
+
+def _select(discriminator, proposals, attention_mask, mask_id: int, generator) -> torch.Tensor:
+    """[B] index of the chosen candidate per row, drawn from the softmax of the candidates' summed D logits over
+    their masked positions."""
+    m, b, c = proposals.shape
+    flat = proposals.reshape(m * b, c)
+    d = discriminator(flat, attention_mask.repeat(m, 1))  # [M·B, C]
+    scores = (d * (flat == mask_id)).sum(1).view(m, b).T.double()  # [B, M]
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)

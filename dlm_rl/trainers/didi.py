@@ -1,0 +1,257 @@
+"""DiDi-Instruct trainer: distil a many-step masked diffusion teacher into a few-step student (`dlm_rl.rl.didi`).
+
+Each step: a batch of `prompts_per_step` rows of the task (for unconditional text, the fixed prompt and a real
+text), each prompt repeated `group_size` times; one τ ~ U[tau_min, tau_max] per group. The student rolls out
+all-mask → x_τ → x_0; x_0 and the real texts are noised at τ; the discriminator's clipped mean logit on the noised
+student sample is the reward, normalised within each group; the student's loss is
+−ω(τ) · Â · log q(x) / L + kl_coef · KL(teacher ‖ student) − entropy_coef · H (both at all-mask and at x_τ);
+then the discriminator takes a BCE step on real vs student. An EMA of the student is kept and saved. Every part
+can be switched off for ablation. The student is evaluated with plain ancestral sampling at `eval_nfe` steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from dlm_rl.models.lora import LoraArguments
+from dlm_rl.rl.didi import (
+    Discriminator,
+    discriminator_loss,
+    discriminator_reward,
+    grouped_advantages,
+    kl_and_entropy,
+    noise_at,
+    time_weight,
+    two_step_rollout,
+)
+from dlm_rl.run_log import RunLog
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DiDiConfig(LoraArguments):
+    """DiDi-Instruct settings; every field can be a recipe key."""
+
+    teacher: str = "testbed:facts-teacher"
+    """The teacher (testbed:NAME, a dlm-rl directory or a hub id); the student and the discriminator start as
+    copies of it."""
+    trust_remote_code: bool = False
+    """Allow a LLaDA/Dream/SDAR/MDLM checkpoint's own modelling code."""
+    task: str | None = "facts"
+    """A testbed task (dlm_rl.testbed.TASKS) giving prompts and real texts, or None to use dataset_path."""
+    dataset_path: str | None = None
+    """A local json/jsonl/parquet file or saved dataset with 'prompt' and 'completion' columns."""
+    train_size: int = 50000
+    """Rows drawn from a testbed task."""
+    gen_length: int | None = None
+    """Response length; a testbed task supplies its own."""
+    prompts_per_step: int = 8
+    """Distinct rows (prompts and real texts) per step."""
+    group_size: int = 4
+    """Student samples per prompt (G); rewards are normalised within each group."""
+    max_steps: int = 1000
+    learning_rate: float = 1e-5
+    """Student learning rate (AdamW)."""
+    discriminator_learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.5
+    """Student gradient clipping."""
+    discriminator_blocks: int = 2
+    """Trainable last blocks of the discriminator."""
+    discriminator_warmup_steps: int = 50
+    """Discriminator-only steps before the student's first update."""
+    label_smoothing: float = 0.1
+    tau_min: float = 0.02
+    tau_max: float = 0.98
+    use_discriminator: bool = True
+    """Ablation switch: False drops the discriminator reward (the student learns from the regulariser alone)."""
+    grouped_normalisation: bool = True
+    """Ablation switch: False uses the raw clipped reward as the advantage."""
+    use_time_weight: bool = True
+    """Ablation switch: False sets ω(t) = 1."""
+    omega_min: float = 0.1
+    omega_max: float = 10.0
+    reward_clip: float = 8.0
+    advantage_clip: float = 3.0
+    kl_coef: float = 0.01
+    """Weight of KL(teacher ‖ student) at both rollout states (0 disables)."""
+    entropy_coef: float = 0.001
+    """Weight of the student's entropy bonus (0 disables)."""
+    ema: float = 0.999
+    """EMA decay of the student's weights (0 disables: the final student is the last iterate)."""
+    eval_steps: int = 100
+    eval_samples: int = 64
+    eval_nfe: int = 16
+    """Ancestral steps of the periodic evaluation."""
+    output_dir: str = "runs/didi"
+    tensorboard: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if (self.task is None) == (self.dataset_path is None):
+            raise ValueError("set exactly one of `task` (a testbed task) and `dataset_path`")
+        if not 0 < self.tau_min < self.tau_max < 1:
+            raise ValueError(f"need 0 < tau_min < tau_max < 1, got {self.tau_min}, {self.tau_max}")
+        if self.group_size < 1 or self.prompts_per_step < 1:
+            raise ValueError("group_size and prompts_per_step must be at least 1")
+        if self.grouped_normalisation and self.group_size < 2:
+            raise ValueError("grouped normalisation needs group_size >= 2")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+        if not self.use_discriminator and self.kl_coef == 0:
+            raise ValueError("with use_discriminator false the student learns from kl_coef alone; set it above 0")
+
+
+def run(config: DiDiConfig) -> dict:
+    """Distil; returns the final metrics line (also the last line of metrics.jsonl)."""
+    from dlm_rl.data.collate import DiffusionCollator
+    from dlm_rl.models.lora import add_lora
+    from dlm_rl.models.resolve import resolve_model
+    from dlm_rl.trainers.online import PromptStream
+
+    rows, gen_length = _load_rows(config)
+    torch.manual_seed(config.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = resolve_model(config.teacher, trust_remote_code=config.trust_remote_code).to(device)
+    teacher.requires_grad_(False).eval()
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    if config.use_lora:
+        add_lora(student, config)
+    discriminator = Discriminator(teacher, config.discriminator_blocks)
+    ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(config.ema)) if config.ema else None
+    student_parameters = [p for p in student.parameters() if p.requires_grad]
+    student_optimizer = torch.optim.AdamW(student_parameters, lr=config.learning_rate,
+                                          weight_decay=config.weight_decay)
+    discriminator_optimizer = torch.optim.AdamW([p for p in discriminator.parameters() if p.requires_grad],
+                                                lr=config.discriminator_learning_rate)
+    collate = DiffusionCollator(teacher.tokenizer, gen_length)
+    stream = PromptStream(rows, config.prompts_per_step, config.seed)
+    generator = torch.Generator(device).manual_seed(config.seed)
+    log = RunLog(config.output_dir, tensorboard=config.tensorboard)
+
+    def evaluate() -> dict:
+        return _evaluate(ema.module if ema is not None else student, config, rows, gen_length, device)
+
+    line = {"step": 0, **evaluate()}
+    log.log(line)
+    try:
+        for step in (bar := tqdm(range(1, config.max_steps + 1), desc="didi")):
+            start = time.perf_counter()
+            batch = {k: v.to(device) for k, v in collate(stream.next()).items()}
+            line = {"step": step, **_step(student, teacher, discriminator, student_optimizer, discriminator_optimizer,
+                                          student_parameters, batch, config, generator,
+                                          update_student=step > config.discriminator_warmup_steps)}
+            if ema is not None and step > config.discriminator_warmup_steps:
+                ema.update_parameters(student)
+            line["time/step"] = time.perf_counter() - start
+            if step % config.eval_steps == 0 or step == config.max_steps:
+                line.update(evaluate())
+            bar.set_postfix(reward=f"{line['reward']:.3f}", d_loss=f"{line['discriminator_loss']:.3f}")
+            log.log(line)
+    finally:
+        log.close(curve=("reward", "discriminator_loss", "eval/validity"))
+        final = ema.module if ema is not None else student
+        final.save_pretrained(os.path.join(config.output_dir, "final"))
+        torch.save(discriminator.state_dict(), os.path.join(config.output_dir, "final", "discriminator.pt"))
+    return line
+
+
+def _step(student, teacher, discriminator, student_optimizer, discriminator_optimizer, student_parameters, batch,
+          config: DiDiConfig, generator, *, update_student: bool) -> dict:
+    """One student update (unless still warming up the discriminator) and one discriminator update."""
+    group = config.group_size
+    repeated = {k: v.repeat_interleave(group, 0) for k, v in batch.items()}
+    response_mask, attention_mask = repeated["response_mask"], repeated["attention_mask"]
+    tau = config.tau_min + (config.tau_max - config.tau_min) * torch.rand(
+        len(batch["input_ids"]), generator=generator, device=response_mask.device, dtype=torch.float64)
+    tau = tau.repeat_interleave(group).float()
+    student.train()
+    with torch.set_grad_enabled(update_student):
+        rollout = two_step_rollout(student, repeated["input_ids"], attention_mask, response_mask, tau, generator)
+    fake, fake_masked = noise_at(rollout.final, response_mask, tau, student.mask_token_id, generator)
+    real, real_masked = noise_at(repeated["input_ids"], response_mask, tau, student.mask_token_id, generator)
+    discriminator.train()
+    fake_logits = discriminator(fake, attention_mask)
+    reward = discriminator_reward(fake_logits.detach(), fake_masked, config.reward_clip)
+    line = {"reward": float(reward.mean()), "tau": float(tau.mean())}
+    if update_student:
+        line.update(_student_update(student, teacher, student_optimizer, student_parameters, rollout, reward,
+                                    response_mask, attention_mask, config))
+    discriminator_optimizer.zero_grad(set_to_none=True)
+    d_loss = discriminator_loss(discriminator(real, attention_mask), real_masked, fake_logits, fake_masked,
+                                config.label_smoothing)
+    d_loss.backward()
+    discriminator_optimizer.step()
+    line["discriminator_loss"] = d_loss.item()
+    return line
+
+
+def _student_update(student, teacher, optimizer, parameters, rollout, reward, response_mask, attention_mask,
+                    config: DiDiConfig) -> dict:
+    if not config.use_discriminator:
+        advantage = torch.zeros_like(reward)
+    elif config.grouped_normalisation:
+        advantage = grouped_advantages(reward, config.group_size, config.advantage_clip)
+    else:
+        advantage = reward
+    omega = time_weight(rollout.tau, config.omega_min, config.omega_max) if config.use_time_weight else 1.0
+    length = response_mask.sum(1).clamp(min=1)
+    policy_loss = -(omega * advantage * rollout.log_prob() / length).mean()
+    with torch.no_grad():
+        teacher_start = teacher(rollout.start, attention_mask).logits
+        teacher_middle = teacher(rollout.middle, attention_mask).logits
+    kl_start, entropy_start = kl_and_entropy(rollout.start_logits, teacher_start, response_mask)
+    kl_middle, entropy_middle = kl_and_entropy(rollout.middle_logits, teacher_middle, rollout.second)
+    kl, entropy = (kl_start + kl_middle) / 2, (entropy_start + entropy_middle) / 2
+    loss = policy_loss + config.kl_coef * kl - config.entropy_coef * entropy
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"DiDi student loss is {float(loss)}; stopping before the weights are damaged")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+    optimizer.step()
+    return {"loss": loss.item(), "policy_loss": policy_loss.item(), "kl": kl.item(), "entropy": entropy.item(),
+            "advantage_abs": float(advantage.abs().mean()), "grad_norm": float(grad_norm)}
+
+
+@torch.no_grad()
+def _evaluate(model, config: DiDiConfig, rows, gen_length: int, device) -> dict:
+    """The student's samples at `eval_nfe` ancestral steps: validity (testbed tasks), entropy, distinct."""
+    from dlm_rl.data.collate import encode_prompt, left_pad
+    from dlm_rl.judge import sample_quality
+    from dlm_rl.sampling.guided import ancestral_sample
+    from dlm_rl.testbed import TASKS
+
+    model.eval()
+    picked = [rows[i % len(rows)] for i in range(config.eval_samples)]
+    prompts = [encode_prompt(model.tokenizer, row["prompt"]) for row in picked]
+    prompt_ids, prompt_mask = left_pad(prompts, model.tokenizer.pad_token_id)
+    generator = torch.Generator(device).manual_seed(config.seed + 1)
+    samples = ancestral_sample(model, prompt_ids.to(device), prompt_mask.to(device), gen_length, config.eval_nfe,
+                               generator=generator)
+    scorer = TASKS[config.task].generator if config.task is not None else None
+    quality = sample_quality(samples.response_ids.cpu(), model.tokenizer, scorer, picked)
+    return {f"eval/{name}": value for name, value in quality.items()}
+
+
+def _load_rows(config: DiDiConfig):
+    from dlm_rl.data.files import load_rows
+    from dlm_rl.testbed import TASKS
+
+    if config.task is not None:
+        if config.task not in TASKS:
+            raise ValueError(f"unknown testbed task {config.task!r}; choose one of {sorted(TASKS)}")
+        task = TASKS[config.task]
+        return task.dataset("train", config.train_size, seed=config.seed), config.gen_length or task.response_length
+    if config.gen_length is None:
+        raise ValueError(f"dataset_path {config.dataset_path}: set gen_length (completion + EOS tokens)")
+    return load_rows(config.dataset_path), config.gen_length

@@ -1,0 +1,92 @@
+"""Teacher vs distilled student across step counts: judge perplexity, unigram entropy, validity, distinct samples
+and wall-clock seconds (discriminator passes included), on the testbed's unconditional fact chains.
+
+Every model samples `--samples` responses after the task's prompt by ancestral sampling at each NFE (steps); the
+student also with DiDi-Instruct's reward-guided sampler (its run's discriminator) at `--guided_nfe`. Ablated
+students (`--ablation NAME=RUN_DIR`) are measured like the student with plain sampling, their rows marked with
+`variant`.
+
+    python scripts/eval_distill.py --student runs/didi_tiny --ablation no_discriminator=runs/didi_no_disc
+
+Prints one JSON line per cell and, last, `{"results": [{"model", "nfe", "judge_ppl", "entropy", "validity",
+"distinct", "seconds", ...}, ...]}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+NFES = [8, 16, 32, 64, 128, 1024]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", default="testbed:facts-teacher")
+    parser.add_argument("--student", help="output_dir of a DiDi run (its final/ student and discriminator)")
+    parser.add_argument("--ablation", action="append", default=[], help="NAME=RUN_DIR of an ablated DiDi run")
+    parser.add_argument("--task", default="facts")
+    parser.add_argument("--nfe", type=int, nargs="+", default=NFES)
+    parser.add_argument("--guided_nfe", type=int, nargs="*", default=[8, 16, 32],
+                        help="NFEs of the guided sampler (each step adds discriminator passes)")
+    parser.add_argument("--guidance_scale", type=float, default=1.0)
+    parser.add_argument("--candidates", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    from dlm_rl.judge import build_judge, judge_perplexity, load_judge, sample_quality
+    from dlm_rl.models.loading import load
+    from dlm_rl.models.resolve import resolve_model
+    from dlm_rl.rl.didi import Discriminator
+    from dlm_rl.sampling.guided import ancestral_sample
+    from dlm_rl.testbed import TASKS
+
+    task = TASKS[args.task]
+    teacher = resolve_model(args.teacher).eval()
+    tokenizer = teacher.tokenizer
+    judge = load_judge(build_judge())
+    prompt = tokenizer(task.dataset("test", 1)[0]["prompt"], add_special_tokens=False)["input_ids"]
+    prompt_ids = torch.tensor([prompt] * args.samples)
+    prompt_mask = torch.ones_like(prompt_ids)
+    results = []
+
+    def measure(model, label: str, nfe: int, discriminator=None, **extra) -> None:
+        generator = torch.Generator().manual_seed(args.seed)
+        start = time.perf_counter()
+        samples = ancestral_sample(model, prompt_ids, prompt_mask, task.response_length, nfe, generator=generator,
+                                   discriminator=discriminator, guidance_scale=args.guidance_scale,
+                                   candidates=args.candidates)
+        seconds = time.perf_counter() - start
+        row = {"model": label, "nfe": nfe, **extra,
+               "judge_ppl": judge_perplexity(judge, prompt_ids, prompt_mask, samples.response_ids,
+                                             tokenizer.eos_token_id),
+               **sample_quality(samples.response_ids, tokenizer, task.generator),
+               "seconds": round(seconds, 2), "forwards": samples.forwards,
+               "discriminator_passes": samples.discriminator_passes, "samples": args.samples}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+    for nfe in args.nfe:
+        measure(teacher, "teacher", nfe)
+    students = ([("", args.student)] if args.student else []) + [tuple(a.split("=", 1)) for a in args.ablation]
+    for variant, run_dir in students:
+        student = load(os.path.join(run_dir, "final")).eval()
+        extra = {"variant": variant} if variant else {}
+        for nfe in args.nfe:
+            measure(student, "student", nfe, **extra)
+        if variant:
+            continue  # ablations are compared on plain sampling
+        discriminator = Discriminator(teacher)
+        discriminator.load_state_dict(torch.load(os.path.join(run_dir, "final", "discriminator.pt")))
+        for nfe in args.guided_nfe:
+            measure(student, "student_guided", nfe, discriminator.eval())
+    print(json.dumps({"results": results}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""DiDi-Instruct's parts on hand-made cases (discriminator loss and reward, grouped normalisation, ω clamping, the
+two-step log-likelihood, EMA), the ancestral and guided samplers, the judge's measures, and a short trainer run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dlm_rl.models.tiny import tiny_model
+from dlm_rl.rl.didi import (
+    Discriminator,
+    TwoStep,
+    discriminator_loss,
+    discriminator_reward,
+    grouped_advantages,
+    kl_and_entropy,
+    time_weight,
+    two_step_rollout,
+)
+
+
+def tiny(seed=0):
+    return tiny_model(hidden_size=32, num_layers=2, intermediate_size=64, seed=seed)
+
+
+def test_discriminator_loss_on_hand_made_logits():
+    real = torch.tensor([[2.0, 99.0]])  # position 1 is not masked: it must not count
+    fake = torch.tensor([[-1.0, 0.5]])
+    real_masked, fake_masked = torch.tensor([[True, False]]), torch.tensor([[True, True]])
+    # without smoothing: ½ (softplus(−2) + mean(softplus(−1), softplus(0.5)))
+    expected = 0.5 * (F.softplus(torch.tensor(-2.0)) + (F.softplus(torch.tensor(-1.0))
+                                                         + F.softplus(torch.tensor(0.5))) / 2)
+    assert discriminator_loss(real, real_masked, fake, fake_masked, 0.0).item() == pytest.approx(expected.item())
+    # smoothing 0.1: targets 0.95 / 0.05; at logit 0 the BCE is log 2 whatever the target
+    zeros = torch.zeros(1, 2)
+    assert discriminator_loss(zeros, real_masked, zeros, fake_masked, 0.1).item() == pytest.approx(math.log(2))
+    smoothed = discriminator_loss(real, real_masked, fake, fake_masked, 0.1).item()
+    bce = F.binary_cross_entropy_with_logits
+    hand = 0.5 * (bce(torch.tensor([2.0]), torch.tensor([0.95]))
+                  + bce(torch.tensor([-1.0, 0.5]), torch.tensor([0.05, 0.05])))
+    assert smoothed == pytest.approx(hand.item())
+
+
+def test_reward_is_the_clipped_mean_logit_over_masked_positions():
+    logits = torch.tensor([[10.0, -2.0, 5.0], [1.0, 1.0, 1.0]])
+    masked = torch.tensor([[True, True, False], [False, False, False]])
+    assert discriminator_reward(logits, masked, clip=8.0).tolist() == [3.0, 0.0]  # (8 − 2)/2; no mask → 0
+
+
+def test_grouped_normalisation_and_clipping():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
+    advantages = grouped_advantages(rewards, group_size=3)
+    assert advantages[:3].tolist() == pytest.approx([-1.0, 0.0, 1.0])  # std of (1, 2, 3) is 1
+    assert advantages[3:].tolist() == [0.0, 0.0, 0.0]  # a tied group carries no signal
+    outlier = grouped_advantages(torch.tensor([0.0] * 15 + [1.0]), group_size=16, clip=3.0)
+    assert outlier[-1].item() == 3.0 and outlier[0].item() == pytest.approx(-0.25)
+    with pytest.raises(ValueError, match="groups of 4"):
+        grouped_advantages(rewards, group_size=4)
+
+
+def test_time_weight_is_one_over_t_clamped():
+    t = torch.tensor([0.01, 0.1, 0.5, 1.0, 20.0])
+    assert time_weight(t).tolist() == pytest.approx([10.0, 10.0, 2.0, 1.0, 0.1])
+
+
+def test_two_step_log_likelihood_decomposes_and_normalises():
+    """log q(x) = Σ_first log q(x_i | all-mask) + Σ_second log q(x_j | x_τ), and for a fixed reveal pattern
+    the probabilities of every (x_τ, x_0) sum to 1."""
+    model = tiny()
+    mask = model.mask_token_id
+    prompt = torch.tensor([[model.tokenizer.convert_tokens_to_ids("#")]])
+    vocab = model.config.vocab_size
+    candidates = torch.tensor([v for v in range(vocab) if v != mask])  # every token the step can draw
+    n = len(candidates)
+    start = torch.cat([prompt, torch.full((1, 2), mask)], 1).repeat(n, 1)
+    first = torch.tensor([[False, True, False]]).repeat(n, 1)  # the first step reveals position 1
+    second = torch.tensor([[False, False, True]]).repeat(n, 1)
+    with torch.no_grad():
+        start_logits = model(start).logits
+        middle = start.clone()
+        middle[:, 1] = candidates
+        middle_logits = model(middle).logits
+    total = 0.0
+    for b in candidates.tolist():  # x_0 = (a, b) for every a at once
+        final = middle.clone()
+        final[:, 2] = b
+        rollout = TwoStep(start, middle, final, first, second, torch.full((n,), 0.5), start_logits, middle_logits)
+        log_prob = rollout.log_prob()
+        hand = (start_logits[:, 1].log_softmax(-1)[torch.arange(n), candidates]
+                + middle_logits[:, 2].log_softmax(-1)[:, b])
+        assert torch.allclose(log_prob, hand, atol=1e-5)
+        total += float(log_prob.double().exp().sum())
+    assert total == pytest.approx(1.0, abs=1e-4)
+
+
+def test_rollout_reveals_every_response_token_once_and_keeps_the_graph():
+    model = tiny()
+    ids = torch.tensor([[5, 6, 0, 0, 0, 0]] * 4)
+    response = torch.tensor([[False, False, True, True, True, True]] * 4)
+    tau = torch.tensor([0.02, 0.5, 0.5, 0.98])
+    rollout = two_step_rollout(model, ids, torch.ones_like(ids), response, tau, torch.Generator().manual_seed(0))
+    assert torch.equal(rollout.first | rollout.second, response) and not (rollout.first & rollout.second).any()
+    assert (rollout.final[response] != model.mask_token_id).all()
+    assert torch.equal(rollout.middle[rollout.first], rollout.final[rollout.first])
+    assert (rollout.middle[rollout.second] == model.mask_token_id).all()
+    assert torch.equal(rollout.final[:, :2], ids[:, :2])  # the prompt is untouched
+    rollout.log_prob().sum().backward()
+    assert model.model.model.embed_tokens.weight.grad.abs().sum() > 0
+
+
+def test_kl_and_entropy_are_zero_and_positive_for_a_student_equal_to_its_teacher():
+    model = tiny()
+    ids = torch.full((2, 5), model.mask_token_id)
+    logits = model(ids).logits
+    positions = torch.ones(2, 5, dtype=torch.bool)
+    kl, entropy = kl_and_entropy(logits, logits.detach(), positions)
+    assert kl.item() == pytest.approx(0.0, abs=1e-6) and entropy.item() > 0
+    other = tiny(seed=1)(ids).logits.detach()
+    kl, _ = kl_and_entropy(logits, other, positions)
+    assert kl.item() > 0 and torch.isfinite(kl)
+    kl.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_ema_follows_the_decay():
+    """The trainer's EMA (torch's AveragedModel with an EMA average): the first update copies, later ones blend."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    layer = torch.nn.Linear(1, 1, bias=False)
+    ema = AveragedModel(layer, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    expected = None
+    for value in [1.0, 2.0, 4.0]:
+        layer.weight.data.fill_(value)
+        ema.update_parameters(layer)
+        expected = value if expected is None else 0.9 * expected + 0.1 * value
+    assert ema.module.weight.item() == pytest.approx(expected)  # 0.9 (0.9·1 + 0.1·2) + 0.1·4 = 1.39
+    assert expected == pytest.approx(1.39)
+
+
+def test_discriminator_trains_only_its_last_blocks_and_starts_at_zero():
+    teacher = tiny()
+    discriminator = Discriminator(teacher, trainable_blocks=1)
+    trainable = {n for n, p in discriminator.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("backbone.model.model.layers.1.", "backbone.model.model.norm", "head"))
+                             for n in trainable)
+    assert all(p.requires_grad for p in teacher.parameters())  # the copy is frozen, not the teacher
+    ids = torch.tensor([[5, 6, teacher.mask_token_id]])
+    assert discriminator(ids).abs().max().item() == 0.0
+    with pytest.raises(ValueError, match="trainable_blocks"):
+        Discriminator(teacher, trainable_blocks=3)
+
+
+def test_ancestral_sampling_reuses_logits_when_a_step_reveals_nothing():
+    from dlm_rl.sampling.guided import ancestral_sample
+
+    model = tiny()
+    prompt = torch.tensor([[5, 6]])
+    samples = ancestral_sample(model, prompt.repeat(3, 1), torch.ones(3, 2, dtype=torch.long), 8, 1024,
+                               generator=torch.Generator().manual_seed(0))
+    assert (samples.response_ids != model.mask_token_id).all()
+    assert samples.forwards <= 8  # at most one forward per state change, not 1024
+    one_step = ancestral_sample(model, prompt, torch.ones(1, 2, dtype=torch.long), 8, 1)
+    assert one_step.forwards == 1.0 and (one_step.response_ids != model.mask_token_id).all()
+
+
+def test_guided_sampling_uses_the_discriminator_in_both_halves():
+    from dlm_rl.sampling.guided import _guidance, ancestral_sample
+
+    model = tiny()
+    discriminator = Discriminator(model, trainable_blocks=1)
+    ids = torch.tensor([[5, 6, model.mask_token_id, model.mask_token_id]])
+    logits = model(ids).logits.detach()
+    masked = ids == model.mask_token_id
+    assert _guidance(discriminator, ids, torch.ones_like(ids), logits, masked, 0.5).abs().max() == 0  # D ≡ 0
+    torch.nn.init.normal_(discriminator.head.weight)
+    gradient = _guidance(discriminator, ids, torch.ones_like(ids), logits, masked, 0.5)
+    assert gradient[masked].abs().max() > 0
+    samples = ancestral_sample(model, ids[:, :2], torch.ones(1, 2, dtype=torch.long), 4, 4,
+                               discriminator=discriminator, candidates=3, generator=torch.Generator().manual_seed(0))
+    assert (samples.response_ids != model.mask_token_id).all()
+    assert samples.discriminator_passes == 2 + 2 * 3  # 2 guided steps, then 2 steps of 3 candidates
+
+
+def test_judge_perplexity_and_entropy_by_hand():
+    from dlm_rl.judge import judge_perplexity, unigram_entropy
+
+    judge = tiny().model.eval()  # a causal LM (the tiny backbone run causally)
+    eos = 1
+    prompt = torch.tensor([[7, 8]])
+    response = torch.tensor([[9, 10, eos, eos]])  # scored: 9, 10 and the first EOS
+    with torch.no_grad():
+        log_probs = judge(torch.tensor([[7, 8, 9, 10, eos]])).logits.double().log_softmax(-1)[0]
+    nll = -(log_probs[1, 9] + log_probs[2, 10] + log_probs[3, eos]) / 3
+    assert judge_perplexity(judge, prompt, torch.ones_like(prompt), response, eos) == pytest.approx(
+        math.exp(nll.item()), rel=1e-5)
+    assert unigram_entropy(torch.tensor([[4, 4, 5, 5, eos, 6], [4, 4, 4, 4, 4, 4]]), eos) == pytest.approx(
+        math.log(2) / 2)
+
+
+def test_trainer_runs_starts_the_discriminator_at_log2_and_saves_the_student(tmp_path):
+    from dlm_rl.trainers.didi import DiDiConfig, run
+
+    config = DiDiConfig(teacher="tiny", task="addition3", train_size=64, prompts_per_step=2, group_size=2,
+                        max_steps=3, discriminator_warmup_steps=1, eval_steps=3, eval_samples=4, eval_nfe=4,
+                        learning_rate=1e-3, tensorboard=False, output_dir=str(tmp_path))
+    run(config)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[1]["discriminator_loss"] == pytest.approx(math.log(2), abs=1e-6)  # zero head: D = 0
+    assert lines[1]["reward"] == 0.0 and "loss" not in lines[1]  # step 1 trains only the discriminator
+    assert all(math.isfinite(line["loss"]) for line in lines[2:])
+    assert 0 <= lines[-1]["eval/validity"] <= 1 and lines[-1]["eval/entropy"] > 0
+    assert (tmp_path / "final" / "discriminator.pt").exists()
+    with pytest.raises(ValueError, match="exactly one of"):
+        DiDiConfig(task=None)
+    with pytest.raises(ValueError, match="kl_coef"):
+        DiDiConfig(use_discriminator=False, kl_coef=0.0)
