@@ -80,7 +80,7 @@ CHECKPOINTS = {
     ),
     # chain-base does not carry over to longer canvases (greedy 0% at 64 tokens): continue it on 128-token ones.
     # DiDi-Instruct's teacher: a masked diffusion LM of unconditional 128-token fact chains.
-    "facts-teacher": Checkpoint("facts", max_steps=2000, purpose="sft", batch_size=64),
+    "facts-teacher": Checkpoint("facts", max_steps=1000, purpose="sft", batch_size=64),
     "chain128-base": Checkpoint(
         "chain128", max_steps=1000, purpose="rl-base", stop_at_accuracy=0.4, warmup_steps=0, init="chain-base"
     ),
