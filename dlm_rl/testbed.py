@@ -45,6 +45,23 @@ TASKS = {
 }
 
 
+def training_rows(task: str | None, dataset_path: str | None, size: int, seed: int, response_length: int | None):
+    """(rows with prompt/completion, response length): `size` rows of testbed task `task`, or a local dataset file
+    (which must come with its `response_length`)."""
+    from dlm_rl.data.files import load_rows
+
+    if task is not None:
+        if task not in TASKS:
+            raise ValueError(f"unknown testbed task {task!r}; choose one of {sorted(TASKS)}")
+        spec = TASKS[task]
+        return spec.dataset("train", size, seed=seed), response_length or spec.response_length
+    if response_length is None:
+        raise ValueError(
+            f"dataset_path {dataset_path}: set response_length (completion + EOS tokens; gen_length in DiDi recipes)"
+        )
+    return load_rows(dataset_path), response_length
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """A tiny base model: which task, how long it trains, and what it is for."""

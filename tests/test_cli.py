@@ -128,7 +128,7 @@ def test_eval_scores_greedy_completions_with_a_reward_from_a_user_file(trained, 
 def test_eval_unknown_task_lists_valid_tasks(trained, capsys):
     assert main(["eval", "--model", trained, "--task", "addition4"]) == 2
     err = capsys.readouterr().err
-    assert "unknown testbed task 'addition4'; choose one of ['addition3', 'chain', 'chain128', 'code']" in err
+    assert "unknown testbed task 'addition4'; choose one of ['addition3', 'chain', 'chain128', 'code', 'facts']" in err
 
 
 def test_eval_unknown_model_is_an_error(capsys):

@@ -116,9 +116,11 @@ def run(config: DiDiConfig) -> dict:
     from dlm_rl.data.collate import DiffusionCollator
     from dlm_rl.models.lora import add_lora
     from dlm_rl.models.resolve import resolve_model
+    from dlm_rl.testbed import training_rows
     from dlm_rl.trainers.online import PromptStream
 
-    rows, gen_length = _load_rows(config)
+    rows, gen_length = training_rows(config.task, config.dataset_path, config.train_size, config.seed,
+                                     config.gen_length)
     torch.manual_seed(config.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = resolve_model(config.teacher, trust_remote_code=config.trust_remote_code).to(device)
@@ -241,17 +243,3 @@ def _evaluate(model, config: DiDiConfig, rows, gen_length: int, device) -> dict:
     scorer = TASKS[config.task].generator if config.task is not None else None
     quality = sample_quality(samples.response_ids.cpu(), model.tokenizer, scorer, picked)
     return {f"eval/{name}": value for name, value in quality.items()}
-
-
-def _load_rows(config: DiDiConfig):
-    from dlm_rl.data.files import load_rows
-    from dlm_rl.testbed import TASKS
-
-    if config.task is not None:
-        if config.task not in TASKS:
-            raise ValueError(f"unknown testbed task {config.task!r}; choose one of {sorted(TASKS)}")
-        task = TASKS[config.task]
-        return task.dataset("train", config.train_size, seed=config.seed), config.gen_length or task.response_length
-    if config.gen_length is None:
-        raise ValueError(f"dataset_path {config.dataset_path}: set gen_length (completion + EOS tokens)")
-    return load_rows(config.dataset_path), config.gen_length

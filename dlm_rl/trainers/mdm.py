@@ -103,22 +103,12 @@ class MDMTrainer(Trainer):
 
 def run(config: MDMConfig) -> str:
     """Train as the config says and save the result to config.output_dir; returns that path."""
-    from dlm_rl.data.files import load_rows
     from dlm_rl.models.lora import add_lora
     from dlm_rl.models.resolve import resolve_model
-    from dlm_rl.testbed import TASKS
+    from dlm_rl.testbed import training_rows
 
-    if config.task is not None:
-        if config.task not in TASKS:
-            raise ValueError(f"unknown testbed task {config.task!r}; choose one of {sorted(TASKS)}")
-        task = TASKS[config.task]
-        train = task.dataset("train", config.train_size, seed=config.seed)
-        response_length = config.response_length or task.response_length
-    else:
-        train = load_rows(config.dataset_path)
-        if config.response_length is None:
-            raise ValueError(f"dataset_path {config.dataset_path}: set response_length (completion + EOS tokens)")
-        response_length = config.response_length
+    train, response_length = training_rows(config.task, config.dataset_path, config.train_size, config.seed,
+                                           config.response_length)
     model = resolve_model(
         config.model,
         attention=config.attention,
