@@ -176,10 +176,11 @@ def test_guided_sampling_uses_the_discriminator_in_both_halves():
     logits = model(ids).logits.detach()
     masked = ids == model.mask_token_id
     assert _guidance(discriminator, ids, torch.ones_like(ids), logits, masked, 0.5).abs().max() == 0  # D ≡ 0
-    torch.nn.init.normal_(discriminator.head.weight)
+    torch.nn.init.normal_(discriminator.head.weight, generator=torch.Generator().manual_seed(0))
     gradient = _guidance(discriminator, ids, torch.ones_like(ids), logits, masked, 0.5)
     assert gradient[masked].abs().max() > 0
-    samples = ancestral_sample(model, ids[:, :2], torch.ones(1, 2, dtype=torch.long), 4, 4,
+    # 16 tokens in 4 steps: some stay masked until the last step (the sampler stops once none is left)
+    samples = ancestral_sample(model, ids[:, :2], torch.ones(1, 2, dtype=torch.long), 16, 4,
                                discriminator=discriminator, candidates=3, generator=torch.Generator().manual_seed(0))
     assert (samples.response_ids != model.mask_token_id).all()
     assert samples.discriminator_passes == 2 + 2 * 3  # 2 guided steps, then 2 steps of 3 candidates
