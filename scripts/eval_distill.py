@@ -46,6 +46,8 @@ def main() -> None:
     from dlm_rl.sampling.guided import ancestral_sample
     from dlm_rl.testbed import TASKS
 
+    if any("=" not in spec for spec in args.ablation):
+        parser.error(f"--ablation takes NAME=RUN_DIR, got {args.ablation}")
     task = TASKS[args.task]
     teacher = resolve_model(args.teacher).eval()
     tokenizer = teacher.tokenizer
