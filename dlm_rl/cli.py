@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             _sample(args)
         else:
             _eval(args)
-    except (ValueError, FileNotFoundError, ImportError) as error:
+    except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as error:
         print(f"dlm-rl {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0
