@@ -119,8 +119,8 @@ class SkipNonFinite(TrainerCallback):
         self.guard = guard
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
+        norm = torch.stack(norms).norm() if norms else torch.zeros(())  # torch.nn.utils.get_total_norm needs 2.6
         self.guard.skip([optimizer], grad_norm=float(norm))
 
 
