@@ -1,10 +1,11 @@
-"""Command line: `dlm-rl train RECIPE.yaml [--key value ...]`, `dlm-rl sample`, `dlm-rl eval`."""
+"""Command line: `dlm-rl train RECIPE.yaml [--key value ...]`, `dlm-rl sample`, `dlm-rl eval`, `dlm-rl plot`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 
 from dlm_rl.sampling.config import CACHES, ORDERINGS
@@ -39,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     for command in (sample, evaluate):
         _sampler_arguments(command)
 
+    plot = commands.add_parser("plot", help="draw a run's curves to PNG",
+                               description="Draw the reward, accuracy, KL, NFE, time, loss and guard curves that a "
+                               "run's metrics.jsonl holds into one PNG.")
+    plot.add_argument("run_dir", help="a tracerl, vrpo or didi run's output_dir")
+    plot.add_argument("--output", help="the PNG to write (default RUN_DIR/curves.png)")
+
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.command != "train" and rest:
@@ -51,9 +58,11 @@ def main(argv: list[str] | None = None) -> int:
             module.run(config)
         elif args.command == "sample":
             _sample(args)
+        elif args.command == "plot":
+            _plot(args)
         else:
             _eval(args)
-    except (ValueError, FileNotFoundError, ImportError) as error:
+    except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as error:
         print(f"dlm-rl {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0
@@ -137,6 +146,18 @@ def _eval(args) -> None:
         rewards=rewards,
     )
     print(json.dumps({"model": args.model, "task": args.task, **result}))
+
+
+def _plot(args) -> None:
+    from dlm_rl.run_log import plot_curves
+
+    metrics = os.path.join(args.run_dir, "metrics.jsonl")
+    if not os.path.isfile(metrics):
+        raise FileNotFoundError(f"{args.run_dir} has no metrics.jsonl; give the output_dir of a tracerl, vrpo or didi "
+                                "run (mdm runs log through the transformers Trainer: set report_to: tensorboard)")
+    output = args.output or os.path.join(args.run_dir, "curves.png")
+    panels = plot_curves(metrics, output)
+    print(f"wrote {output}: {', '.join(panels)}")
 
 
 if __name__ == "__main__":

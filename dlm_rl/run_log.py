@@ -1,5 +1,6 @@
 """A training run's records in its output directory: `metrics.jsonl` (one line per step), TensorBoard scalars
-(`tensorboard/`), `completions.jsonl` (every sampled completion with its rewards) and, at the end, `curve.png`."""
+(`tensorboard/`), `completions.jsonl` (every sampled completion with its rewards) and, at the end, `curve.png`;
+`plot_curves` also draws the panels of `dlm-rl plot`."""
 
 from __future__ import annotations
 
@@ -49,27 +50,56 @@ class RunLog:
         if self.writer is not None:
             self.writer.close()
         try:
-            plot_curve(os.path.join(self.output_dir, "metrics.jsonl"), os.path.join(self.output_dir, "curve.png"),
-                       curve)
+            plot_curves(os.path.join(self.output_dir, "metrics.jsonl"), os.path.join(self.output_dir, "curve.png"),
+                        {"": curve})
         except Exception as error:  # a missing plot must not cost the run
             logger.warning("could not draw the curve: %s", error)
 
 
-def plot_curve(metrics_path: str, png_path: str, names: tuple[str, ...]) -> None:
+# What `dlm-rl plot` draws: panel title -> metrics; a name ending in "/" stands for every metric under it.
+PANELS = {
+    "reward": ("reward/", "reward"),
+    "accuracy": ("eval/greedy_accuracy", "implicit_accuracy", "eval/validity"),
+    "KL": ("kl",),
+    "NFE": ("nfe",),
+    "time per step (s)": ("time/",),
+    "loss": ("loss", "value_loss", "discriminator_loss"),
+    "guards": ("truncated_fraction", "guard/"),
+}
+
+
+def plot_curves(metrics_path: str, png_path: str, panels: dict[str, tuple[str, ...]] = PANELS) -> list[str]:
+    """Draw each panel whose metrics the run logged against the step, one axis per panel, into `png_path`; returns
+    the titles of the panels drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = [json.loads(x) for x in open(metrics_path)]
-    figure, axis = plt.subplots(figsize=(7, 4))
-    for name in names:
-        points = [(line["step"], line[name]) for line in lines if name in line]
-        if points:
+    with open(metrics_path) as f:
+        lines = [json.loads(x) for x in f if x.strip()]
+    logged = list(dict.fromkeys(name for line in lines for name in line))  # first-seen order
+    drawn = {}
+    for title, wanted in panels.items():
+        names = [n for w in wanted for n in logged if n == w or (w.endswith("/") and n.startswith(w))]
+        if names:
+            drawn[title] = list(dict.fromkeys(names))
+    if not drawn:
+        raise ValueError(f"{metrics_path} logs none of the metrics {sorted({n for w in panels.values() for n in w})}")
+    columns = min(2, len(drawn))
+    rows = math.ceil(len(drawn) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(7 * columns, 4 * rows), squeeze=False)
+    for axis, (title, names) in zip(axes.flat, drawn.items()):
+        for name in names:
+            points = [(line["step"], line[name]) for line in lines if isinstance(line.get(name), (int, float))]
             axis.plot(*zip(*points), marker="o" if len(points) < 30 else None, label=name)
-    axis.set_xlabel("step")
-    axis.grid(alpha=0.3)
-    axis.legend()
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    for axis in axes.flat[len(drawn):]:
+        axis.set_visible(False)
     figure.tight_layout()
     figure.savefig(png_path, dpi=100)
     plt.close(figure)
+    return list(drawn)

@@ -136,6 +136,43 @@ def test_eval_unknown_model_is_an_error(capsys):
     assert "model 'not-a-model' is neither 'tiny'" in capsys.readouterr().err
 
 
+# --- plot -------------------------------------------------------------------------------------------------------
+
+# The metric names each trainer logs (a subset), as its metrics.jsonl has them: step 0 is the held-out check.
+PLOT_METRICS = {
+    "tracerl": {"reward/total": 0.5, "reward/accuracy": 0.4, "kl": 0.01, "nfe": 3.0, "loss": 0.1,
+                "time/generation_and_reward": 0.4, "time/training": 0.2, "truncated_fraction": 0.1,
+                "guard/truncated_steps": 0, "guard/nonfinite_steps": 0},
+    "vrpo": {"loss": 0.69, "implicit_accuracy": 0.5, "pairs": 6, "time/training": 0.3},
+    "didi": {"reward": 0.1, "loss": 0.2, "kl": 0.3, "discriminator_loss": 0.69, "time/step": 0.5},
+}
+
+
+@pytest.mark.parametrize("trainer", sorted(PLOT_METRICS))
+def test_plot_draws_a_runs_curves_to_a_png(trainer, tmp_path, capsys):
+    from PIL import Image
+
+    lines = [{"step": 0, "eval/greedy_accuracy": 0.1}]
+    lines += [{"step": step, **{k: v * step for k, v in PLOT_METRICS[trainer].items()}} for step in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert main(["plot", str(tmp_path)]) == 0
+    png = tmp_path / "curves.png"
+    assert capsys.readouterr().out.startswith(f"wrote {png}: reward") == (trainer != "vrpo")
+    with Image.open(png) as image:
+        image.verify()
+        assert image.format == "PNG" and image.size[0] >= 700
+
+
+def test_plot_writes_where_told_and_refuses_a_directory_without_metrics(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "kl": 0.5}\n{"step": 2, "kl": 0.25}\n')
+    assert main(["plot", str(tmp_path), "--output", str(tmp_path / "elsewhere.png")]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'elsewhere.png'}: KL\n"
+    assert (tmp_path / "elsewhere.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "metrics.jsonl").unlink()
+    assert main(["plot", str(tmp_path)]) == 2
+    assert f"dlm-rl plot: error: {tmp_path} has no metrics.jsonl; give the output_dir of a" in capsys.readouterr().err
+
+
 # --- recipes: overrides and errors ------------------------------------------------------------------------------
 
 

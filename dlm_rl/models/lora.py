@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from peft import LoraConfig, get_peft_model
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from dlm_rl.models.diffusion_lm import DiffusionLM
+
+logger = logging.getLogger(__name__)
+
+# The module types PEFT's LoRA wraps; a target naming anything else makes PEFT raise with the module's full repr.
+ADAPTABLE = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D)
 
 
 @dataclass
@@ -29,21 +36,43 @@ class LoraArguments:
 
 
 def add_lora(dlm: DiffusionLM, args: LoraArguments) -> DiffusionLM:
-    """Wrap the backbone in a PEFT LoRA model in place; refuse target names that match no module."""
-    names = {name.rsplit(".", 1)[-1] for name, _ in dlm.model.named_modules()}
-    unmatched = [t for t in args.lora_target_modules if t not in names]
-    if unmatched:
-        linear = {n.rsplit(".", 1)[-1] for n, m in dlm.model.named_modules() if isinstance(m, nn.Linear)}
-        raise ValueError(
-            f"LoRA target modules {unmatched} match no module of {type(dlm.model).__name__}; "
-            f"its linear layers are named {sorted(linear)}"
-        )
+    """Wrap the backbone in a PEFT LoRA model in place, after checking the target names (`lora_targets`)."""
+    excluded = lora_targets(dlm.model, args.lora_target_modules)
     config = LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         target_modules=list(args.lora_target_modules),
+        exclude_modules=excluded or None,
         bias="none",
     )
     dlm.model = get_peft_model(dlm.model, config)
     return dlm
+
+
+def lora_targets(model: nn.Module, targets: list[str]) -> list[str]:
+    """Check target names as PEFT matches them (a module's full name or a dotted suffix of it); returns the modules
+    to exclude. A name that matches nothing is an error (PEFT skips it silently when another name matches), and so
+    is a name of a module LoRA cannot adapt. The output layer is excluded, with a warning, when a name picks it up
+    together with other layers (LLaDA calls both its blocks' last projection and its LM head `ff_out`)."""
+    modules = dict(model.named_modules())
+    matches = {t: [name for name in modules if name == t or name.endswith("." + t)] for t in targets}
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in modules.items() if isinstance(m, nn.Linear)})
+    where = f"{type(model).__name__}, whose linear layers are named {linear}"
+    unmatched = [t for t, names in matches.items() if not names]
+    if unmatched:
+        raise ValueError(f"LoRA target modules {unmatched} match no module of {where}; "
+                         "set lora_target_modules to some of those")
+    for target, names in matches.items():
+        other = [name for name in names if not isinstance(modules[name], ADAPTABLE)]
+        if other:
+            raise ValueError(f"LoRA target module {target!r} names {other[0]} ({type(modules[other[0]]).__name__}), "
+                             f"which LoRA cannot adapt, in {where}; name the linear layers inside it instead")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_name = next((name for name, m in modules.items() if m is head), None)
+    widened = [t for t, names in matches.items() if head_name in names and len(names) > 1]
+    if not widened or any(names == [head_name] for names in matches.values()):
+        return []
+    logger.warning("LoRA target modules %s also match the output layer %s (the LM head); it is left out. To adapt "
+                   "it too, add its full name %r to lora_target_modules", widened, head_name, head_name)
+    return [head_name]

@@ -21,6 +21,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
+from dlm_rl.guards import NonFiniteArguments, NonFiniteLoss
 from dlm_rl.models.lora import LoraArguments
 from dlm_rl.rl.didi import (
     Discriminator,
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class DiDiConfig(LoraArguments):
+class DiDiConfig(LoraArguments, NonFiniteArguments):
     """DiDi-Instruct settings; every field can be a recipe key."""
 
     teacher: str = "testbed:facts-teacher"
@@ -138,6 +139,7 @@ def run(config: DiDiConfig) -> dict:
     collate = DiffusionCollator(teacher.tokenizer, gen_length)
     stream = PromptStream(rows, config.prompts_per_step, config.seed)
     generator = torch.Generator(device).manual_seed(config.seed)
+    nonfinite = NonFiniteLoss(config.max_nonfinite_steps, "DiDi")
     log = RunLog(config.output_dir, tensorboard=config.tensorboard)
 
     def evaluate() -> dict:
@@ -150,7 +152,7 @@ def run(config: DiDiConfig) -> dict:
             start = time.perf_counter()
             batch = {k: v.to(device) for k, v in collate(stream.next()).items()}
             line = {"step": step, **_step(student, teacher, discriminator, student_optimizer, discriminator_optimizer,
-                                          student_parameters, batch, config, generator,
+                                          student_parameters, batch, config, generator, nonfinite,
                                           update_student=step > config.discriminator_warmup_steps)}
             if ema is not None and step > config.discriminator_warmup_steps:
                 ema.update_parameters(student)
@@ -168,8 +170,9 @@ def run(config: DiDiConfig) -> dict:
 
 
 def _step(student, teacher, discriminator, student_optimizer, discriminator_optimizer, student_parameters, batch,
-          config: DiDiConfig, generator, *, update_student: bool) -> dict:
-    """One student update (unless still warming up the discriminator) and one discriminator update."""
+          config: DiDiConfig, generator, nonfinite: NonFiniteLoss, *, update_student: bool) -> dict:
+    """One student update (unless still warming up the discriminator) and one discriminator update; `nonfinite`
+    skips either when its loss is NaN or inf."""
     group = config.group_size
     repeated = {k: v.repeat_interleave(group, 0) for k, v in batch.items()}
     response_mask, attention_mask = repeated["response_mask"], repeated["attention_mask"]
@@ -187,18 +190,20 @@ def _step(student, teacher, discriminator, student_optimizer, discriminator_opti
     line = {"reward": float(reward.mean()), "tau": float(tau.mean())}
     if update_student:
         line.update(_student_update(student, teacher, student_optimizer, student_parameters, rollout, reward,
-                                    response_mask, attention_mask, config))
+                                    response_mask, attention_mask, config, nonfinite))
     discriminator_optimizer.zero_grad(set_to_none=True)
     d_loss = discriminator_loss(discriminator(real, attention_mask), real_masked, fake_logits, fake_masked,
                                 config.label_smoothing)
     d_loss.backward()
-    discriminator_optimizer.step()
     line["discriminator_loss"] = d_loss.item()
+    if not nonfinite.skip([discriminator_optimizer], discriminator_loss=line["discriminator_loss"]):
+        discriminator_optimizer.step()
+    line["guard/nonfinite_steps"] = nonfinite.count
     return line
 
 
 def _student_update(student, teacher, optimizer, parameters, rollout, reward, response_mask, attention_mask,
-                    config: DiDiConfig) -> dict:
+                    config: DiDiConfig, nonfinite: NonFiniteLoss) -> dict:
     if not config.use_discriminator:
         advantage = torch.zeros_like(reward)
     elif config.grouped_normalisation:
@@ -215,12 +220,11 @@ def _student_update(student, teacher, optimizer, parameters, rollout, reward, re
     kl_middle, entropy_middle = kl_and_entropy(rollout.middle_logits, teacher_middle, rollout.second)
     kl, entropy = (kl_start + kl_middle) / 2, (entropy_start + entropy_middle) / 2
     loss = policy_loss + config.kl_coef * kl - config.entropy_coef * entropy
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"DiDi student loss is {float(loss)}; stopping before the weights are damaged")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-    optimizer.step()
+    if not nonfinite.skip([optimizer], loss=loss.item(), grad_norm=float(grad_norm)):
+        optimizer.step()
     return {"loss": loss.item(), "policy_loss": policy_loss.item(), "kl": kl.item(), "entropy": entropy.item(),
             "advantage_abs": float(advantage.abs().mean()), "grad_norm": float(grad_norm)}
 

@@ -12,19 +12,20 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from dlm_rl.data.collate import DiffusionCollator, require_columns
 from dlm_rl.diffusion import MCNoise, mdm_loss
 from dlm_rl.diffusion.noise import FORMS
 from dlm_rl.diffusion.schedules import SCHEDULES
+from dlm_rl.guards import NonFiniteArguments, NonFiniteLoss
 from dlm_rl.models.lora import LoraArguments
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class MDMConfig(LoraArguments, TrainingArguments):
+class MDMConfig(LoraArguments, NonFiniteArguments, TrainingArguments):
     """Masked-diffusion SFT: TrainingArguments plus the model, data and noise settings."""
 
     model: str = "tiny"
@@ -75,6 +76,9 @@ class MDMTrainer(Trainer):
         require_columns(train_dataset, ["prompt", "completion"], "MDMTrainer")
         collator = DiffusionCollator(model.tokenizer, response_length)
         super().__init__(model=model, args=args, train_dataset=train_dataset, data_collator=collator, **kwargs)
+        self.nonfinite = NonFiniteLoss(args.max_nonfinite_steps, "MDM")
+        if not args.fp16:  # fp16's loss scaler skips overflowing steps itself (and fails on a step without grads)
+            self.add_callback(SkipNonFinite(self.nonfinite))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         response_mask = inputs["response_mask"]
@@ -93,12 +97,31 @@ class MDMTrainer(Trainer):
         loss = mdm_loss(model, inputs["input_ids"], response_mask, noise, inputs["attention_mask"])
         return (loss, None) if return_outputs else loss
 
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The Trainer's log, with the count of skipped non-finite steps next to the training loss."""
+        if "loss" in logs:
+            logs["guard/nonfinite_steps"] = self.nonfinite.count
+        super().log(logs, start_time)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the DiffusionLM (weights or adapter, tokenizer, conventions) so `dlm_rl.models.load` reads it."""
         output_dir = output_dir or self.args.output_dir
         if self.args.should_save:
             self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+
+class SkipNonFinite(TrainerCallback):
+    """Skips an optimiser step whose gradients are NaN or inf (a NaN/inf loss makes them so; the Trainer logs such
+    losses filtered and would step on them) and stops the run at the `max_nonfinite_steps`-th."""
+
+    def __init__(self, guard: NonFiniteLoss):
+        self.guard = guard
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
+        norm = torch.stack(norms).norm() if norms else torch.zeros(())  # torch.nn.utils.get_total_norm needs 2.6
+        self.guard.skip([optimizer], grad_norm=float(norm))
 
 
 def run(config: MDMConfig) -> str:

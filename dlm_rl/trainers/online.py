@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dlm_rl.guards import NonFiniteArguments
 from dlm_rl.models.lora import LoraArguments
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class OnlineArguments(LoraArguments):
+class OnlineArguments(LoraArguments, NonFiniteArguments):
     """Settings of every trainer that learns from its own rollouts; every field can be a recipe key."""
 
     model: str = "testbed:addition3-base"
@@ -35,6 +36,10 @@ class OnlineArguments(LoraArguments):
     """Rewards as 'module:function' or 'path/to/file.py:function'."""
     reward_weights: list[float] | None = None
     """One weight per reward (default 1 each)."""
+    constant_reward_patience: int = 5
+    """Warn when a reward gives every completion of a step the same score this many steps in a row (0: off)."""
+    constant_reward_error: bool = False
+    """Stop the run instead of warning about a constant reward."""
     use_lora: bool = True
     """Train a LoRA adapter (the default) instead of all weights."""
     num_generations: int = 8

@@ -15,7 +15,6 @@ states; plain rows for full attention, packed rows for block attention), `diffu_
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from dlm_rl.guards import NonFiniteLoss, RolloutGuards
 from dlm_rl.models.lora import add_lora
 from dlm_rl.rl.advantages import group_advantages
 from dlm_rl.rl.losses import ppo_trace_loss
@@ -125,6 +125,7 @@ def run(config: TraceRLConfig) -> dict:
     )
     engine = LocalEngine(model, rows_per_chunk=config.prompts_per_step * config.num_generations, seed=config.seed,
                          rewards=rewards)
+    guards = RolloutGuards(gen_length, config.constant_reward_patience, config.constant_reward_error)
     log = RunLog(config.output_dir, tensorboard=config.tensorboard)
 
     def held_out() -> dict:
@@ -148,6 +149,7 @@ def run(config: TraceRLConfig) -> dict:
                 logger.warning("step %d: every group had equal rewards; no update (%d skipped so far)", step, skipped)
             engine.sync_weights(model)
             line.update(reward_metrics(trajectories))
+            line.update(guards(step, trajectories))
             if step % config.eval_steps == 0 or step == config.max_steps:
                 line.update(held_out())
             bar.set_postfix(reward=f"{line['reward/total']:.3f}", rows=line.get("rows", 0))
@@ -174,6 +176,7 @@ class Learner:
         random_rows = config.method in ("coupled", "random_masking")
         self.normaliser = gen_length if random_rows or config.normaliser == "length" else "tokens"
         self.generator = torch.Generator().manual_seed(config.seed)  # the baselines' random masks
+        self.nonfinite = NonFiniteLoss(config.max_nonfinite_steps, "TraceRL")
 
     def rows(self, trajectory) -> Rows:
         method, mask_id = self.config.method, self.model.mask_token_id
@@ -274,16 +277,20 @@ class Learner:
                                                     batch["returns"][part], rows.targets, config.value_clip)
                     (value_loss * share).backward()
                     sums["value_loss"] += value_loss.item() * share
-        if not math.isfinite(sums["loss"]) or not math.isfinite(sums["value_loss"]):
-            raise FloatingPointError(f"TraceRL loss is {sums}; stopping before the weights are damaged")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm)
-        self.optimizer.step()
-        metrics = {**sums, "grad_norm": float(grad_norm), "rows": total_rows}
-        if self.config.old_log_probs == "recompute":
-            metrics["entropy"] = sum(b["entropy"] * len(b["rows"]) for b in batches) / total_rows
+        optimizers = [self.optimizer] + ([self.value_optimizer] if self.value is not None else [])
+        skipped = self.nonfinite.skip(optimizers, loss=sums["loss"], value_loss=sums["value_loss"],
+                                      grad_norm=float(grad_norm))
+        metrics = {**sums, "grad_norm": float(grad_norm), "rows": total_rows,
+                   "guard/nonfinite_steps": self.nonfinite.count}
         if self.value is None:
             del metrics["value_loss"]
-        else:
+        if skipped:
+            return metrics
+        self.optimizer.step()
+        if self.config.old_log_probs == "recompute":
+            metrics["entropy"] = sum(b["entropy"] * len(b["rows"]) for b in batches) / total_rows
+        if self.value is not None:
             torch.nn.utils.clip_grad_norm_(self.value_parameters, config.max_grad_norm)
             self.value_optimizer.step()
             targets = [b["rows"].targets for b in batches]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from dlm_rl.guards import NonFiniteLoss, RolloutGuards
 from dlm_rl.models.lora import add_lora
 from dlm_rl.rl.vrpo import PreferenceEstimator, collate_pairs, fitting_pairs, vrpo_loss
 from dlm_rl.run_log import RunLog
@@ -139,6 +140,8 @@ def run(config: VRPOConfig) -> dict:
     engine = None if pairs else LocalEngine(model, rows_per_chunk=config.prompts_per_step * config.num_generations,
                                             seed=config.seed, rewards=rewards)
     stream = PromptStream(pairs or train, config.prompts_per_step, config.seed)
+    nonfinite = NonFiniteLoss(config.max_nonfinite_steps, "VRPO")
+    guards = RolloutGuards(gen_length, config.constant_reward_patience, config.constant_reward_error)
     log = RunLog(config.output_dir, tensorboard=config.tensorboard)
 
     def held_out() -> dict:
@@ -159,11 +162,12 @@ def run(config: VRPOConfig) -> dict:
                 chosen, rejected, counts = on_policy_pairs(trajectories, config.min_margin)
                 line.update(counts)
                 line.update(reward_metrics(trajectories))
+                line.update(guards(step, trajectories))
             line["time/generation_and_reward"] = time.perf_counter() - start
             start = time.perf_counter()
             if chosen:
                 line.update(_update(model, optimizer, parameters, chosen, rejected, estimator, config, generator,
-                                    frozen))
+                                    frozen, nonfinite))
             else:
                 logger.warning("step %d: no preference pair (every prompt's rewards tied or were too close)", step)
                 line["skipped"] = 1
@@ -182,8 +186,9 @@ def run(config: VRPOConfig) -> dict:
     return line
 
 
-def _update(model, optimizer, parameters, chosen, rejected, estimator, config, generator, frozen) -> dict:
-    """One optimiser step over all pairs, in micro-batches; returns the pair-weighted statistics."""
+def _update(model, optimizer, parameters, chosen, rejected, estimator, config, generator, frozen, nonfinite) -> dict:
+    """One optimiser step over all pairs, in micro-batches (none if `nonfinite` skips it); returns the pair-weighted
+    statistics."""
     device = model.device
     total = len(chosen["input_ids"])
     sums = {"loss": 0.0, "score_mean": 0.0, "implicit_accuracy": 0.0, "reward_margin": 0.0, "estimator_var": 0.0}
@@ -198,11 +203,10 @@ def _update(model, optimizer, parameters, chosen, rejected, estimator, config, g
         sums["loss"] += loss.item() * share
         for name in ("score_mean", "implicit_accuracy", "reward_margin", "estimator_var"):
             sums[name] += stats[name] * share
-    if not torch.isfinite(torch.tensor(sums["loss"])):
-        raise FloatingPointError(f"VRPO loss is {sums['loss']}; stopping before the weights are damaged")
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-    optimizer.step()
-    return {**sums, "grad_norm": float(grad_norm), "pairs": total}
+    if not nonfinite.skip([optimizer], loss=sums["loss"], grad_norm=float(grad_norm)):
+        optimizer.step()
+    return {**sums, "grad_norm": float(grad_norm), "pairs": total, "guard/nonfinite_steps": nonfinite.count}
 
 
 def load_pairs(name: str, split: str, tokenizer, response_length: int) -> list[dict]:
