@@ -12,8 +12,11 @@ $(STAMP): pyproject.toml scripts/setup_env.sh
 
 install: $(STAMP)
 
+# The main job on the embedded default: build the tiny addition base model, then TraceRL on it (accuracy before and
+# after, the curve and the generations are printed at the end).
 demo: $(STAMP)
-	$(BIN)/python scripts/build_tiny_models.py
+	$(BIN)/python scripts/build_tiny_models.py addition3-base
+	$(BIN)/dlm-rl train recipes/tracerl_tiny_addition.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

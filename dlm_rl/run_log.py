@@ -54,6 +54,24 @@ class RunLog:
                         {"": curve})
         except Exception as error:  # a missing plot must not cost the run
             logger.warning("could not draw the curve: %s", error)
+        for text in summary(os.path.join(self.output_dir, "metrics.jsonl"), curve):
+            logger.info(text)
+        for name in ("curve.png", "completions.jsonl", "metrics.jsonl"):
+            logger.info("%-17s %s", name, os.path.join(self.output_dir, name))
+
+
+def summary(metrics_path: str, names: tuple[str, ...]) -> list[str]:
+    """One line per held-out metric (`eval/...`) among `names`: its first and last logged values and steps."""
+    with open(metrics_path) as f:
+        lines = [json.loads(x) for x in f if x.strip()]
+    texts = []
+    for name in names:
+        points = [(line["step"], line[name]) for line in lines if isinstance(line.get(name), (int, float))]
+        if name.startswith("eval/") and len(points) >= 2:
+            (first_step, first), (last_step, last) = points[0], points[-1]
+            texts.append(f"{name}: {first:.4f} at step {first_step} -> {last:.4f} at step {last_step} "
+                         f"({last - first:+.4f})")
+    return texts
 
 
 # What `dlm-rl plot` draws: panel title -> metrics; a name ending in "/" stands for every metric under it.

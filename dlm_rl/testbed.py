@@ -102,9 +102,9 @@ CHECKPOINTS = {
         "chain128", max_steps=1000, purpose="rl-base", stop_at_accuracy=0.4, warmup_steps=0, init="chain-base"
     ),
 }
-# What `make demo` builds: every checkpoint but DiDi's teacher, an hour of 2-core training on 128-token texts that
-# only distillation needs (build it with `python scripts/build_tiny_models.py facts-teacher`).
-DEMO_CHECKPOINTS = [name for name in CHECKPOINTS if name != "facts-teacher"]
+# What `scripts/build_tiny_models.py` builds by default: every checkpoint but DiDi's teacher, an hour of 2-core
+# training on 128-token texts that only distillation needs (build it with `... build_tiny_models.py facts-teacher`).
+STANDARD_CHECKPOINTS = [name for name in CHECKPOINTS if name != "facts-teacher"]
 VALIDATION_SIZE = 128  # test-split problems for the stopping rule; excluded from the held-out evaluation
 EVAL_SIZE = 256
 
@@ -130,9 +130,8 @@ def checkpoint(name: str) -> str:
         raise ValueError(f"unknown testbed checkpoint {name!r}; choose one of {sorted(CHECKPOINTS)}")
     path = os.path.join(cache_root(), "testbed", f"{name}-{_key(CHECKPOINTS[name])}")
     if not os.path.isfile(os.path.join(path, "metrics.json")):
-        also = " (`make demo` builds it too)" if name in DEMO_CHECKPOINTS else ""
         raise FileNotFoundError(
-            f"testbed checkpoint {name!r} is not built yet: run `python scripts/build_tiny_models.py {name}`{also}"
+            f"testbed checkpoint {name!r} is not built yet: run `python scripts/build_tiny_models.py {name}`"
         )
     return path
 

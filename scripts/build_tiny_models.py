@@ -32,11 +32,11 @@ def _build(name: str, force: bool) -> dict:
 
 
 def main() -> int:
-    from dlm_rl.testbed import CHECKPOINTS, DEMO_CHECKPOINTS, targets_met
+    from dlm_rl.testbed import CHECKPOINTS, STANDARD_CHECKPOINTS, targets_met
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", default=DEMO_CHECKPOINTS,
-                        help=f"default: {DEMO_CHECKPOINTS}; also {sorted(set(CHECKPOINTS) - set(DEMO_CHECKPOINTS))}")
+    parser.add_argument("names", nargs="*", default=STANDARD_CHECKPOINTS,
+                        help=f"default: {STANDARD_CHECKPOINTS}; also {sorted(set(CHECKPOINTS) - set(STANDARD_CHECKPOINTS))}")
     parser.add_argument("--force", action="store_true", help="rebuild even when cached")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()

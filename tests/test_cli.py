@@ -173,6 +173,37 @@ def test_plot_writes_where_told_and_refuses_a_directory_without_metrics(tmp_path
     assert f"dlm-rl plot: error: {tmp_path} has no metrics.jsonl; give the output_dir of a" in capsys.readouterr().err
 
 
+def test_run_summary_gives_each_held_out_metric_first_and_last(tmp_path):
+    from dlm_rl.run_log import summary
+
+    lines = [{"step": 0, "eval/greedy_accuracy": 0.5}, {"step": 1, "reward/total": 0.3},
+             {"step": 50, "eval/greedy_accuracy": 0.625, "reward/total": 0.4},
+             {"step": 100, "eval/greedy_accuracy": 0.75}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert summary(str(path), ("reward/total", "eval/greedy_accuracy", "eval/validity")) == [
+        "eval/greedy_accuracy: 0.5000 at step 0 -> 0.7500 at step 100 (+0.2500)"]
+
+
+# --- gpu_check.py -----------------------------------------------------------------------------------------------
+
+
+def test_gpu_check_documents_its_inputs_and_refuses_cpu_clearly():
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "gpu_check.py")
+    done = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    assert "--model" in done.stdout and "--prompts" in done.stdout and "GSM8K" in done.stdout
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the refusal is for CPU-only machines")
+    done = subprocess.run([sys.executable, script, "--model", "/models/LLaDA-8B-Instruct"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "no CUDA GPU is visible" in done.stderr
+
+
 # --- recipes: overrides and errors ------------------------------------------------------------------------------
 
 

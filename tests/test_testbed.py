@@ -7,7 +7,7 @@ from dlm_rl import testbed
 
 def test_missing_checkpoint_names_the_build_command(tmp_path, monkeypatch):
     monkeypatch.setenv("DLM_RL_CACHE", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="make demo"):
+    with pytest.raises(FileNotFoundError, match="run `python scripts/build_tiny_models.py addition3`"):
         testbed.checkpoint("addition3")
     with pytest.raises(ValueError, match="unknown testbed checkpoint 'adition3'"):
         testbed.checkpoint("adition3")
@@ -116,7 +116,7 @@ def test_chain_is_long_content():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", testbed.DEMO_CHECKPOINTS)  # the facts teacher is judged by eval_distill.py
+@pytest.mark.parametrize("name", testbed.STANDARD_CHECKPOINTS)  # the facts teacher is judged by eval_distill.py
 def test_checkpoint_meets_its_target(name, tmp_path, monkeypatch):
     """Builds from scratch (≈ 5–15 CPU-minutes each): 'sft' ≥ 90% held-out, 'rl-base' 20–85% with pass@8 − pass@1
     ≥ 15 points."""

@@ -205,7 +205,7 @@ def reasoning_gym_task(name: str, n: int, *, seed: int = 0) -> Dataset:
             "completion": BOXED + e["answer"] + "}",
             "answer": e["answer"],
             "task": name,
-            "metadata": json.dumps(e["metadata"]),
+            "metadata": json.dumps(e["metadata"], default=str),  # some hold Fractions
         }
         for e in entries
     ]
