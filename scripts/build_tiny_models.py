@@ -36,7 +36,8 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", default=STANDARD_CHECKPOINTS,
-                        help=f"default: {STANDARD_CHECKPOINTS}; also {sorted(set(CHECKPOINTS) - set(STANDARD_CHECKPOINTS))}")
+                        help=f"default: {STANDARD_CHECKPOINTS}; also "
+                             f"{sorted(set(CHECKPOINTS) - set(STANDARD_CHECKPOINTS))}")
     parser.add_argument("--force", action="store_true", help="rebuild even when cached")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()

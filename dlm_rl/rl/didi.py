@@ -57,15 +57,18 @@ def _blocks(model) -> nn.ModuleList:
 
 def discriminator_loss(
     real_logits: torch.Tensor, real_masked: torch.Tensor, fake_logits: torch.Tensor, fake_masked: torch.Tensor,
-    label_smoothing: float = 0.1,
+    label_smoothing: float = 0.1, counts: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """BCE on masked positions, real → 1 and fake → 0 softened to 1 − ε/2 and ε/2; each side is the mean over
-    its masked positions, and the loss is the mean of the two sides."""
+    its masked positions, and the loss is the mean of the two sides. `counts` (real, fake) replace the numbers of
+    masked positions the sides are divided by (under data parallelism: the global numbers)."""
     real = real_logits[real_masked]
     fake = fake_logits[fake_masked]
+    real_count, fake_count = counts or (real.numel(), fake.numel())
     high, low = 1 - label_smoothing / 2, label_smoothing / 2
-    return 0.5 * (F.binary_cross_entropy_with_logits(real, torch.full_like(real, high))
-                  + F.binary_cross_entropy_with_logits(fake, torch.full_like(fake, low)))
+    bce = F.binary_cross_entropy_with_logits
+    return 0.5 * (bce(real, torch.full_like(real, high), reduction="sum") / max(real_count, 1)
+                  + bce(fake, torch.full_like(fake, low), reduction="sum") / max(fake_count, 1))
 
 
 def discriminator_reward(logits: torch.Tensor, masked: torch.Tensor, clip: float = 8.0) -> torch.Tensor:

@@ -74,9 +74,11 @@ def trace_gae(
     return advantages.float()
 
 
-def clipped_value_loss(values, old_values, returns, targets, clip: float) -> torch.Tensor:
-    """PPO's clipped value loss: ½ max((V − G)², (V_old + clip(V − V_old, ±c) − G)²), averaged over targets."""
+def clipped_value_loss(values, old_values, returns, targets, clip: float, count: float | None = None) -> torch.Tensor:
+    """PPO's clipped value loss: ½ max((V − G)², (V_old + clip(V − V_old, ±c) − G)²), summed over targets and
+    divided by `count` (default: these targets' number; a trainer passes the step's total over micro-batches and
+    ranks, so that the loss does not depend on how the rows were split)."""
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     loss = 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
     targets = targets.to(loss.dtype)
-    return (loss * targets).sum() / targets.sum().clamp(min=1)
+    return (loss * targets).sum() / (targets.sum().clamp(min=1) if count is None else max(count, 1))

@@ -7,6 +7,10 @@ student sample is the reward, normalised within each group; the student's loss i
 −ω(τ) · Â · log q(x) / L + kl_coef · KL(teacher ‖ student) − entropy_coef · H (both at all-mask and at x_τ);
 then the discriminator takes a BCE step on real vs student. An EMA of the student is kept and saved. Every part
 can be switched off for ablation. The student is evaluated with plain ancestral sampling at `eval_nfe` steps.
+
+Under `torchrun` / `accelerate launch` (`dlm_rl.distributed`) every rank takes its share of the step's prompts
+(whole groups) with its own random stream, the losses are divided by the global row and token counts, and the
+gradients of the student and of the discriminator are summed once per step; rank 0 logs, evaluates and saves.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
+from dlm_rl import distributed
 from dlm_rl.guards import NonFiniteArguments, NonFiniteLoss
 from dlm_rl.models.lora import LoraArguments
 from dlm_rl.rl.didi import (
@@ -123,12 +128,14 @@ def run(config: DiDiConfig) -> dict:
     rows, gen_length = training_rows(config.task, config.dataset_path, config.train_size, config.seed,
                                      config.gen_length)
     torch.manual_seed(config.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = distributed.setup()
+    main = distributed.is_main()
     teacher = resolve_model(config.teacher, trust_remote_code=config.trust_remote_code).to(device)
     teacher.requires_grad_(False).eval()
     student = copy.deepcopy(teacher).requires_grad_(True)
     if config.use_lora:
         add_lora(student, config)
+    distributed.broadcast_parameters(student.parameters())  # the same LoRA initialisation on every rank
     discriminator = Discriminator(teacher, config.discriminator_blocks)
     ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(config.ema)) if config.ema else None
     student_parameters = [p for p in student.parameters() if p.requires_grad]
@@ -138,34 +145,39 @@ def run(config: DiDiConfig) -> dict:
                                                 lr=config.discriminator_learning_rate)
     collate = DiffusionCollator(teacher.tokenizer, gen_length)
     stream = PromptStream(rows, config.prompts_per_step, config.seed)
-    generator = torch.Generator(device).manual_seed(config.seed)
+    generator = torch.Generator(device).manual_seed(config.seed + distributed.rank())
     nonfinite = NonFiniteLoss(config.max_nonfinite_steps, "DiDi")
-    log = RunLog(config.output_dir, tensorboard=config.tensorboard)
+    log = RunLog(config.output_dir, tensorboard=config.tensorboard) if main else None
 
     def evaluate() -> dict:
         return _evaluate(ema.module if ema is not None else student, config, rows, gen_length, device)
 
-    line = {"step": 0, **evaluate()}
-    log.log(line)
+    line = {"step": 0}
+    if main:
+        line.update(evaluate())
+        log.log(line)
     try:
-        for step in (bar := tqdm(range(1, config.max_steps + 1), desc="didi")):
+        for step in (bar := tqdm(range(1, config.max_steps + 1), desc="didi", disable=not main)):
             start = time.perf_counter()
-            batch = {k: v.to(device) for k, v in collate(stream.next()).items()}
+            batch = {k: v.to(device) for k, v in collate(distributed.share(stream.next())).items()}
             line = {"step": step, **_step(student, teacher, discriminator, student_optimizer, discriminator_optimizer,
                                           student_parameters, batch, config, generator, nonfinite,
                                           update_student=step > config.discriminator_warmup_steps)}
             if ema is not None and step > config.discriminator_warmup_steps:
                 ema.update_parameters(student)
             line["time/step"] = time.perf_counter() - start
+            if not main:
+                continue
             if step % config.eval_steps == 0 or step == config.max_steps:
                 line.update(evaluate())
             bar.set_postfix(reward=f"{line['reward']:.3f}", d_loss=f"{line['discriminator_loss']:.3f}")
             log.log(line)
     finally:
-        log.close(curve=("reward", "discriminator_loss", "eval/validity"))
-        final = ema.module if ema is not None else student
-        final.save_pretrained(os.path.join(config.output_dir, "final"))
-        torch.save(discriminator.state_dict(), os.path.join(config.output_dir, "final", "discriminator.pt"))
+        if main:
+            log.close(curve=("reward", "discriminator_loss", "eval/validity"))
+            final = ema.module if ema is not None else student
+            final.save_pretrained(os.path.join(config.output_dir, "final"))
+            torch.save(discriminator.state_dict(), os.path.join(config.output_dir, "final", "discriminator.pt"))
     return line
 
 
@@ -187,23 +199,37 @@ def _step(student, teacher, discriminator, student_optimizer, discriminator_opti
     discriminator.train()
     fake_logits = discriminator(fake, attention_mask)
     reward = discriminator_reward(fake_logits.detach(), fake_masked, config.reward_clip)
-    line = {"reward": float(reward.mean()), "tau": float(tau.mean())}
+    share = len(reward) / distributed.all_sum(len(reward))  # this rank's fraction of the step's rows
+    line = distributed.all_sum({"reward": float(reward.mean()) * share, "tau": float(tau.mean()) * share})
     if update_student:
         line.update(_student_update(student, teacher, student_optimizer, student_parameters, rollout, reward,
                                     response_mask, attention_mask, config, nonfinite))
-    discriminator_optimizer.zero_grad(set_to_none=True)
-    d_loss = discriminator_loss(discriminator(real, attention_mask), real_masked, fake_logits, fake_masked,
-                                config.label_smoothing)
-    d_loss.backward()
-    line["discriminator_loss"] = d_loss.item()
-    if not nonfinite.skip([discriminator_optimizer], discriminator_loss=line["discriminator_loss"]):
-        discriminator_optimizer.step()
+    line["discriminator_loss"] = _discriminator_update(discriminator, discriminator_optimizer, real, real_masked,
+                                                       fake_logits, fake_masked, attention_mask, config, nonfinite)
     line["guard/nonfinite_steps"] = nonfinite.count
     return line
 
 
+def _discriminator_update(discriminator, optimizer, real, real_masked, fake_logits, fake_masked, attention_mask,
+                          config: DiDiConfig, nonfinite: NonFiniteLoss) -> float:
+    """One BCE step of the discriminator on real texts vs the student's samples, both noised at τ (`fake_logits`
+    already computed, with their graph); returns the loss over all ranks."""
+    optimizer.zero_grad(set_to_none=True)
+    counts = distributed.all_sum({"real": int(real_masked.sum()), "fake": int(fake_masked.sum())})
+    d_loss = discriminator_loss(discriminator(real, attention_mask), real_masked, fake_logits, fake_masked,
+                                config.label_smoothing, counts=(counts["real"], counts["fake"]))
+    d_loss.backward()
+    distributed.sum_gradients(discriminator.parameters())
+    total = distributed.all_sum(d_loss.item())
+    if not nonfinite.skip([optimizer], discriminator_loss=total):
+        optimizer.step()
+    return total
+
+
 def _student_update(student, teacher, optimizer, parameters, rollout, reward, response_mask, attention_mask,
                     config: DiDiConfig, nonfinite: NonFiniteLoss) -> dict:
+    """One student step. Under data parallelism each mean (over rows, over all-mask and over x_τ positions) is
+    this rank's sum divided by the global count, and the returned metrics are the global ones."""
     if not config.use_discriminator:
         advantage = torch.zeros_like(reward)
     elif config.grouped_normalisation:
@@ -212,21 +238,28 @@ def _student_update(student, teacher, optimizer, parameters, rollout, reward, re
         advantage = reward
     omega = time_weight(rollout.tau, config.omega_min, config.omega_max) if config.use_time_weight else 1.0
     length = response_mask.sum(1).clamp(min=1)
-    policy_loss = -(omega * advantage * rollout.log_prob() / length).mean()
+    local = {"rows": len(reward), "start": int(response_mask.sum()), "middle": int(rollout.second.sum())}
+    total = distributed.all_sum(local)
+    share = {name: local[name] / total[name] if total[name] else 0.0 for name in local}  # 1 in one process
+    policy_loss = -(omega * advantage * rollout.log_prob() / length).mean() * share["rows"]
     with torch.no_grad():
         teacher_start = teacher(rollout.start, attention_mask).logits
         teacher_middle = teacher(rollout.middle, attention_mask).logits
     kl_start, entropy_start = kl_and_entropy(rollout.start_logits, teacher_start, response_mask)
     kl_middle, entropy_middle = kl_and_entropy(rollout.middle_logits, teacher_middle, rollout.second)
-    kl, entropy = (kl_start + kl_middle) / 2, (entropy_start + entropy_middle) / 2
+    kl = (kl_start * share["start"] + kl_middle * share["middle"]) / 2
+    entropy = (entropy_start * share["start"] + entropy_middle * share["middle"]) / 2
     loss = policy_loss + config.kl_coef * kl - config.entropy_coef * entropy
+    line = distributed.all_sum({"loss": loss.item(), "policy_loss": policy_loss.item(), "kl": kl.item(),
+                                "entropy": entropy.item(),
+                                "advantage_abs": float(advantage.abs().mean()) * share["rows"]})
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    distributed.sum_gradients(parameters)
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-    if not nonfinite.skip([optimizer], loss=loss.item(), grad_norm=float(grad_norm)):
+    if not nonfinite.skip([optimizer], loss=line["loss"], grad_norm=float(grad_norm)):
         optimizer.step()
-    return {"loss": loss.item(), "policy_loss": policy_loss.item(), "kl": kl.item(), "entropy": entropy.item(),
-            "advantage_abs": float(advantage.abs().mean()), "grad_norm": float(grad_norm)}
+    return {**line, "grad_norm": float(grad_norm)}
 
 
 @torch.no_grad()

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
+from dlm_rl import distributed
 from dlm_rl.guards import NonFiniteArguments
 from dlm_rl.models.lora import LoraArguments
 
@@ -146,3 +147,13 @@ def reward_metrics(trajectories) -> dict:
     metrics["truncated_fraction"] = sum(r == "length" for t in trajectories for r in t.finish_reason) / sum(
         len(t) for t in trajectories)
     return metrics
+
+
+def gather_rollout(trajectories) -> list | None:
+    """Every rank's trajectories, on rank 0 (for the reward metrics and completions.jsonl); None on the others.
+    In one process: `trajectories` as they are."""
+    if distributed.world_size() == 1:
+        return trajectories
+    on_cpu = [replace(t, **{f.name: getattr(t, f.name).cpu() for f in fields(t)
+                            if isinstance(getattr(t, f.name), torch.Tensor)}) for t in trajectories]
+    return distributed.gather(on_cpu)

@@ -6,6 +6,10 @@ a step left with nothing is skipped and logged), rebuild the visited states from
 recompute the old log-probs exactly, and take `inner_epochs` PPO-clip updates. Logs go to `output_dir`
 (`dlm_rl.run_log`): metrics.jsonl, TensorBoard, completions.jsonl and curve.png.
 
+Under `torchrun` / `accelerate launch` (`dlm_rl.distributed`) every rank samples its share of the step's prompts
+with its own engine seed, trains on the rows of its own trajectories, and the gradients are summed once per
+optimiser step; rank 0 gathers the rollout for the logs, evaluates and saves.
+
 `method` swaps how log-probabilities are read, everything else equal, for ablations: `tracerl` (the visited
 states; plain rows for full attention, packed rows for block attention), `diffu_grpo`, `coupled` and
 `random_masking` (random masks, `dlm_rl.rl.masking`). `value_model: true` adds TraceRL's value model
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from dlm_rl import distributed
 from dlm_rl.guards import NonFiniteLoss, RolloutGuards
 from dlm_rl.models.lora import add_lora
 from dlm_rl.rl.advantages import group_advantages
@@ -32,7 +37,14 @@ from dlm_rl.rl.trace import model_trace_rows
 from dlm_rl.rl.value import ValueModel, clipped_value_loss, trace_gae
 from dlm_rl.run_log import RunLog
 from dlm_rl.sampling.config import SamplerConfig
-from dlm_rl.trainers.online import OnlineArguments, PromptStream, held_out_metrics, load_task, reward_metrics
+from dlm_rl.trainers.online import (
+    OnlineArguments,
+    PromptStream,
+    gather_rollout,
+    held_out_metrics,
+    load_task,
+    reward_metrics,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +122,8 @@ def run(config: TraceRLConfig) -> dict:
     prompts = PromptStream(train, config.prompts_per_step, config.seed)
     torch.manual_seed(config.seed)
     rewards = Rewards(config.reward_funcs, config.reward_weights)  # bad references fail before any work
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = distributed.setup()
+    main = distributed.is_main()
     model = resolve_model(config.model, trust_remote_code=config.trust_remote_code).to(device)
     value = ValueModel.from_policy(model, config) if config.value_model else None  # copied before the adapter
     if config.use_lora:
@@ -123,43 +136,49 @@ def run(config: TraceRLConfig) -> dict:
         threshold=config.threshold,
         temperature=config.temperature,
     )
-    engine = LocalEngine(model, rows_per_chunk=config.prompts_per_step * config.num_generations, seed=config.seed,
-                         rewards=rewards)
+    engine = LocalEngine(model, rows_per_chunk=config.prompts_per_step * config.num_generations,
+                         seed=config.seed + distributed.rank(), rewards=rewards)
     guards = RolloutGuards(gen_length, config.constant_reward_patience, config.constant_reward_error)
-    log = RunLog(config.output_dir, tensorboard=config.tensorboard)
+    log = RunLog(config.output_dir, tensorboard=config.tensorboard) if main else None
 
     def held_out() -> dict:
         return held_out_metrics(model, held_out_rows, scorer, gen_length, config.block_length, rewards)
 
-    line = {"step": 0, **held_out()}
-    log.log(line)
+    line = {"step": 0}
+    if main:
+        line.update(held_out())
+        log.log(line)
     skipped = 0
     try:
-        for step in (bar := tqdm(range(1, config.max_steps + 1), desc=f"{config.method}")):
+        for step in (bar := tqdm(range(1, config.max_steps + 1), desc=f"{config.method}", disable=not main)):
             line = {"step": step}
             start = time.perf_counter()
-            trajectories = engine.generate(prompts.next(), config.num_generations, sampler)
+            trajectories = engine.generate(distributed.share(prompts.next()), config.num_generations, sampler)
             line["time/generation_and_reward"] = time.perf_counter() - start
-            log.log_completions(step, trajectories)
+            rollout = gather_rollout(trajectories)
             start = time.perf_counter()
             line.update(learner.update(trajectories))
             line["time/training"] = time.perf_counter() - start
+            engine.sync_weights(model)
+            if not main:
+                continue
             if line.get("skipped"):
                 skipped += 1
                 logger.warning("step %d: every group had equal rewards; no update (%d skipped so far)", step, skipped)
-            engine.sync_weights(model)
-            line.update(reward_metrics(trajectories))
-            line.update(guards(step, trajectories))
+            log.log_completions(step, rollout)
+            line.update(reward_metrics(rollout))
+            line.update(guards(step, rollout))
             if step % config.eval_steps == 0 or step == config.max_steps:
                 line.update(held_out())
             bar.set_postfix(reward=f"{line['reward/total']:.3f}", rows=line.get("rows", 0))
             log.log(line)
     finally:
-        log.close()
         engine.close()
-        model.save_pretrained(os.path.join(config.output_dir, "final"))
-        if value is not None:
-            torch.save(value.state_dict(), os.path.join(config.output_dir, "final", "value_model.pt"))
+        if main:
+            log.close()
+            model.save_pretrained(os.path.join(config.output_dir, "final"))
+            if value is not None:
+                torch.save(value.state_dict(), os.path.join(config.output_dir, "final", "value_model.pt"))
     return line
 
 
@@ -169,13 +188,15 @@ class Learner:
     def __init__(self, model, config: TraceRLConfig, gen_length: int, value: ValueModel | None = None):
         self.model, self.config, self.value = model, config, value
         self.parameters = [p for p in model.parameters() if p.requires_grad]
+        distributed.broadcast_parameters(self.parameters)
         self.optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
         if value is not None:
             self.value_parameters = [p for p in value.parameters() if p.requires_grad]
+            distributed.broadcast_parameters(self.value_parameters)
             self.value_optimizer = torch.optim.AdamW(self.value_parameters, lr=config.value_learning_rate)
         random_rows = config.method in ("coupled", "random_masking")
         self.normaliser = gen_length if random_rows or config.normaliser == "length" else "tokens"
-        self.generator = torch.Generator().manual_seed(config.seed)  # the baselines' random masks
+        self.generator = torch.Generator().manual_seed(config.seed + distributed.rank())  # the baselines' masks
         self.nonfinite = NonFiniteLoss(config.max_nonfinite_steps, "TraceRL")
 
     def rows(self, trajectory) -> Rows:
@@ -221,8 +242,9 @@ class Learner:
                     batch["advantages"] = trace_gae(rows, batch["old_values"], final, config.gamma, config.lam)
                     batch["returns"] = batch["advantages"] + batch["old_values"]
                 epochs[epoch].append(batch)
-        metrics = {"kept_fraction": kept_samples / max(1, total_samples)}
-        if not epochs[0]:
+        counts = distributed.all_sum({"kept": kept_samples, "total": total_samples})  # every rank decides alike
+        metrics = {"kept_fraction": counts["kept"] / max(1, counts["total"])}
+        if not counts["kept"]:
             return {**metrics, "skipped": 1}
         for batches in epochs:
             metrics.update(self.step(batches))
@@ -248,9 +270,13 @@ class Learner:
         return torch.cat(outputs)
 
     def step(self, batches: list[dict]) -> dict:
-        """One optimiser step of the policy (and the value model) over all rows of `batches`."""
+        """One optimiser step of the policy (and the value model) over all rows of `batches`. Under data parallelism
+        `batches` are this rank's, the losses are divided by the global row and token counts, and the metrics are
+        the global ones."""
         config, model = self.config, self.model
-        total_rows = sum(len(b["rows"]) for b in batches)
+        counts = distributed.all_sum({"rows": sum(len(b["rows"]) for b in batches),
+                                      "targets": sum(int(b["rows"].targets.sum()) for b in batches)})
+        total_rows = counts["rows"]
         sums = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "value_loss": 0.0}
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -272,28 +298,34 @@ class Learner:
                 sums["loss"] += loss.item() * share
                 sums["kl"] += stats["kl"] * share
                 sums["clip_fraction"] += stats["clip_fraction"] * share
-                if self.value is not None:
+                if self.value is not None:  # averaged over every target token of the step
                     value_loss = clipped_value_loss(self.value(rows), batch["old_values"][part],
-                                                    batch["returns"][part], rows.targets, config.value_clip)
-                    (value_loss * share).backward()
-                    sums["value_loss"] += value_loss.item() * share
+                                                    batch["returns"][part], rows.targets, config.value_clip,
+                                                    count=counts["targets"])
+                    value_loss.backward()
+                    sums["value_loss"] += value_loss.item()
+        sums["entropy"] = sum(b["entropy"] * len(b["rows"]) for b in batches) / total_rows
+        if self.value is not None:
+            sums["value_sum"] = float(sum((b["old_values"] * b["rows"].targets).sum() for b in batches))
+        sums = distributed.all_sum(sums)
+        distributed.sum_gradients(self.parameters)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm)
         optimizers = [self.optimizer] + ([self.value_optimizer] if self.value is not None else [])
         skipped = self.nonfinite.skip(optimizers, loss=sums["loss"], value_loss=sums["value_loss"],
                                       grad_norm=float(grad_norm))
-        metrics = {**sums, "grad_norm": float(grad_norm), "rows": total_rows,
+        entropy, value_sum = sums.pop("entropy"), sums.pop("value_sum", None)
+        metrics = {**sums, "grad_norm": float(grad_norm), "rows": int(total_rows),
                    "guard/nonfinite_steps": self.nonfinite.count}
+        if self.config.old_log_probs == "recompute":
+            metrics["entropy"] = entropy
         if self.value is None:
             del metrics["value_loss"]
         if skipped:
             return metrics
         self.optimizer.step()
-        if self.config.old_log_probs == "recompute":
-            metrics["entropy"] = sum(b["entropy"] * len(b["rows"]) for b in batches) / total_rows
         if self.value is not None:
+            distributed.sum_gradients(self.value_parameters)
             torch.nn.utils.clip_grad_norm_(self.value_parameters, config.max_grad_norm)
             self.value_optimizer.step()
-            targets = [b["rows"].targets for b in batches]
-            metrics["value_mean"] = float(sum((b["old_values"] * t).sum() for b, t in zip(batches, targets))
-                                          / sum(t.sum() for t in targets))
+            metrics["value_mean"] = value_sum / counts["targets"]
         return metrics

@@ -5,6 +5,10 @@ step samples `num_generations` responses per prompt, scores them with the recipe
 with the worst response of each prompt when their rewards differ by more than `min_margin` (ties and small
 margins are dropped and counted). On-policy pairs keep the sampled token ids; nothing is decoded and re-encoded.
 Logs as TraceRL's (`dlm_rl.run_log`): loss, score, implicit accuracy, reward margin and the estimator's variance.
+
+Under `torchrun` / `accelerate launch` (`dlm_rl.distributed`) every rank takes its share of the step's prompts or
+pairs (and samples its prompts with its own seed), the loss is divided by the global number of pairs, and the
+gradients are summed once per step; rank 0 logs, evaluates and saves.
 """
 
 from __future__ import annotations
@@ -18,12 +22,20 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from dlm_rl import distributed
 from dlm_rl.guards import NonFiniteLoss, RolloutGuards
 from dlm_rl.models.lora import add_lora
 from dlm_rl.rl.vrpo import PreferenceEstimator, collate_pairs, fitting_pairs, vrpo_loss
 from dlm_rl.run_log import RunLog
 from dlm_rl.sampling.config import SamplerConfig
-from dlm_rl.trainers.online import OnlineArguments, PromptStream, held_out_metrics, load_task, reward_metrics
+from dlm_rl.trainers.online import (
+    OnlineArguments,
+    PromptStream,
+    gather_rollout,
+    held_out_metrics,
+    load_task,
+    reward_metrics,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +136,8 @@ def run(config: VRPOConfig) -> dict:
     train, held_out_rows, scorer, task_length = load_task(config)
     torch.manual_seed(config.seed)
     rewards = Rewards(config.reward_funcs, config.reward_weights)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = distributed.setup()
+    main = distributed.is_main()
     model = resolve_model(config.model, trust_remote_code=config.trust_remote_code).to(device)
     gen_length = config.gen_length or task_length
     pairs = load_pairs(config.dataset, config.dataset_split, model.tokenizer, gen_length) if config.dataset else None
@@ -133,68 +146,80 @@ def run(config: VRPOConfig) -> dict:
         add_lora(model, config)
     estimator = PreferenceEstimator(config.n_t, config.n_yt, config.antithetic, config.estimator_form)
     parameters = [p for p in model.parameters() if p.requires_grad]
+    distributed.broadcast_parameters(parameters)
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-    generator = torch.Generator(device).manual_seed(config.seed)
+    generator = torch.Generator(device).manual_seed(config.seed + distributed.rank())
     sampler = SamplerConfig(gen_length=gen_length, block_length=config.block_length, threshold=config.threshold,
                             temperature=config.temperature)
     engine = None if pairs else LocalEngine(model, rows_per_chunk=config.prompts_per_step * config.num_generations,
-                                            seed=config.seed, rewards=rewards)
+                                            seed=config.seed + distributed.rank(), rewards=rewards)
     stream = PromptStream(pairs or train, config.prompts_per_step, config.seed)
     nonfinite = NonFiniteLoss(config.max_nonfinite_steps, "VRPO")
     guards = RolloutGuards(gen_length, config.constant_reward_patience, config.constant_reward_error)
-    log = RunLog(config.output_dir, tensorboard=config.tensorboard)
+    log = RunLog(config.output_dir, tensorboard=config.tensorboard) if main else None
 
     def held_out() -> dict:
         return held_out_metrics(model, held_out_rows, scorer, gen_length, config.block_length, rewards)
 
-    line = {"step": 0, **held_out()}
-    log.log(line)
+    line = {"step": 0}
+    if main:
+        line.update(held_out())
+        log.log(line)
     try:
-        for step in (bar := tqdm(range(1, config.max_steps + 1), desc="vrpo")):
+        for step in (bar := tqdm(range(1, config.max_steps + 1), desc="vrpo", disable=not main)):
             line = {"step": step}
             start = time.perf_counter()
+            rollout = None
             if engine is None:
-                chosen, rejected = collate_pairs(model.tokenizer, stream.next(), gen_length)
-                line["pairs"] = len(chosen["input_ids"])
+                chosen, rejected = collate_pairs(model.tokenizer, distributed.share(stream.next()), gen_length)
             else:
-                trajectories = engine.generate(stream.next(), config.num_generations, sampler)
-                log.log_completions(step, trajectories)
+                trajectories = engine.generate(distributed.share(stream.next()), config.num_generations, sampler)
+                rollout = gather_rollout(trajectories)
                 chosen, rejected, counts = on_policy_pairs(trajectories, config.min_margin)
-                line.update(counts)
-                line.update(reward_metrics(trajectories))
-                line.update(guards(step, trajectories))
+                line.update({name: int(n) for name, n in distributed.all_sum(counts).items()})
             line["time/generation_and_reward"] = time.perf_counter() - start
             start = time.perf_counter()
-            if chosen:
+            if distributed.all_sum(len(chosen.get("input_ids", ()))):  # a rank without pairs still joins the sum
                 line.update(_update(model, optimizer, parameters, chosen, rejected, estimator, config, generator,
                                     frozen, nonfinite))
             else:
-                logger.warning("step %d: no preference pair (every prompt's rewards tied or were too close)", step)
+                if main:
+                    logger.warning("step %d: no preference pair (every prompt's rewards tied or were too close)",
+                                   step)
                 line["skipped"] = 1
             line["time/training"] = time.perf_counter() - start
             if engine is not None:
                 engine.sync_weights(model)
+            if not main:
+                continue
+            if rollout is not None:
+                log.log_completions(step, rollout)
+                line.update(reward_metrics(rollout))
+                line.update(guards(step, rollout))
             if step % config.eval_steps == 0 or step == config.max_steps:
                 line.update(held_out())
             bar.set_postfix(loss=f"{line.get('loss', float('nan')):.3f}", pairs=line.get("pairs", 0))
             log.log(line)
     finally:
-        log.close(curve=("reward/total", "eval/greedy_accuracy", "implicit_accuracy"))
         if engine is not None:
             engine.close()
-        model.save_pretrained(os.path.join(config.output_dir, "final"))
+        if main:
+            log.close(curve=("reward/total", "eval/greedy_accuracy", "implicit_accuracy"))
+            model.save_pretrained(os.path.join(config.output_dir, "final"))
     return line
 
 
 def _update(model, optimizer, parameters, chosen, rejected, estimator, config, generator, frozen, nonfinite) -> dict:
     """One optimiser step over all pairs, in micro-batches (none if `nonfinite` skips it); returns the pair-weighted
-    statistics."""
+    statistics. Under data parallelism the pairs are this rank's (possibly none), the loss is divided by the global
+    number of pairs, and the statistics are the global ones."""
     device = model.device
-    total = len(chosen["input_ids"])
+    local = len(chosen.get("input_ids", ()))
+    total = distributed.all_sum(local)
     sums = {"loss": 0.0, "score_mean": 0.0, "implicit_accuracy": 0.0, "reward_margin": 0.0, "estimator_var": 0.0}
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    for i in range(0, total, config.micro_batch_pairs):
+    for i in range(0, local, config.micro_batch_pairs):
         part = {k: v[i : i + config.micro_batch_pairs].to(device) for k, v in chosen.items()}
         other = {k: v[i : i + config.micro_batch_pairs].to(device) for k, v in rejected.items()}
         share = len(part["input_ids"]) / total
@@ -203,10 +228,12 @@ def _update(model, optimizer, parameters, chosen, rejected, estimator, config, g
         sums["loss"] += loss.item() * share
         for name in ("score_mean", "implicit_accuracy", "reward_margin", "estimator_var"):
             sums[name] += stats[name] * share
+    sums = distributed.all_sum(sums)
+    distributed.sum_gradients(parameters)
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
     if not nonfinite.skip([optimizer], loss=sums["loss"], grad_norm=float(grad_norm)):
         optimizer.step()
-    return {**sums, "grad_norm": float(grad_norm), "pairs": total, "guard/nonfinite_steps": nonfinite.count}
+    return {**sums, "grad_norm": float(grad_norm), "pairs": int(total), "guard/nonfinite_steps": nonfinite.count}
 
 
 def load_pairs(name: str, split: str, tokenizer, response_length: int) -> list[dict]:

@@ -1,0 +1,385 @@
+"""Data parallelism: two gloo processes (torchrun) give the gradients of one process on the same global batch, for
+each trainer's loss: TraceRL's PPO trace loss (and its value loss), VRPO's loss, DiDi's student and discriminator
+losses, and the MDM SFT loss (transformers' Trainer with DDP). The rank shares are deliberately uneven (rows,
+pairs and tokens), and one TraceRL rank gets no rows at all (the group filter drops its only group).
+
+The test also shows it can fail: without the gradient sum, or with the mean of per-rank means (DDP's average of
+losses normalised per rank), the gradients are off by far more than the tolerance.
+
+The test runs this file as a script under torchrun (`__main__` below); rank 0 writes the differences to JSON.
+The other tests check what the GPU launches need: the accelerate configs, the GPU recipes' launch commands and
+memory estimates, and the refusal of sharded launches by the RL trainers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dlm_rl.guards import NonFiniteLoss
+
+TOLERANCE = 1e-6
+WORLD = 2
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GPU_RECIPES = ["tracerl_llada8b_math", "tracerl_dream7b_math", "tracerl_sdar8b_math", "vrpo_llada8b", "didi_mdlm_owt"]
+PAIRS = [("1+2=", "3", "4"), ("33+4=", "37", "7"), ("5+16=", "21", "2"), ("8+8=", "16", "61"), ("12+30=", "42", "4")]
+
+
+def tiny():
+    from dlm_rl.models.tiny import tiny_model
+
+    return tiny_model(hidden_size=32, num_layers=2, intermediate_size=64, seed=0)
+
+
+def lora_model():
+    from dlm_rl.models.lora import LoraArguments, add_lora
+
+    return add_lora(tiny(), LoraArguments(use_lora=True, lora_r=4))
+
+
+def value_model():
+    from dlm_rl.models.lora import LoraArguments
+    from dlm_rl.rl.value import ValueModel
+
+    return ValueModel.from_policy(tiny(), LoraArguments(use_lora=True, lora_r=4))
+
+
+def perturb(module, scale: float, names: tuple[str, ...] = ("",)) -> None:
+    """Move weights off their initial values (LoRA B and value heads start at zero: no gradient would flow)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.requires_grad and any(n in name for n in names):
+                p.add_(scale * torch.randn_like(p))
+
+
+def loaded(build, state):
+    module = build()
+    module.load_state_dict(state)
+    return module
+
+
+def row_noise(response_mask, *, n_t=1, n_yt=1, form="tokens", schedule="linear", t_min=1e-3, generator=None):
+    """MCNoise drawn row by row from one fixed seed over the row's response positions, so that a row's masks do not
+    depend on the batch it is in (the estimators draw one tensor for the whole batch)."""
+    from dlm_rl.diffusion.noise import MCNoise
+
+    n = n_t * n_yt
+    batch, width = response_mask.shape
+    masked = torch.zeros(n, batch, width, dtype=torch.bool)
+    weights, times = [], []
+    for b in range(batch):
+        columns = response_mask[b].nonzero()[:, 0]
+        draw = MCNoise.sample(torch.ones(1, len(columns), dtype=torch.bool), n_t=n_t, n_yt=n_yt, form=form,
+                              schedule=schedule, t_min=t_min, generator=torch.Generator().manual_seed(7))
+        masked[:, b, columns] = draw.masked[:, 0]
+        weights.append(draw.weight)
+        times.append(draw.t)
+    return MCNoise(masked, torch.cat(weights, 1), torch.cat(times, 1), form, schedule)
+
+
+def build_inputs() -> dict:
+    """Every case's global batch and starting weights (one process builds them; the ranks load them)."""
+    from dlm_rl.data.collate import DiffusionCollator
+    from dlm_rl.rl.didi import Discriminator, discriminator_reward, noise_at, two_step_rollout
+    from dlm_rl.rollout import LocalEngine
+    from dlm_rl.sampling import SamplerConfig
+    from dlm_rl.testbed import TASKS
+
+    torch.manual_seed(0)
+    policy = lora_model()
+    perturb(policy, 0.2, ("lora_B",))
+    value = value_model()
+    perturb(value, 0.05, ("lora_B", "head"))
+    engine = LocalEngine(policy, rows_per_chunk=64, seed=3)
+    sampler = SamplerConfig(gen_length=4, temperature=1.0)
+    (two,) = engine.generate(["1+2=", "33+4="], 4, sampler)  # rank 0's share
+    (one,) = engine.generate(["5+16="], 4, sampler)  # rank 1's
+    (tied,) = engine.generate(["7+8="], 4, sampler)  # a group without reward variance: no rows
+    for trajectory, rewards in ((two, [0, 1, 2, 0, 1, 1, 3, 0]), (one, [0, 2, 2, 1]), (tied, [1, 1, 1, 1])):
+        trajectory.rewards = {"total": [float(r) for r in rewards], "errors": [None] * len(rewards)}
+
+    teacher = tiny().requires_grad_(False).eval()
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    perturb(student, 0.02)
+    discriminator = Discriminator(teacher, trainable_blocks=1)
+    perturb(discriminator, 0.5, ("head",))
+    rows = list(TASKS["addition3"].dataset("train", 3, seed=0))
+    batch = DiffusionCollator(teacher.tokenizer, TASKS["addition3"].response_length)(rows)
+    group = 2
+    ids, attention, response = (batch[k].repeat_interleave(group, 0) for k in
+                                ("input_ids", "attention_mask", "response_mask"))
+    tau = torch.tensor([0.3, 0.6, 0.8]).repeat_interleave(group)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        rollout = two_step_rollout(student, ids, attention, response, tau, generator)
+        fake, fake_masked = noise_at(rollout.final, response, tau, teacher.mask_token_id, generator)
+        real, real_masked = noise_at(ids, response, tau, teacher.mask_token_id, generator)
+        reward = discriminator_reward(discriminator(fake, attention), fake_masked)
+    didi = {"attention": attention, "response": response, "tau": tau, "reward": reward, "fake": fake,
+            "fake_masked": fake_masked, "real": real, "real_masked": real_masked,
+            **{k: getattr(rollout, k) for k in ("start", "middle", "final", "first", "second")}}
+
+    mdm_rows = list(TASKS["addition3"].dataset("train", 4, seed=5))
+    return {"policy": policy.state_dict(), "value": value.state_dict(), "trajectories": [two, one, tied],
+            "pairs": [{"prompt": p, "chosen": f"\\boxed{{{c}}}", "rejected": f"\\boxed{{{r}}}"} for p, c, r in PAIRS],
+            "teacher": teacher.state_dict(), "student": student.state_dict(),
+            "discriminator": discriminator.state_dict(), "didi": didi, "mdm_rows": mdm_rows}
+
+
+def _grads(named) -> dict:
+    return {name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().clone()
+            for name, p in named if p.requires_grad}
+
+
+def tracerl(inputs, trajectories, with_value=False) -> dict:
+    from dlm_rl.trainers.tracerl import Learner, TraceRLConfig
+
+    policy = loaded(lora_model, inputs["policy"])
+    value = loaded(value_model, inputs["value"]) if with_value else None
+    config = TraceRLConfig(model="tiny", beta=0.1, kl_reference="reference", micro_batch_rows=5, max_grad_norm=1e9,
+                           value_model=with_value)
+    learner = Learner(policy, config, gen_length=4, value=value)
+    learner.optimizer = torch.optim.SGD(learner.parameters, lr=0.0)  # the gradients stay, the weights do not move
+    if value is not None:
+        learner.value_optimizer = torch.optim.SGD(learner.value_parameters, lr=0.0)
+    learner.update(trajectories)
+    grads = _grads(policy.named_parameters())
+    if value is not None:
+        grads.update(_grads((f"value.{n}", p) for n, p in value.named_parameters()))
+    return grads
+
+
+def vrpo(inputs, pairs) -> dict:
+    from dlm_rl.rl.vrpo import PreferenceEstimator, collate_pairs
+    from dlm_rl.trainers.vrpo import VRPOConfig, _update
+
+    class RowNoise(PreferenceEstimator):
+        def sample(self, response_mask, generator):
+            return row_noise(response_mask, n_t=self.n_t, n_yt=self.n_yt, form=self.form)
+
+    model = loaded(lora_model, inputs["policy"])
+    config = VRPOConfig(model="tiny", micro_batch_pairs=2, max_grad_norm=1e9, n_t=4)
+    chosen, rejected = collate_pairs(model.tokenizer, pairs, 8)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    _update(model, torch.optim.SGD(parameters, lr=0.0), parameters, chosen, rejected, RowNoise(n_t=4), config,
+            None, None, NonFiniteLoss(1, "VRPO"))
+    return _grads(model.named_parameters())
+
+
+def _didi(inputs):
+    from dlm_rl.rl.didi import Discriminator
+    from dlm_rl.trainers.didi import DiDiConfig
+
+    teacher = loaded(tiny, inputs["teacher"]).requires_grad_(False).eval()
+    student = loaded(tiny, inputs["student"])
+    discriminator = Discriminator(teacher, trainable_blocks=1)
+    discriminator.load_state_dict(inputs["discriminator"])
+    config = DiDiConfig(teacher="tiny", task="addition3", group_size=2, kl_coef=0.5, entropy_coef=0.1,
+                        max_grad_norm=1e9)
+    return teacher, student, discriminator, config
+
+
+def didi_student(inputs, rows) -> dict:
+    from dlm_rl.rl.didi import TwoStep
+    from dlm_rl.trainers.didi import _student_update
+
+    teacher, student, _, config = _didi(inputs)
+    d = {k: v[rows] for k, v in inputs["didi"].items()}
+    rollout = TwoStep(d["start"], d["middle"], d["final"], d["first"], d["second"], d["tau"],
+                      student(d["start"], d["attention"]).logits, student(d["middle"], d["attention"]).logits)
+    parameters = [p for p in student.parameters() if p.requires_grad]
+    _student_update(student, teacher, torch.optim.SGD(parameters, lr=0.0), parameters, rollout, d["reward"],
+                    d["response"], d["attention"], config, NonFiniteLoss(1, "DiDi"))
+    return _grads(student.named_parameters())
+
+
+def didi_discriminator(inputs, rows) -> dict:
+    from dlm_rl.trainers.didi import _discriminator_update
+
+    _, _, discriminator, config = _didi(inputs)
+    d = {k: v[rows] for k, v in inputs["didi"].items()}
+    optimizer = torch.optim.SGD([p for p in discriminator.parameters() if p.requires_grad], lr=0.0)
+    fake_logits = discriminator(d["fake"], d["attention"])
+    _discriminator_update(discriminator, optimizer, d["real"], d["real_masked"], fake_logits, d["fake_masked"],
+                          d["attention"], config, NonFiniteLoss(1, "DiDi"))
+    return _grads(discriminator.named_parameters())
+
+
+def mdm(inputs, shard, directory, sync=True) -> tuple[dict, dict]:
+    """The MDM trainer's loss on the transformers Trainer: (the gradients of one process on every row, this rank's
+    gradients after DDP's all-reduce on its share; accelerate wraps the model under torchrun)."""
+    import contextlib
+
+    from datasets import Dataset
+
+    from dlm_rl.diffusion.noise import MCNoise
+    from dlm_rl.testbed import TASKS
+    from dlm_rl.trainers import mdm as module
+
+    class RowNoise(MCNoise):
+        sample = staticmethod(row_noise)
+
+    model, rows = tiny(), inputs["mdm_rows"]
+    args = module.MDMConfig(output_dir=directory, task="addition3", use_cpu=True, report_to="none")
+    trainer = module.MDMTrainer(model, args, Dataset.from_list(rows), TASKS["addition3"].response_length)
+    wrapped = trainer.accelerator.prepare_model(model)
+
+    def grads(forward, batch_rows, context) -> dict:
+        model.zero_grad(set_to_none=True)
+        with context:
+            trainer.accelerator.backward(trainer.compute_loss(forward, trainer.data_collator(batch_rows)))
+        return _grads(model.named_parameters())
+
+    original, module.MCNoise = module.MCNoise, RowNoise
+    try:
+        single = grads(model, rows, contextlib.nullcontext())  # not through DDP's forward: no all-reduce
+        parallel = grads(wrapped, shard(rows), contextlib.nullcontext() if sync else wrapped.no_sync())
+    finally:
+        module.MCNoise = original
+    return single, parallel
+
+
+def didi_rows(prompts) -> list[int]:
+    return [prompt * 2 + g for prompt in prompts for g in range(2)]
+
+
+def rl_cases(inputs, part, world: int) -> dict:
+    """The RL trainers' cases: each computes its gradients on `part` of its global batch."""
+    two, one, tied = inputs["trajectories"]
+    trajectories, emptied = part([two, one]), part([two, tied])
+    if world == 1:  # the single-process step sees both shares in one batch
+        trajectories, emptied = [two, one], [two, tied]
+    return {
+        "tracerl": lambda: tracerl(inputs, trajectories),
+        "tracerl_value_model": lambda: tracerl(inputs, trajectories, with_value=True),
+        "tracerl_rank_without_rows": lambda: tracerl(inputs, emptied),
+        "vrpo": lambda: vrpo(inputs, part(inputs["pairs"])),
+        "didi_student": lambda: didi_student(inputs, didi_rows(part([0, 1, 2]))),
+        "didi_discriminator": lambda: didi_discriminator(inputs, didi_rows(part([0, 1, 2]))),
+    }
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_two_processes_give_the_single_process_gradients_of_every_trainers_loss(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
+               os.path.abspath(__file__), str(tmp_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["exact"]) == {"tracerl", "tracerl_value_model", "tracerl_rank_without_rows", "vrpo",
+                                     "didi_student", "didi_discriminator", "mdm"}
+    for name, (diff, size) in results["exact"].items():
+        assert size > 1e-3, f"{name}: no gradient to compare"
+        assert diff <= TOLERANCE, f"{name}: the gradients differ by {diff}"
+    for mutation, diffs in results["broken"].items():  # the comparison catches these mistakes
+        assert len(diffs) >= 4
+        for name, diff in diffs.items():
+            assert diff > 100 * TOLERANCE, f"{name} with {mutation}: only {diff}"
+
+
+@pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("zero2", "DEEPSPEED"),
+                                        ("zero3", "DEEPSPEED")])
+def test_shipped_accelerate_configs_load(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(os.path.join(ROOT, "configs", "accelerate", f"{name}.yaml"))
+    assert config.distributed_type.value == kind and config.num_processes == 8
+    if kind == "DEEPSPEED":
+        assert config.deepspeed_config["zero_stage"] == int(name[-1])
+
+
+@pytest.mark.parametrize("recipe", GPU_RECIPES)
+def test_gpu_recipes_validate_and_carry_their_launch_command_and_memory_estimate(recipe):
+    from dlm_rl.recipe import parse_recipe
+
+    path = os.path.join(ROOT, "recipes", f"{recipe}.yaml")
+    with open(path) as f:
+        header = [line for line in f if line.startswith("#")]
+    launch = [line for line in header if line.startswith("# accelerate launch --config_file configs/accelerate/")]
+    assert launch and launch[0].split()[-1] == f"recipes/{recipe}.yaml", "the data-parallel launch command"
+    config_file = launch[0].split("--config_file ")[1].split()[0]
+    assert config_file == "configs/accelerate/ddp.yaml", "the RL trainers run data parallel only"
+    module, config = parse_recipe(path)
+    assert callable(module.run)
+    with open(os.path.join(ROOT, "docs", "scaling.md")) as f:
+        assert f"`{recipe}.yaml`" in f.read(), "docs/scaling.md works out this recipe's memory per GPU"
+
+
+@pytest.mark.parametrize("variable, name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_rl_trainers_refuse_a_sharded_launch(monkeypatch, variable, name):
+    from dlm_rl import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(ValueError, match=f"accelerate {name} config.*ddp.yaml"):
+        distributed.setup()
+
+
+def _worker(directory: str) -> None:
+    """One rank. Rank 0 first takes every single-process step on the global batches (before joining the process
+    group, so the trainers run their one-process code); then every rank takes its share, also with the mistakes
+    the test must catch, and rank 0 writes the differences."""
+    from dlm_rl import distributed
+
+    torch.set_num_threads(1)
+    main = os.environ["RANK"] == "0"
+    inputs = reference = None
+    if main:
+        inputs = build_inputs()
+        reference = {name: case() for name, case in rl_cases(inputs, lambda items: items, world=1).items()}
+    distributed.setup()
+    shared = [inputs]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    inputs = shared[0]
+    cases = rl_cases(inputs, distributed.share, WORLD)
+    results = {"exact": {}, "broken": {"gradients_not_summed": {}, "mean_of_per_rank_means": {}}}
+    for name, case in cases.items():
+        grads = case()
+        if main:
+            results["exact"][name] = (max_diff(grads, reference[name]),
+                                      max(float(g.abs().max()) for g in reference[name].values()))
+    work = os.path.join(directory, f"work{distributed.rank()}")
+    single, parallel = mdm(inputs, distributed.share, work)
+    results["exact"]["mdm"] = (max_diff(parallel, single), max(float(g.abs().max()) for g in single.values()))
+    single, parallel = mdm(inputs, distributed.share, work, sync=False)
+    results["broken"]["gradients_not_summed"]["mdm"] = max_diff(parallel, single)
+
+    real_sum, real_all_sum = distributed.sum_gradients, distributed.all_sum
+
+    def averaged(parameters):  # DDP's average of the gradients, of losses normalised on each rank
+        parameters = [p for p in parameters if p.requires_grad]
+        real_sum(parameters)
+        for p in parameters:
+            p.grad /= WORLD
+
+    mutations = {"gradients_not_summed": {"sum_gradients": lambda parameters: None},
+                 "mean_of_per_rank_means": {"sum_gradients": averaged, "all_sum": lambda value: value}}
+    for mutation, patch in mutations.items():
+        for name in ("tracerl", "vrpo", "didi_student", "didi_discriminator"):  # both ranks have rows
+            for attribute, function in patch.items():
+                setattr(distributed, attribute, function)
+            try:
+                grads = cases[name]()
+            finally:
+                distributed.sum_gradients, distributed.all_sum = real_sum, real_all_sum
+            if main:
+                results["broken"][mutation][name] = max_diff(grads, reference[name])
+    if main:
+        with open(os.path.join(directory, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
