@@ -268,7 +268,7 @@ def test_eval_writes_its_outputs_for_a_fresh_tiny_model_on_humaneval_format_rows
     output directory eval/<model>-<dataset>/."""
     monkeypatch.chdir(tmp_path)
     argv = ["eval", "--model", "tiny", "--dataset", fixture("humaneval_2.jsonl"), "--gen-length", "8",
-            "--samples", "2", "--threshold", "0.9"]
+            "--samples", "2", "--threshold", "0.9", "--prompt-template", "# Python 3\n{prompt}"]
     capsys.readouterr()
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
@@ -284,6 +284,7 @@ def test_eval_writes_its_outputs_for_a_fresh_tiny_model_on_humaneval_format_rows
     assert set(records[0]) == {"id", "sample", "temperature", "prompt", "completion", "score", "correct", "nfe",
                                "finish_reason"}
     assert all(1 <= r["nfe"] <= 8 for r in records)
+    assert records[0]["prompt"].startswith("# Python 3\nfrom typing import List\n")
     assert "# tiny on " in (out / "summary.md").read_text()
 
 
@@ -301,6 +302,8 @@ def test_eval_errors_name_the_fix(tmp_path, capsys):
     assert result["truncated_prompts"] == 1
     assert main([*base, "--dataset", "addition3", "--n", "2", "--samples", "2", "--pass-k", "4"]) == 2
     assert "pass@k needs 1 <= k <= samples (2)" in capsys.readouterr().err
+    assert main([*base, "--dataset", "addition3", "--prompt-template", "Q: {question}"]) == 2
+    assert "--prompt-template 'Q: {question}' has no {prompt} placeholder" in capsys.readouterr().err
 
 
 def test_held_out_check_of_the_trainers_still_reports_greedy_accuracy():
