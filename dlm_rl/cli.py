@@ -26,12 +26,36 @@ def main(argv: list[str] | None = None) -> int:
     sample.add_argument("--trajectory", action="store_true", help="also print step_map, log-probs and NFE")
     sample.add_argument("--seed", type=int, default=0)
 
-    evaluate = commands.add_parser("eval", help="accuracy and pass@k of a model on a testbed task")
+    evaluate = commands.add_parser(
+        "eval", help="accuracy, pass@k, NFE and tokens/s of a model on a dataset",
+        description="Greedy accuracy and pass@k (T = 1) on a dataset; writes generations.jsonl, metrics.json and "
+        "summary.md to --output-dir and prints one JSON line.",
+    )
     _model_arguments(evaluate)
-    evaluate.add_argument("--task", required=True, help="testbed task: addition3, chain, chain128, code")
-    evaluate.add_argument("--n", type=int, default=256, help="held-out problems")
+    evaluate.add_argument(
+        "--dataset", "--task", dest="dataset", required=True,
+        help="a testbed task (addition3, chain, chain128, code), humaneval (offline), reasoning_gym:NAME, "
+        "gsm8k | math500 | mbpp (hub), or a local .jsonl/.json/.parquet with prompt + answer or prompt + tests "
+        "(or GSM8K / MATH-500 / MBPP / HumanEval columns)",
+    )
+    evaluate.add_argument("--n", type=int, default=None, help="first n problems (default all; 256 from generators)")
     evaluate.add_argument("--samples", type=int, default=8, help="completions per problem at temperature 1")
-    evaluate.add_argument("--seed", type=int, default=1)
+    evaluate.add_argument(
+        "--pass-k", type=_int_list, default=None, metavar="K,K,...",
+        help="pass@k to report (default 1 and --samples)",
+    )
+    evaluate.add_argument("--seed", type=int, default=1, help="seed of generated problems and of the T = 1 samples")
+    evaluate.add_argument("--batch-size", type=int, default=64, help="completions sampled together")
+    evaluate.add_argument("--chat", action="store_true", help="send prompts through the tokenizer's chat template")
+    evaluate.add_argument(
+        "--prompt-template", default=None,
+        help="the prompt as {prompt} inside this text, e.g. '{prompt} Answer in \\boxed{}.'",
+    )
+    evaluate.add_argument(
+        "--truncate-prompts", action="store_true",
+        help="keep the last tokens of prompts too long for the model's context (else they are an error)",
+    )
+    evaluate.add_argument("--output-dir", default=None, help="default eval/<model>-<dataset>")
     evaluate.add_argument(
         "--reward", action="append", default=[], metavar="REF",
         help="also score the greedy completions: module:function or path/to/file.py:function (repeatable)",
@@ -66,6 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dlm-rl {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _int_list(text: str) -> list[int]:
+    """'1,2,8' → [1, 2, 8]."""
+    try:
+        return [int(k) for k in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, like 1,2,8; got {text!r}") from None
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,15 +152,21 @@ def _sample(args) -> None:
 
 
 def _eval(args) -> None:
-    from dlm_rl.evaluation import evaluate
-    from dlm_rl.testbed import TASKS
+    from dlm_rl.data.benchmarks import load_benchmark
+    from dlm_rl.eval_report import default_output_dir, write_report
+    from dlm_rl.evaluation import run_evaluation
 
-    if args.task not in TASKS:
-        raise ValueError(f"unknown testbed task {args.task!r}; choose one of {sorted(TASKS)}")
-    task = TASKS[args.task]
-    model = _load(args)
-    held_out = task.dataset("test", args.n, seed=args.seed)
-    options = _sampler_options(args)
+    benchmark = load_benchmark(args.dataset, n=args.n, seed=args.seed)
+    gen_length = args.gen_length or benchmark.gen_length
+    if gen_length is None:
+        raise ValueError(f"dataset {args.dataset!r} needs --gen-length (the response canvas, e.g. 256)")
+    rows = benchmark.rows
+    if args.prompt_template is not None:
+        if "{prompt}" not in args.prompt_template:
+            raise ValueError(f"--prompt-template {args.prompt_template!r} has no {{prompt}} placeholder")
+        rows = rows.map(lambda row: {"prompt": args.prompt_template.replace("{prompt}", row["prompt"])})
+    if args.chat:
+        rows = rows.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
     rewards = None
     if args.reward:
         from dlm_rl.reward_functions import Rewards
@@ -136,16 +174,24 @@ def _eval(args) -> None:
         rewards = Rewards(args.reward, args.reward_weight)
     elif args.reward_weight:
         raise ValueError("--reward-weight given without --reward")
-    result = evaluate(
+    model = _load(args)
+    result, records = run_evaluation(
         model,
-        held_out,
-        task.generator,
-        gen_length=args.gen_length or task.response_length,
+        rows,
+        benchmark.scorer,
+        gen_length=gen_length,
         samples=args.samples,
-        sampler=options,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        sampler=_sampler_options(args),
         rewards=rewards,
+        truncate_prompts=args.truncate_prompts,
+        pass_k=args.pass_k,
     )
-    print(json.dumps({"model": args.model, "task": args.task, **result}))
+    output_dir = args.output_dir or default_output_dir(args.model, args.dataset)
+    settings = {**vars(args), "gen_length": gen_length, "scorer": benchmark.scorer}
+    paths = write_report(output_dir, settings, result, records)
+    print(json.dumps({"model": args.model, "dataset": args.dataset, **result, **paths}))
 
 
 def _plot(args) -> None:

@@ -94,13 +94,15 @@ def test_sample_bad_threshold_is_a_clear_error(trained, capsys):
     assert "threshold must be in (0, 1], got 1.5" in capsys.readouterr().err
 
 
-def test_eval_prints_accuracy_and_pass_at_k(trained, capsys):
+def test_eval_prints_accuracy_and_pass_at_k(trained, tmp_path, capsys):
     capsys.readouterr()
-    assert main(["eval", "--model", trained, "--task", "addition3", "--n", "8", "--samples", "2"]) == 0
+    argv = ["eval", "--model", trained, "--task", "addition3", "--n", "8", "--samples", "2",
+            "--output-dir", str(tmp_path)]
+    assert main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
     result = json.loads(lines[0])
-    assert (result["model"], result["task"], result["n"]) == (trained, "addition3", 8)
+    assert (result["model"], result["dataset"], result["n"]) == (trained, "addition3", 8)
     # 8 problems: greedy accuracy and pass@2 count problems (k/8); pass@1 averages c/2 over them (k/16)
     for key, grain in (("greedy_accuracy", 8), ("pass@1", 16), ("pass@2", 8)):
         assert 0.0 <= result[key] <= 1.0
@@ -116,7 +118,8 @@ def test_eval_scores_greedy_completions_with_a_reward_from_a_user_file(trained, 
         "    return [float(len(c)) for c in completions]\n"
     )
     capsys.readouterr()
-    command = ["eval", "--model", trained, "--task", "addition3", "--n", "3", "--samples", "0"]
+    command = ["eval", "--model", trained, "--task", "addition3", "--n", "3", "--samples", "0",
+               "--output-dir", str(tmp_path / "out")]
     assert main([*command, "--reward", f"{user_file}:length", "--reward-weight", "2"]) == 0
     result = json.loads(capsys.readouterr().out)
     mean_length = sum(len(text) for text in result["examples"]) / 3  # n = 3: the examples are all completions
@@ -128,7 +131,7 @@ def test_eval_scores_greedy_completions_with_a_reward_from_a_user_file(trained, 
 def test_eval_unknown_task_lists_valid_tasks(trained, capsys):
     assert main(["eval", "--model", trained, "--task", "addition4"]) == 2
     err = capsys.readouterr().err
-    assert "unknown testbed task 'addition4'; choose one of ['addition3', 'chain', 'chain128', 'code', 'facts']" in err
+    assert "unknown dataset 'addition4': give a testbed task ['addition3', 'chain', 'chain128', 'code', 'facts']" in err
 
 
 def test_eval_unknown_model_is_an_error(capsys):
