@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from dlm_rl.checkpoint import checkpoint_due, load_checkpoint, save_checkpoint
 from dlm_rl.models.lora import add_lora
 from dlm_rl.rl.vrpo import PreferenceEstimator, collate_pairs, fitting_pairs, vrpo_loss
 from dlm_rl.run_log import RunLog
@@ -139,15 +140,22 @@ def run(config: VRPOConfig) -> dict:
     engine = None if pairs else LocalEngine(model, rows_per_chunk=config.prompts_per_step * config.num_generations,
                                             seed=config.seed, rewards=rewards)
     stream = PromptStream(pairs or train, config.prompts_per_step, config.seed)
-    log = RunLog(config.output_dir, tensorboard=config.tensorboard)
+    state = {"model": model, "optimizer": optimizer, "generator": generator, "prompts": stream}
+    if engine is not None:
+        state["engine"] = engine
+    done = load_checkpoint(config, state)  # steps done before (0 for a new run)
+    log = RunLog(config.output_dir, tensorboard=config.tensorboard, resume_step=done if config.resume else None)
 
     def held_out() -> dict:
         return held_out_metrics(model, held_out_rows, scorer, gen_length, config.block_length, rewards)
 
-    line = {"step": 0, **held_out()}
-    log.log(line)
+    line = {"step": done}
+    if not config.resume:
+        line.update(held_out())
+        log.log(line)
     try:
-        for step in (bar := tqdm(range(1, config.max_steps + 1), desc="vrpo")):
+        steps = range(done + 1, config.max_steps + 1)
+        for step in (bar := tqdm(steps, desc="vrpo", initial=done, total=config.max_steps)):
             line = {"step": step}
             start = time.perf_counter()
             if engine is None:
@@ -174,6 +182,8 @@ def run(config: VRPOConfig) -> dict:
                 line.update(held_out())
             bar.set_postfix(loss=f"{line.get('loss', float('nan')):.3f}", pairs=line.get("pairs", 0))
             log.log(line)
+            if checkpoint_due(config, step):
+                save_checkpoint(config, step, state)
     finally:
         log.close(curve=("reward/total", "eval/greedy_accuracy", "implicit_accuracy"))
         if engine is not None:
