@@ -83,12 +83,12 @@ def save_checkpoint(config, step: int, objects: dict) -> str:
         json.dump({"config_class": type(config).__name__, "step": step, "config": _plain(config)}, f, indent=2)
         _sync(f)
     if os.path.exists(final):  # a run resumed from an earlier checkpoint reaches this step again
-        shutil.rmtree(final)
+        _remove(final)
     os.rename(temporary, final)
     found = checkpoints(config.output_dir)
     if config.save_total_limit is not None:
         for old in found[: -config.save_total_limit]:
-            shutil.rmtree(old)
+            _remove(old)
     logger.info("saved %s", final)
     return final
 
@@ -202,6 +202,14 @@ def _restore(obj, state, where: str) -> None:
         obj.set_state(state)
     else:
         obj.load_state_dict(state)
+
+
+def _remove(path: str) -> None:
+    """Delete a checkpoint, first renaming it out of sight so that a kill mid-delete leaves no half checkpoint."""
+    hidden = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.old")
+    shutil.rmtree(hidden, ignore_errors=True)
+    os.rename(path, hidden)
+    shutil.rmtree(hidden)
 
 
 def _sync(f) -> None:

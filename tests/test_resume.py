@@ -93,28 +93,35 @@ def test_didi_with_its_ema_resumes_exactly(tmp_path):
     assert all("loss" in m for m in metrics[2:]) and "eval/validity" in metrics[-1]
 
 
-def test_resume_errors_are_clear(tmp_path, reward):
+def test_resume_errors_are_clear_and_changed_settings_are_named(tmp_path, reward, caplog):
+    from dlm_rl.recipe import parse_recipe
     from dlm_rl.trainers.tracerl import TraceRLConfig, run
     from dlm_rl.trainers.vrpo import VRPOConfig
+    from dlm_rl.trainers.vrpo import run as run_vrpo
 
     settings = dict(model="tiny", task="addition3", train_size=4, eval_size=1, num_generations=2, prompts_per_step=2,
-                    lora_r=4, gen_length=2, tensorboard=False, reward_funcs=[reward])
+                    lora_r=4, gen_length=2, max_steps=1, tensorboard=False, reward_funcs=[reward])
     out = str(tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="no checkpoint-STEP directory in output_dir"):
         run(TraceRLConfig(output_dir=out, resume="latest", **settings))
     with pytest.raises(FileNotFoundError, match="checkpoint directory .*missing does not exist"):
         run(TraceRLConfig(output_dir=out, resume=str(tmp_path / "missing"), **settings))
-    run(TraceRLConfig(output_dir=out, max_steps=1, save_steps=1, **settings))
+    run(TraceRLConfig(output_dir=out, save_steps=1, **settings))
     with pytest.raises(ValueError, match="holds checkpoints of an earlier run.*--resume latest"):
-        run(TraceRLConfig(output_dir=out, max_steps=1, **settings))
+        run(TraceRLConfig(output_dir=out, **settings))
     with pytest.raises(ValueError, match="saved by a TraceRLConfig run, not a VRPOConfig run"):
-        from dlm_rl.trainers.vrpo import run as run_vrpo
-
         run_vrpo(VRPOConfig(output_dir=out, resume="latest", **settings))
     with pytest.raises(ValueError, match=r"other settings \(lora_r: 4 -> 8\)"):
         run(TraceRLConfig(output_dir=out, resume="latest", **{**settings, "lora_r": 8}))
+    run(TraceRLConfig(output_dir=out, resume="latest", **{**settings, "learning_rate": 0.5}))  # nothing left to do
+    assert "changed settings (learning_rate: 0.0001 -> 0.5)" in caplog.text
     with pytest.raises(ValueError, match="must be at least 1"):
         TraceRLConfig(save_total_limit=0)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("trainer: tracerl\nresume: true\n")
+    assert parse_recipe(str(recipe))[1].resume == "latest"
+    assert parse_recipe(str(recipe), ["--resume", "false"])[1].resume is None
+    assert parse_recipe(str(recipe), ["--resume", "--max_steps", "3"])[1].resume == "latest"  # a bare --resume
 
 
 def test_a_save_cut_short_keeps_the_earlier_checkpoints_and_only_the_newest_are_kept(tmp_path, monkeypatch):
@@ -138,6 +145,8 @@ def test_a_save_cut_short_keeps_the_earlier_checkpoints_and_only_the_newest_are_
     assert [os.path.basename(p) for p in checkpoints(str(tmp_path))] == ["checkpoint-2", "checkpoint-3"]
     expected = stream.next()
     config.resume = "latest"
-    fresh = PromptStream([{"prompt": str(i)} for i in range(5)], 2, seed=0)
-    assert load_checkpoint(config, {"model": torch.nn.Linear(2, 2), "prompts": fresh}) == 3
-    assert fresh.next() == expected
+    fresh, other = PromptStream([{"prompt": str(i)} for i in range(5)], 2, seed=0), torch.nn.Linear(2, 2)
+    assert load_checkpoint(config, {"model": other, "prompts": fresh}) == 3
+    assert fresh.next() == expected and torch.equal(other.weight, model.weight)
+    save_checkpoint(config, 4, {"model": model, "prompts": stream})  # clears what the cut save left
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-3", "checkpoint-4"]
