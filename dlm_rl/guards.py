@@ -27,6 +27,12 @@ class NonFiniteLoss:
             raise ValueError(f"max_nonfinite_steps must be at least 1, got {limit}")
         self.limit, self.trainer, self.count = limit, trainer, 0
 
+    def state_dict(self) -> dict:
+        return {"count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = state["count"]
+
     def skip(self, optimizers, **values: float) -> bool:
         """False when every value (loss, grad_norm, ...) is finite. Otherwise drop the gradients, so that no
         optimiser step may follow (AdamW leaves a parameter without a gradient untouched), count the update, warn,
@@ -58,6 +64,12 @@ class RolloutGuards:
         self.gen_length, self.patience, self.error = gen_length, patience, error
         self.truncated_steps = 0
         self.streaks: dict[str, int] = {}  # reward name -> steps in a row with one score for the whole batch
+
+    def state_dict(self) -> dict:
+        return {"truncated_steps": self.truncated_steps, "streaks": dict(self.streaks)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.truncated_steps, self.streaks = state["truncated_steps"], dict(state["streaks"])
 
     def __call__(self, step: int, trajectories) -> dict:
         """Check a step's trajectories (scored); returns the guard metrics for the step's log line."""

@@ -45,7 +45,12 @@ def parse_recipe(path: str, overrides: list[str] | None = None):
         raise ValueError(f"recipe {path}: " + "; ".join(_unknown_key(key, valid) for key in unknown))
     parser = TrlParser([config_class], allow_abbrev=False)  # a misspelt prefix must not pass silently
     parser.set_defaults_with_config(**recipe)
-    config, rest = parser.parse_args_into_dataclasses(args=list(overrides or []), return_remaining_strings=True)
+    overrides = list(overrides or [])
+    if "--resume" in overrides:  # a bare --resume continues the newest checkpoint
+        i = overrides.index("--resume") + 1
+        if i == len(overrides) or overrides[i].startswith("--"):
+            overrides.insert(i, "latest")
+    config, rest = parser.parse_args_into_dataclasses(args=overrides, return_remaining_strings=True)
     flags = [arg.lstrip("-").split("=")[0].replace("-", "_") for arg in rest if arg.startswith("--")]
     if rest:
         raise ValueError(

@@ -13,16 +13,23 @@ logger = logging.getLogger(__name__)
 
 
 class RunLog:
-    def __init__(self, output_dir: str, tensorboard: bool = True):
+    """A new run's records, or with `resume_step` a resumed run's: the lines and TensorBoard events after that
+    step (written before the run was killed) are dropped and the files appended to."""
+
+    def __init__(self, output_dir: str, tensorboard: bool = True, resume_step: int | None = None):
         os.makedirs(output_dir, exist_ok=True)
         self.output_dir = output_dir
-        self.metrics = open(os.path.join(output_dir, "metrics.jsonl"), "w")
-        self.completions = open(os.path.join(output_dir, "completions.jsonl"), "w")
+        paths = [os.path.join(output_dir, name) for name in ("metrics.jsonl", "completions.jsonl")]
+        if resume_step is not None:
+            for path in paths:
+                _drop_after(path, resume_step)
+        self.metrics, self.completions = (open(path, "w" if resume_step is None else "a") for path in paths)
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            purge = None if resume_step is None else resume_step + 1
+            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=purge)
 
     def log(self, line: dict) -> None:
         """Append a metrics line (it must have "step"); numbers also go to TensorBoard."""
@@ -58,6 +65,22 @@ class RunLog:
             logger.info(text)
         for name in ("curve.png", "completions.jsonl", "metrics.jsonl"):
             logger.info("%-17s %s", name, os.path.join(self.output_dir, name))
+
+
+def _drop_after(path: str, step: int) -> None:
+    """Keep the lines of a JSON-lines log up to `step` (a line cut short by the kill is dropped too)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line.rstrip("\n") + "\n")
+            except (json.JSONDecodeError, KeyError):
+                continue
+    with open(path, "w") as f:
+        f.writelines(kept)
 
 
 def summary(metrics_path: str, names: tuple[str, ...]) -> list[str]:

@@ -202,6 +202,15 @@ class RolloutEngine:
         `full=True` sends every weight); returns the new weight version, which later trajectories carry."""
         raise NotImplementedError
 
+    def state_dict(self) -> dict:
+        """The call counter (chunk seeds derive from it) and the weight version, for checkpoints."""
+        return {"calls": self.calls, "version": self.version}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the counters of a checkpoint. The weights are the caller's: an engine with its own model copies
+        (RayEngine) needs `sync_weights(model)` after the trainer's model is restored."""
+        self.calls, self.version = state["calls"], state["version"]
+
     def close(self) -> None:
         self.scorer.close()
 

@@ -26,6 +26,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from dlm_rl import distributed
+from dlm_rl.checkpoint import CheckpointArguments, checkpoint_due, load_checkpoint, save_checkpoint
 from dlm_rl.guards import NonFiniteArguments, NonFiniteLoss
 from dlm_rl.models.lora import LoraArguments
 from dlm_rl.rl.didi import (
@@ -44,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class DiDiConfig(LoraArguments, NonFiniteArguments):
+class DiDiConfig(CheckpointArguments, LoraArguments, NonFiniteArguments):
     """DiDi-Instruct settings; every field can be a recipe key."""
 
     teacher: str = "testbed:facts-teacher"
@@ -103,6 +104,7 @@ class DiDiConfig(LoraArguments, NonFiniteArguments):
     seed: int = 0
 
     def __post_init__(self):
+        super().__post_init__()
         if (self.task is None) == (self.dataset_path is None):
             raise ValueError("set exactly one of `task` (a testbed task) and `dataset_path`")
         if not 0 < self.tau_min < self.tau_max < 1:
@@ -147,17 +149,26 @@ def run(config: DiDiConfig) -> dict:
     stream = PromptStream(rows, config.prompts_per_step, config.seed)
     generator = torch.Generator(device).manual_seed(config.seed + distributed.rank())
     nonfinite = NonFiniteLoss(config.max_nonfinite_steps, "DiDi")
-    log = RunLog(config.output_dir, tensorboard=config.tensorboard) if main else None
+    state = {"student": student, "student_optimizer": student_optimizer, "discriminator": discriminator,
+             "discriminator_optimizer": discriminator_optimizer, "generator": generator, "prompts": stream,
+             "nonfinite": nonfinite}
+    if ema is not None:
+        state["ema"] = ema
+    done = load_checkpoint(config, state)  # steps done before (0 for a new run)
+    log = None
+    if main:
+        log = RunLog(config.output_dir, tensorboard=config.tensorboard, resume_step=done if config.resume else None)
 
     def evaluate() -> dict:
         return _evaluate(ema.module if ema is not None else student, config, rows, gen_length, device)
 
-    line = {"step": 0}
-    if main:
+    line = {"step": done}
+    if main and not config.resume:
         line.update(evaluate())
         log.log(line)
     try:
-        for step in (bar := tqdm(range(1, config.max_steps + 1), desc="didi", disable=not main)):
+        steps = range(done + 1, config.max_steps + 1)
+        for step in (bar := tqdm(steps, desc="didi", initial=done, total=config.max_steps, disable=not main)):
             start = time.perf_counter()
             batch = {k: v.to(device) for k, v in collate(distributed.share(stream.next())).items()}
             line = {"step": step, **_step(student, teacher, discriminator, student_optimizer, discriminator_optimizer,
@@ -172,6 +183,8 @@ def run(config: DiDiConfig) -> dict:
                 line.update(evaluate())
             bar.set_postfix(reward=f"{line['reward']:.3f}", d_loss=f"{line['discriminator_loss']:.3f}")
             log.log(line)
+            if checkpoint_due(config, step):
+                save_checkpoint(config, step, state)
     finally:
         if main:
             log.close(curve=("reward", "discriminator_loss", "eval/validity"))

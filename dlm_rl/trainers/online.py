@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 
 from dlm_rl import distributed
+from dlm_rl.checkpoint import CheckpointArguments
 from dlm_rl.guards import NonFiniteArguments
 from dlm_rl.models.lora import LoraArguments
 
@@ -17,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class OnlineArguments(LoraArguments, NonFiniteArguments):
+class OnlineArguments(CheckpointArguments, LoraArguments, NonFiniteArguments):
     """Settings of every trainer that learns from its own rollouts; every field can be a recipe key."""
 
     model: str = "testbed:addition3-base"
@@ -73,6 +74,7 @@ class OnlineArguments(LoraArguments, NonFiniteArguments):
     """Seed for prompt order, rollouts and the LoRA initialisation."""
 
     def __post_init__(self):
+        super().__post_init__()
         if self.num_generations < 2:
             raise ValueError("num_generations must be at least 2: a prompt's samples are compared with each other")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
@@ -105,22 +107,33 @@ def load_task(config: OnlineArguments) -> tuple[list[dict], object, str, int | N
 
 
 class PromptStream:
-    """Batches of training rows in a seeded order, reshuffled at each pass."""
+    """Batches of training rows in a seeded order, reshuffled at each pass; its state is the data position."""
 
     def __init__(self, rows: list[dict], batch_size: int, seed: int):
         if batch_size > len(rows):
             raise ValueError(f"{batch_size} prompts per step but the task has only {len(rows)} training prompts")
         self.rows, self.batch_size = list(rows), batch_size
         self.order = random.Random(seed)
+        self.permutation = list(range(len(self.rows)))
         self.position = len(self.rows)
 
     def next(self) -> list[dict]:
         if self.position + self.batch_size > len(self.rows):
-            self.order.shuffle(self.rows)
+            self.order.shuffle(self.permutation)
             self.position = 0
-        batch = self.rows[self.position : self.position + self.batch_size]
+        batch = [self.rows[i] for i in self.permutation[self.position : self.position + self.batch_size]]
         self.position += self.batch_size
         return batch
+
+    def state_dict(self) -> dict:
+        return {"random": self.order.getstate(), "permutation": list(self.permutation), "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["permutation"]) != len(self.rows):
+            raise ValueError(f"the saved data order covers {len(state['permutation'])} rows but this run has "
+                             f"{len(self.rows)}; resume with the data it was saved with")
+        self.order.setstate(state["random"])
+        self.permutation, self.position = list(state["permutation"]), state["position"]
 
 
 def held_out_metrics(model, rows, scorer: str, gen_length: int, block_length: int | None, rewards) -> dict:

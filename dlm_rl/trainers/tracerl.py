@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dlm_rl import distributed
+from dlm_rl.checkpoint import checkpoint_due, load_checkpoint, save_checkpoint
 from dlm_rl.guards import NonFiniteLoss, RolloutGuards
 from dlm_rl.models.lora import add_lora
 from dlm_rl.rl.advantages import group_advantages
@@ -139,18 +140,28 @@ def run(config: TraceRLConfig) -> dict:
     engine = LocalEngine(model, rows_per_chunk=config.prompts_per_step * config.num_generations,
                          seed=config.seed + distributed.rank(), rewards=rewards)
     guards = RolloutGuards(gen_length, config.constant_reward_patience, config.constant_reward_error)
-    log = RunLog(config.output_dir, tensorboard=config.tensorboard) if main else None
+    state = {"model": model, "optimizer": learner.optimizer, "generator": learner.generator, "prompts": prompts,
+             "engine": engine, "guards": guards, "nonfinite": learner.nonfinite}
+    if value is not None:
+        state.update(value_model=value, value_optimizer=learner.value_optimizer)
+    done = load_checkpoint(config, state)  # steps done before (0 for a new run)
+    log = None
+    if main:
+        log = RunLog(config.output_dir, tensorboard=config.tensorboard, resume_step=done if config.resume else None)
 
     def held_out() -> dict:
         return held_out_metrics(model, held_out_rows, scorer, gen_length, config.block_length, rewards)
 
-    line = {"step": 0}
-    if main:
+    line = {"step": done}
+    if main and not config.resume:
         line.update(held_out())
         log.log(line)
+    model.train()  # π_old is scored in training mode, with or without the held-out check before
     skipped = 0
     try:
-        for step in (bar := tqdm(range(1, config.max_steps + 1), desc=f"{config.method}", disable=not main)):
+        steps = range(done + 1, config.max_steps + 1)
+        for step in (bar := tqdm(steps, desc=f"{config.method}", initial=done, total=config.max_steps,
+                                 disable=not main)):
             line = {"step": step}
             start = time.perf_counter()
             trajectories = engine.generate(distributed.share(prompts.next()), config.num_generations, sampler)
@@ -172,6 +183,8 @@ def run(config: TraceRLConfig) -> dict:
                 line.update(held_out())
             bar.set_postfix(reward=f"{line['reward/total']:.3f}", rows=line.get("rows", 0))
             log.log(line)
+            if checkpoint_due(config, step):
+                save_checkpoint(config, step, state)
     finally:
         engine.close()
         if main:

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dlm_rl import distributed
+from dlm_rl.checkpoint import checkpoint_due, load_checkpoint, save_checkpoint
 from dlm_rl.guards import NonFiniteLoss, RolloutGuards
 from dlm_rl.models.lora import add_lora
 from dlm_rl.rl.vrpo import PreferenceEstimator, collate_pairs, fitting_pairs, vrpo_loss
@@ -156,17 +157,25 @@ def run(config: VRPOConfig) -> dict:
     stream = PromptStream(pairs or train, config.prompts_per_step, config.seed)
     nonfinite = NonFiniteLoss(config.max_nonfinite_steps, "VRPO")
     guards = RolloutGuards(gen_length, config.constant_reward_patience, config.constant_reward_error)
-    log = RunLog(config.output_dir, tensorboard=config.tensorboard) if main else None
+    state = {"model": model, "optimizer": optimizer, "generator": generator, "prompts": stream, "guards": guards,
+             "nonfinite": nonfinite}
+    if engine is not None:
+        state["engine"] = engine
+    done = load_checkpoint(config, state)  # steps done before (0 for a new run)
+    log = None
+    if main:
+        log = RunLog(config.output_dir, tensorboard=config.tensorboard, resume_step=done if config.resume else None)
 
     def held_out() -> dict:
         return held_out_metrics(model, held_out_rows, scorer, gen_length, config.block_length, rewards)
 
-    line = {"step": 0}
-    if main:
+    line = {"step": done}
+    if main and not config.resume:
         line.update(held_out())
         log.log(line)
     try:
-        for step in (bar := tqdm(range(1, config.max_steps + 1), desc="vrpo", disable=not main)):
+        steps = range(done + 1, config.max_steps + 1)
+        for step in (bar := tqdm(steps, desc="vrpo", initial=done, total=config.max_steps, disable=not main)):
             line = {"step": step}
             start = time.perf_counter()
             rollout = None
@@ -200,6 +209,8 @@ def run(config: VRPOConfig) -> dict:
                 line.update(held_out())
             bar.set_postfix(loss=f"{line.get('loss', float('nan')):.3f}", pairs=line.get("pairs", 0))
             log.log(line)
+            if checkpoint_due(config, step):
+                save_checkpoint(config, step, state)
     finally:
         if engine is not None:
             engine.close()

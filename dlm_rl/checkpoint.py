@@ -1,0 +1,223 @@
+"""Checkpoints for exact resume: `output_dir/checkpoint-STEP/` holds everything the next step reads.
+
+- `state.pt`: the step; the trained tensors of each model (a LoRA adapter and any head, or every weight); optimizer
+  and `torch.Generator` states; the data position; the rollout engine's call counter and weight version; and the
+  process's RNG states (torch CPU and CUDA, python `random`, numpy).
+- `config.json`: the config class and the run's settings, compared with the resuming run's.
+
+A checkpoint is written into a hidden temporary directory and renamed into place, so a run killed mid-save leaves
+the earlier checkpoints as they were. Only the newest `save_total_limit` are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+STATE, CONFIG = "state.pt", "config.json"
+NAME = re.compile(r"checkpoint-(\d+)")
+# Settings the saved state depends on: resuming with other values cannot restore it.
+STRUCTURE = ("model", "teacher", "use_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+             "value_model", "discriminator_blocks", "ema", "task", "dataset", "dataset_path", "train_size")
+# Settings a resumed run may change without changing what it computes.
+FREE = ("max_steps", "eval_steps", "save_steps", "save_total_limit", "resume", "output_dir", "tensorboard")
+
+
+@dataclass
+class CheckpointArguments:
+    """Checkpoint settings of the custom-loop trainers (TraceRL, VRPO, DiDi)."""
+
+    save_steps: int = 0
+    """Save output_dir/checkpoint-STEP every this many steps and at the last step (0: never)."""
+    save_total_limit: int | None = 2
+    """Keep the newest this many checkpoints (None: keep all)."""
+    resume: str | None = None
+    """Continue a run exactly: a checkpoint directory, or 'latest' (or true) for the newest one in output_dir."""
+
+    def __post_init__(self):
+        if self.resume is True or str(self.resume).lower() in ("true", "latest"):
+            self.resume = "latest"
+        elif self.resume is False or str(self.resume).lower() == "false":
+            self.resume = None
+        if self.save_steps < 0:
+            raise ValueError(f"save_steps must be 0 (no checkpoints) or positive, got {self.save_steps}")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            raise ValueError(f"save_total_limit must be at least 1 or None (keep all), got {self.save_total_limit}")
+
+
+def checkpoints(output_dir: str) -> list[str]:
+    """The finished checkpoint directories in `output_dir`, oldest step first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := NAME.fullmatch(name))]
+    return [os.path.join(output_dir, name) for _, name in sorted(found)]
+
+
+def checkpoint_due(config, step: int) -> bool:
+    """Whether `step` ends with a checkpoint: every `save_steps` steps and at the last step."""
+    return bool(config.save_steps) and (step % config.save_steps == 0 or step == config.max_steps)
+
+
+def save_checkpoint(config, step: int, objects: dict) -> str:
+    """Write output_dir/checkpoint-STEP with the state of `objects` (models, optimizers, generators, and anything
+    with `state_dict`) and the RNG states; drop the oldest checkpoints beyond `save_total_limit`; returns the path."""
+    final = os.path.join(config.output_dir, f"checkpoint-{step}")
+    temporary = os.path.join(config.output_dir, f".checkpoint-{step}.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)  # left by a run killed mid-save
+    os.makedirs(temporary)
+    state = {"step": step, "rng": rng_states(), **{name: _state_of(obj) for name, obj in objects.items()}}
+    with open(os.path.join(temporary, STATE), "wb") as f:
+        torch.save(state, f)
+        _sync(f)
+    with open(os.path.join(temporary, CONFIG), "w") as f:
+        json.dump({"config_class": type(config).__name__, "step": step, "config": _plain(config)}, f, indent=2)
+        _sync(f)
+    if os.path.exists(final):  # a run resumed from an earlier checkpoint reaches this step again
+        _remove(final)
+    os.rename(temporary, final)
+    found = checkpoints(config.output_dir)
+    if config.save_total_limit is not None:
+        for old in found[: -config.save_total_limit]:
+            _remove(old)
+    logger.info("saved %s", final)
+    return final
+
+
+def load_checkpoint(config, objects: dict) -> int:
+    """Restore `objects` and the RNG states from the checkpoint `config.resume` names; returns its step.
+    Without `resume`, returns 0, and refuses an output_dir holding another run's checkpoints."""
+    from dlm_rl import distributed
+
+    if distributed.world_size() > 1 and (config.resume or config.save_steps):
+        raise ValueError("save_steps and resume work in single-process runs only for now: a checkpoint holds one "
+                         "process's RNG and generator states; run without them under torchrun / accelerate")
+    if config.resume is None:
+        if found := checkpoints(config.output_dir):
+            raise ValueError(f"output_dir {config.output_dir} holds checkpoints of an earlier run (up to {found[-1]}); "
+                             "pass --resume latest to continue it, or choose another output_dir")
+        return 0
+    path = _resolve(config)
+    with open(os.path.join(path, CONFIG)) as f:
+        saved = json.load(f)
+    _compare(saved, config, path)
+    state = torch.load(os.path.join(path, STATE), map_location="cpu", weights_only=True)
+    for name, obj in objects.items():
+        if name not in state:
+            raise ValueError(f"checkpoint {path} has no {name!r} (it has {sorted(state)}); it was saved by another "
+                             "kind of run")
+        _restore(obj, state[name], f"checkpoint {path}: {name}")
+    set_rng_states(state["rng"])
+    logger.info("resumed from %s at step %d", path, state["step"])
+    return state["step"]
+
+
+def rng_states() -> dict:
+    """This process's global RNG states: torch CPU (and CUDA), python `random` and numpy."""
+    name, key, position, has_gauss, gauss = np.random.get_state()
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(),
+              "numpy": (name, key.tolist(), position, has_gauss, gauss)}  # lists load with weights_only
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    name, key, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, np.array(key, dtype=np.uint32), position, has_gauss, gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def trained_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a run changes: the trainable parameters (with LoRA, the adapter) and the saved buffers."""
+    keep = {name for name, p in module.named_parameters() if p.requires_grad}
+    keep |= {name for name, _ in module.named_buffers()}
+    return {name: t for name, t in module.state_dict().items() if name in keep}
+
+
+def _resolve(config) -> str:
+    if config.resume == "latest":
+        found = checkpoints(config.output_dir)
+        if not found:
+            raise FileNotFoundError(
+                f"resume: 'latest' found no checkpoint-STEP directory in output_dir {config.output_dir}; name a "
+                "checkpoint directory, or drop --resume to start a new run"
+            )
+        return found[-1]
+    if not os.path.isdir(config.resume):
+        raise FileNotFoundError(f"resume: checkpoint directory {config.resume} does not exist")
+    if not os.path.exists(os.path.join(config.resume, STATE)):
+        raise FileNotFoundError(
+            f"resume: {config.resume} is not a dlm-rl checkpoint (no {STATE}); name an output_dir/checkpoint-STEP "
+            "directory written with save_steps > 0"
+        )
+    return config.resume
+
+
+def _compare(saved: dict, config, path: str) -> None:
+    """Refuse a checkpoint of another trainer or structure; warn about other changed settings."""
+    if saved["config_class"] != type(config).__name__:
+        raise ValueError(f"checkpoint {path} was saved by a {saved['config_class']} run, not a "
+                         f"{type(config).__name__} run")
+    old, new = saved["config"], _plain(config)
+    changed = {key: (old.get(key), new.get(key)) for key in old.keys() | new.keys()
+               if key not in FREE and old.get(key) != new.get(key)}
+    described = "; ".join(f"{key}: {a!r} -> {b!r}" for key, (a, b) in sorted(changed.items()))
+    if any(key in STRUCTURE for key in changed):
+        raise ValueError(f"checkpoint {path} was saved with other settings ({described}); resume with the "
+                         "settings it was saved with")
+    if changed:
+        logger.warning("resuming %s with changed settings (%s): the run goes on, but not as the uninterrupted run "
+                       "would have", path, described)
+
+
+def _plain(config) -> dict:
+    return json.loads(json.dumps(asdict(config), default=str))
+
+
+def _state_of(obj):
+    if isinstance(obj, torch.nn.Module):
+        return trained_tensors(obj)
+    if isinstance(obj, torch.Generator):
+        return obj.get_state()
+    return obj.state_dict()  # optimizers, the prompt stream, the rollout engine
+
+
+def _restore(obj, state, where: str) -> None:
+    if isinstance(obj, torch.nn.Module):
+        expected = trained_tensors(obj)
+        if expected.keys() != state.keys():
+            extra, missing = sorted(state.keys() - expected.keys()), sorted(expected.keys() - state.keys())
+            raise ValueError(f"{where} does not fit this run's model (unexpected {extra[:3]}, missing {missing[:3]});"
+                             " resume with the model and LoRA settings it was saved with")
+        obj.load_state_dict(state, strict=False)
+    elif isinstance(obj, torch.Generator):
+        obj.set_state(state)
+    else:
+        obj.load_state_dict(state)
+
+
+def _remove(path: str) -> None:
+    """Delete a checkpoint, first renaming it out of sight so that a kill mid-delete leaves no half checkpoint."""
+    hidden = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.old")
+    shutil.rmtree(hidden, ignore_errors=True)
+    os.rename(path, hidden)
+    shutil.rmtree(hidden)
+
+
+def _sync(f) -> None:
+    """Flush a file to disk, so that the rename that publishes the checkpoint never precedes its contents."""
+    f.flush()
+    os.fsync(f.fileno())

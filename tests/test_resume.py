@@ -1,0 +1,152 @@
+"""Exact resume: a run killed (SIGKILL, in a forked child) after a checkpoint at step k, with step k+1 already logged,
+and then resumed from that checkpoint logs the same metrics at steps k+1..k+3 as the run that was never interrupted.
+Bad resumes fail clearly; a save cut short leaves the earlier checkpoints as they were."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+
+import pytest
+import torch
+
+K = 2  # the checkpoint the run resumes from; the kill comes right after step K + 1 is logged
+
+
+@pytest.fixture
+def reward(tmp_path) -> str:
+    """A reward that differs within most groups, so that steps train."""
+    path = tmp_path / "reward.py"
+    path.write_text("def by_characters(prompts, completions, **columns):\n"
+                    "    return [float(sum(map(ord, c)) % 7) for c in completions]\n")
+    return f"{path}:by_characters"
+
+
+def _metrics(directory) -> list[dict]:
+    lines = [json.loads(x) for x in (directory / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if not k.startswith("time/")} for line in lines]
+
+
+def _killed(run, config) -> None:
+    """The run, in a forked child, killed (SIGKILL) as soon as step K + 1 is logged, before anything else."""
+    from dlm_rl.run_log import RunLog
+
+    log = RunLog.log
+
+    def log_then_die(self, line):
+        log(self, line)
+        if line["step"] == K + 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    RunLog.log = log_then_die  # the child's own copy of the class
+    run(config)
+
+
+def _kill_resume_and_compare(tmp_path, run, config_class, **settings):
+    """Run K + 3 steps three ways: uninterrupted; killed after step K + 1 with checkpoints every K steps; resumed
+    from checkpoint-K. The resumed run's log must equal the uninterrupted one, step for step."""
+    settings = dict(max_steps=K + 3, eval_steps=100, tensorboard=False, seed=3, **settings)
+    child = multiprocessing.get_context("fork").Process(
+        target=_killed, args=(run, config_class(output_dir=str(tmp_path / "run"), save_steps=K, **settings)))
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == -signal.SIGKILL, f"the run was not killed (exit code {child.exitcode})"
+    assert [m["step"] for m in _metrics(tmp_path / "run")] == list(range(K + 2))  # step K + 1 logged, not saved
+    assert sorted(os.listdir(tmp_path / "run" / f"checkpoint-{K}")) == ["config.json", "state.pt"]
+
+    run(config_class(output_dir=str(tmp_path / "run"), save_steps=K, resume="latest", **settings))
+    run(config_class(output_dir=str(tmp_path / "uninterrupted"), **settings))
+    resumed, uninterrupted = _metrics(tmp_path / "run"), _metrics(tmp_path / "uninterrupted")
+    assert [m["step"] for m in resumed] == list(range(K + 4))  # the killed run's step K + 1 was replaced
+    assert resumed == uninterrupted
+    return resumed
+
+
+def test_tracerl_with_a_value_model_resumes_exactly(tmp_path, reward):
+    from dlm_rl.trainers.tracerl import TraceRLConfig, run
+
+    # LoRA dropout draws from the global torch RNG, so that state matters too.
+    metrics = _kill_resume_and_compare(tmp_path, run, TraceRLConfig, model="tiny", task="addition3", train_size=6,
+                                       eval_size=2, num_generations=2, prompts_per_step=2, lora_r=4, lora_dropout=0.1,
+                                       learning_rate=1e-2, value_model=True, gen_length=4, reward_funcs=[reward])
+    assert all("value_loss" in m for m in metrics[1:])
+    assert len({m["loss"] for m in metrics[1:]}) > 1
+
+
+def test_vrpo_on_policy_resumes_exactly(tmp_path, reward):
+    from dlm_rl.trainers.vrpo import VRPOConfig, run
+
+    metrics = _kill_resume_and_compare(tmp_path, run, VRPOConfig, model="tiny", task="addition3", train_size=6,
+                                       eval_size=2, num_generations=4, prompts_per_step=2, lora_r=4,
+                                       learning_rate=1e-2, n_t=2, gen_length=4, reward_funcs=[reward])
+    assert all(m["pairs"] > 0 for m in metrics[1:])
+
+
+def test_didi_with_its_ema_resumes_exactly(tmp_path):
+    from dlm_rl.trainers.didi import DiDiConfig, run
+
+    metrics = _kill_resume_and_compare(tmp_path, run, DiDiConfig, teacher="tiny", task="addition3", train_size=8,
+                                       prompts_per_step=2, group_size=2, discriminator_warmup_steps=1, eval_samples=4,
+                                       eval_nfe=4, learning_rate=1e-3)
+    assert all("loss" in m for m in metrics[2:]) and "eval/validity" in metrics[-1]
+
+
+def test_resume_errors_are_clear_and_changed_settings_are_named(tmp_path, reward, caplog):
+    from dlm_rl.recipe import parse_recipe
+    from dlm_rl.trainers.tracerl import TraceRLConfig, run
+    from dlm_rl.trainers.vrpo import VRPOConfig
+    from dlm_rl.trainers.vrpo import run as run_vrpo
+
+    settings = dict(model="tiny", task="addition3", train_size=4, eval_size=1, num_generations=2, prompts_per_step=2,
+                    lora_r=4, gen_length=2, max_steps=1, tensorboard=False, reward_funcs=[reward])
+    out = str(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="no checkpoint-STEP directory in output_dir"):
+        run(TraceRLConfig(output_dir=out, resume="latest", **settings))
+    with pytest.raises(FileNotFoundError, match="checkpoint directory .*missing does not exist"):
+        run(TraceRLConfig(output_dir=out, resume=str(tmp_path / "missing"), **settings))
+    run(TraceRLConfig(output_dir=out, save_steps=1, **settings))
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run.*--resume latest"):
+        run(TraceRLConfig(output_dir=out, **settings))
+    with pytest.raises(ValueError, match="saved by a TraceRLConfig run, not a VRPOConfig run"):
+        run_vrpo(VRPOConfig(output_dir=out, resume="latest", **settings))
+    with pytest.raises(ValueError, match=r"other settings \(lora_r: 4 -> 8\)"):
+        run(TraceRLConfig(output_dir=out, resume="latest", **{**settings, "lora_r": 8}))
+    run(TraceRLConfig(output_dir=out, resume="latest", **{**settings, "learning_rate": 0.5}))  # nothing left to do
+    assert "changed settings (learning_rate: 0.0001 -> 0.5)" in caplog.text
+    with pytest.raises(ValueError, match="must be at least 1"):
+        TraceRLConfig(save_total_limit=0)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("trainer: tracerl\nresume: true\n")
+    assert parse_recipe(str(recipe))[1].resume == "latest"
+    assert parse_recipe(str(recipe), ["--resume", "false"])[1].resume is None
+    assert parse_recipe(str(recipe), ["--resume", "--max_steps", "3"])[1].resume == "latest"  # a bare --resume
+
+
+def test_a_save_cut_short_keeps_the_earlier_checkpoints_and_only_the_newest_are_kept(tmp_path, monkeypatch):
+    from dlm_rl.checkpoint import checkpoints, load_checkpoint, save_checkpoint
+    from dlm_rl.trainers.online import PromptStream
+    from dlm_rl.trainers.vrpo import VRPOConfig
+
+    config = VRPOConfig(output_dir=str(tmp_path), save_total_limit=2)
+    model, stream = torch.nn.Linear(2, 2), PromptStream([{"prompt": str(i)} for i in range(5)], 2, seed=0)
+    for step in (1, 2, 3):
+        stream.next()
+        save_checkpoint(config, step, {"model": model, "prompts": stream})
+    assert [os.path.basename(p) for p in checkpoints(str(tmp_path))] == ["checkpoint-2", "checkpoint-3"]
+
+    def cut(*args, **kwargs):
+        raise KeyboardInterrupt  # the process stops inside torch.save
+    monkeypatch.setattr(torch, "save", cut)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(config, 4, {"model": model, "prompts": stream})
+    monkeypatch.undo()
+    assert [os.path.basename(p) for p in checkpoints(str(tmp_path))] == ["checkpoint-2", "checkpoint-3"]
+    expected = stream.next()
+    config.resume = "latest"
+    fresh, other = PromptStream([{"prompt": str(i)} for i in range(5)], 2, seed=0), torch.nn.Linear(2, 2)
+    assert load_checkpoint(config, {"model": other, "prompts": fresh}) == 3
+    assert fresh.next() == expected and torch.equal(other.weight, model.weight)
+    save_checkpoint(config, 4, {"model": model, "prompts": stream})  # clears what the cut save left
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-3", "checkpoint-4"]
