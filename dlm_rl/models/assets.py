@@ -31,4 +31,8 @@ def smollm2(*, attention: str = "full", block_size: int | None = None) -> Diffus
     folder, name = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and all(p.dtype.is_floating_point for p in model.parameters()):
+        # The GGUF tensors were de-quantized on load; without the leftover marker the model saves like any other.
+        quantizer.remove_quantization_config(model)
     return from_causal_lm(model, tokenizer, attention=attention, block_size=block_size)
