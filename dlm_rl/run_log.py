@@ -51,7 +51,8 @@ class RunLog:
         self.completions.flush()
 
     def close(self, curve: tuple[str, ...] = ("reward/total", "eval/greedy_accuracy")) -> None:
-        """Close the files and draw `curve.png` of the named metrics against the step."""
+        """Close the files, draw `curve.png` of the named metrics against the step, and log each held-out metric's
+        first and last values and where the run's files are."""
         self.metrics.close()
         self.completions.close()
         if self.writer is not None:
@@ -63,8 +64,9 @@ class RunLog:
             logger.warning("could not draw the curve: %s", error)
         for text in summary(os.path.join(self.output_dir, "metrics.jsonl"), curve):
             logger.info(text)
-        for name in ("curve.png", "completions.jsonl", "metrics.jsonl"):
-            logger.info("%-17s %s", name, os.path.join(self.output_dir, name))
+        for name in ("final", "curve.png", "completions.jsonl", "metrics.jsonl"):
+            if os.path.exists(path := os.path.join(self.output_dir, name)):
+                logger.info("%-17s %s", name, path)
 
 
 def _drop_after(path: str, step: int) -> None:

@@ -187,10 +187,10 @@ def run(config: DiDiConfig) -> dict:
                 save_checkpoint(config, step, state)
     finally:
         if main:
-            log.close(curve=("reward", "discriminator_loss", "eval/validity"))
             final = ema.module if ema is not None else student
             final.save_pretrained(os.path.join(config.output_dir, "final"))
             torch.save(discriminator.state_dict(), os.path.join(config.output_dir, "final", "discriminator.pt"))
+            log.close(curve=("reward", "discriminator_loss", "eval/validity"))
     return line
 
 

@@ -188,10 +188,10 @@ def run(config: TraceRLConfig) -> dict:
     finally:
         engine.close()
         if main:
-            log.close()
             model.save_pretrained(os.path.join(config.output_dir, "final"))
             if value is not None:
                 torch.save(value.state_dict(), os.path.join(config.output_dir, "final", "value_model.pt"))
+            log.close()
     return line
 
 

@@ -215,8 +215,8 @@ def run(config: VRPOConfig) -> dict:
         if engine is not None:
             engine.close()
         if main:
-            log.close(curve=("reward/total", "eval/greedy_accuracy", "implicit_accuracy"))
             model.save_pretrained(os.path.join(config.output_dir, "final"))
+            log.close(curve=("reward/total", "eval/greedy_accuracy", "implicit_accuracy"))
     return line
 
 
