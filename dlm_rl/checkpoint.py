@@ -121,6 +121,17 @@ def load_checkpoint(config, objects: dict) -> int:
     return state["step"]
 
 
+def start_run(config, objects: dict, main: bool):
+    """(steps done before, the run's log): restore `objects` when resuming (`load_checkpoint`), and open the
+    `RunLog` in the main process (None elsewhere), appending after the checkpoint's step when resuming."""
+    from dlm_rl.run_log import RunLog
+
+    done = load_checkpoint(config, objects)
+    if not main:
+        return done, None
+    return done, RunLog(config.output_dir, tensorboard=config.tensorboard, resume_step=done if config.resume else None)
+
+
 def rng_states() -> dict:
     """This process's global RNG states: torch CPU (and CUDA), python `random` and numpy."""
     name, key, position, has_gauss, gauss = np.random.get_state()

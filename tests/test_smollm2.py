@@ -64,5 +64,5 @@ def test_smollm2_two_lora_steps_of_each_trainer(smollm2_dir, trainer, tmp_path):
     assert result["losses_finite"], result["losses"]
     assert result["updated_tensors_all_lora"]
     assert result["saved_adapter_only"]
-    # DiDi holds four copies of the 135M model (teacher, student, discriminator, EMA): 6.6 GB measured.
-    assert result["peak_rss_gb"] <= 8.0, f"peak memory {result['peak_rss_gb']:.2f} GB"
+    # Measured: TraceRL 1.9 GB, VRPO 2.5 GB, DiDi 4.1 GB (teacher, student, discriminator and EMA: four copies).
+    assert result["peak_rss_gb"] <= 6.0, f"peak memory {result['peak_rss_gb']:.2f} GB"

@@ -26,7 +26,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from dlm_rl import distributed
-from dlm_rl.checkpoint import CheckpointArguments, checkpoint_due, load_checkpoint, save_checkpoint
+from dlm_rl.checkpoint import CheckpointArguments, checkpoint_due, save_checkpoint, start_run
 from dlm_rl.guards import NonFiniteArguments, NonFiniteLoss
 from dlm_rl.models.lora import LoraArguments
 from dlm_rl.rl.didi import (
@@ -39,7 +39,6 @@ from dlm_rl.rl.didi import (
     time_weight,
     two_step_rollout,
 )
-from dlm_rl.run_log import RunLog
 
 logger = logging.getLogger(__name__)
 
@@ -154,10 +153,7 @@ def run(config: DiDiConfig) -> dict:
              "nonfinite": nonfinite}
     if ema is not None:
         state["ema"] = ema
-    done = load_checkpoint(config, state)  # steps done before (0 for a new run)
-    log = None
-    if main:
-        log = RunLog(config.output_dir, tensorboard=config.tensorboard, resume_step=done if config.resume else None)
+    done, log = start_run(config, state, main)  # steps done before (0 for a new run)
 
     def evaluate() -> dict:
         return _evaluate(ema.module if ema is not None else student, config, rows, gen_length, device)

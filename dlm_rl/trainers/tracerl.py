@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dlm_rl import distributed
-from dlm_rl.checkpoint import checkpoint_due, load_checkpoint, save_checkpoint
+from dlm_rl.checkpoint import checkpoint_due, save_checkpoint, start_run
 from dlm_rl.guards import NonFiniteLoss, RolloutGuards
 from dlm_rl.models.lora import add_lora
 from dlm_rl.rl.advantages import group_advantages
@@ -36,7 +36,6 @@ from dlm_rl.rl.masking import diffu_grpo_rows, random_mask_rows
 from dlm_rl.rl.rows import Rows, reference_log_probs, response_log_probs
 from dlm_rl.rl.trace import model_trace_rows
 from dlm_rl.rl.value import ValueModel, clipped_value_loss, trace_gae
-from dlm_rl.run_log import RunLog
 from dlm_rl.sampling.config import SamplerConfig
 from dlm_rl.trainers.online import (
     OnlineArguments,
@@ -144,10 +143,7 @@ def run(config: TraceRLConfig) -> dict:
              "engine": engine, "guards": guards, "nonfinite": learner.nonfinite}
     if value is not None:
         state.update(value_model=value, value_optimizer=learner.value_optimizer)
-    done = load_checkpoint(config, state)  # steps done before (0 for a new run)
-    log = None
-    if main:
-        log = RunLog(config.output_dir, tensorboard=config.tensorboard, resume_step=done if config.resume else None)
+    done, log = start_run(config, state, main)  # steps done before (0 for a new run)
 
     def held_out() -> dict:
         return held_out_metrics(model, held_out_rows, scorer, gen_length, config.block_length, rewards)

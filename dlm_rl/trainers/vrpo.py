@@ -23,11 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 from dlm_rl import distributed
-from dlm_rl.checkpoint import checkpoint_due, load_checkpoint, save_checkpoint
+from dlm_rl.checkpoint import checkpoint_due, save_checkpoint, start_run
 from dlm_rl.guards import NonFiniteLoss, RolloutGuards
 from dlm_rl.models.lora import add_lora
 from dlm_rl.rl.vrpo import PreferenceEstimator, collate_pairs, fitting_pairs, vrpo_loss
-from dlm_rl.run_log import RunLog
 from dlm_rl.sampling.config import SamplerConfig
 from dlm_rl.trainers.online import (
     OnlineArguments,
@@ -161,10 +160,7 @@ def run(config: VRPOConfig) -> dict:
              "nonfinite": nonfinite}
     if engine is not None:
         state["engine"] = engine
-    done = load_checkpoint(config, state)  # steps done before (0 for a new run)
-    log = None
-    if main:
-        log = RunLog(config.output_dir, tensorboard=config.tensorboard, resume_step=done if config.resume else None)
+    done, log = start_run(config, state, main)  # steps done before (0 for a new run)
 
     def held_out() -> dict:
         return held_out_metrics(model, held_out_rows, scorer, gen_length, config.block_length, rewards)
