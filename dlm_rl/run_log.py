@@ -65,7 +65,8 @@ class RunLog:
         for text in summary(os.path.join(self.output_dir, "metrics.jsonl"), curve):
             logger.info(text)
         for name in ("final", "curve.png", "completions.jsonl", "metrics.jsonl"):
-            if os.path.exists(path := os.path.join(self.output_dir, name)):
+            path = os.path.join(self.output_dir, name)
+            if os.path.isdir(path) or (os.path.isfile(path) and os.path.getsize(path)):  # DiDi logs no completions
                 logger.info("%-17s %s", name, path)
 
 
