@@ -131,15 +131,23 @@ def unigram_entropy(response_ids: torch.Tensor, eos_id: int) -> float:
 def sample_quality(response_ids: torch.Tensor, tokenizer, scorer: str | None = None, rows=None) -> dict:
     """Entropy, distinct fraction and, given a task scorer (`dlm_rl.data.tasks.score`) and the samples' dataset
     rows (unused by unconditional tasks), mean validity of samples."""
-    from dlm_rl.data.tasks import score
-
     texts = tokenizer.batch_decode(_until_eos(response_ids, tokenizer.eos_token_id))
     result = {"entropy": unigram_entropy(response_ids, tokenizer.eos_token_id),
               "distinct": len(set(texts)) / len(texts)}
     if scorer is not None:
-        rows = rows if rows is not None else [{}] * len(texts)
-        result["validity"] = sum(score(scorer, text, row) for text, row in zip(texts, rows)) / len(texts)
+        scores = validities(response_ids, tokenizer, scorer, rows)
+        result["validity"] = sum(scores) / len(scores)
     return result
+
+
+def validities(response_ids: torch.Tensor, tokenizer, scorer: str, rows=None) -> list[float]:
+    """Each sample's score under the task scorer `scorer`, its text cut at the first EOS; `rows` are the samples'
+    dataset rows (unused by unconditional tasks)."""
+    from dlm_rl.data.tasks import score
+
+    texts = tokenizer.batch_decode(_until_eos(response_ids, tokenizer.eos_token_id))
+    rows = rows if rows is not None else [{}] * len(texts)
+    return [score(scorer, text, row) for text, row in zip(texts, rows)]
 
 
 def _until_eos(response_ids: torch.Tensor, eos_id: int) -> list[list[int]]:

@@ -86,7 +86,7 @@ def row_noise(response_mask, *, n_t=1, n_yt=1, form="tokens", schedule="linear",
 def build_inputs() -> dict:
     """Every case's global batch and starting weights (one process builds them; the ranks load them)."""
     from dlm_rl.data.collate import DiffusionCollator
-    from dlm_rl.rl.didi import Discriminator, discriminator_reward, noise_at, two_step_rollout
+    from dlm_rl.rl.didi import Discriminator, discriminator_reward, noise_at, rollout
     from dlm_rl.rollout import LocalEngine
     from dlm_rl.sampling import SamplerConfig
     from dlm_rl.testbed import TASKS
@@ -117,13 +117,14 @@ def build_inputs() -> dict:
     tau = torch.tensor([0.3, 0.6, 0.8]).repeat_interleave(group)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        rollout = two_step_rollout(student, ids, attention, response, tau, generator)
-        fake, fake_masked = noise_at(rollout.final, response, tau, teacher.mask_token_id, generator)
+        sample = rollout(student, ids, attention, response, tau, generator=generator)
+        fake, fake_masked = noise_at(sample.final, response, tau, teacher.mask_token_id, generator)
         real, real_masked = noise_at(ids, response, tau, teacher.mask_token_id, generator)
         reward = discriminator_reward(discriminator(fake, attention), fake_masked)
     didi = {"attention": attention, "response": response, "tau": tau, "reward": reward, "fake": fake,
             "fake_masked": fake_masked, "real": real, "real_masked": real_masked,
-            **{k: getattr(rollout, k) for k in ("start", "middle", "final", "first", "second")}}
+            "start": sample.states[0], "middle": sample.states[1], "final": sample.final,
+            "first": sample.revealed[0], "second": sample.revealed[1]}
 
     mdm_rows = list(TASKS["addition3"].dataset("train", 4, seed=5))
     return {"policy": policy.state_dict(), "value": value.state_dict(), "trajectories": [two, one, tied],
@@ -186,15 +187,15 @@ def _didi(inputs):
 
 
 def didi_student(inputs, rows) -> dict:
-    from dlm_rl.rl.didi import TwoStep
+    from dlm_rl.rl.didi import Rollout
     from dlm_rl.trainers.didi import _student_update
 
     teacher, student, _, config = _didi(inputs)
     d = {k: v[rows] for k, v in inputs["didi"].items()}
-    rollout = TwoStep(d["start"], d["middle"], d["final"], d["first"], d["second"], d["tau"],
-                      student(d["start"], d["attention"]).logits, student(d["middle"], d["attention"]).logits)
+    logits = [student(d["start"], d["attention"]).logits, student(d["middle"], d["attention"]).logits]
+    sample = Rollout([d["start"], d["middle"]], [d["first"], d["second"]], logits, d["final"], d["tau"])
     parameters = [p for p in student.parameters() if p.requires_grad]
-    _student_update(student, teacher, torch.optim.SGD(parameters, lr=0.0), parameters, rollout, d["reward"],
+    _student_update(student, teacher, torch.optim.SGD(parameters, lr=0.0), parameters, sample, d["reward"],
                     d["response"], d["attention"], config, NonFiniteLoss(1, "DiDi"))
     return _grads(student.named_parameters())
 

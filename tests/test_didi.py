@@ -13,13 +13,13 @@ import torch.nn.functional as F
 from dlm_rl.models.tiny import tiny_model
 from dlm_rl.rl.didi import (
     Discriminator,
-    TwoStep,
+    Rollout,
     discriminator_loss,
     discriminator_reward,
     grouped_advantages,
     kl_and_entropy,
     time_weight,
-    two_step_rollout,
+    rollout,
 )
 
 
@@ -88,8 +88,9 @@ def test_two_step_log_likelihood_decomposes_and_normalises():
     for b in candidates.tolist():  # x_0 = (a, b) for every a at once
         final = middle.clone()
         final[:, 2] = b
-        rollout = TwoStep(start, middle, final, first, second, torch.full((n,), 0.5), start_logits, middle_logits)
-        log_prob = rollout.log_prob()
+        sample = Rollout([start, middle], [first, second], [start_logits, middle_logits], final,
+                         torch.full((n,), 0.5))
+        log_prob = sample.log_prob()
         hand = (start_logits[:, 1].log_softmax(-1)[torch.arange(n), candidates]
                 + middle_logits[:, 2].log_softmax(-1)[:, b])
         assert torch.allclose(log_prob, hand, atol=1e-5)
@@ -102,14 +103,60 @@ def test_rollout_reveals_every_response_token_once_and_keeps_the_graph():
     ids = torch.tensor([[5, 6, 0, 0, 0, 0]] * 4)
     response = torch.tensor([[False, False, True, True, True, True]] * 4)
     tau = torch.tensor([0.02, 0.5, 0.5, 0.98])
-    rollout = two_step_rollout(model, ids, torch.ones_like(ids), response, tau, torch.Generator().manual_seed(0))
-    assert torch.equal(rollout.first | rollout.second, response) and not (rollout.first & rollout.second).any()
-    assert (rollout.final[response] != model.mask_token_id).all()
-    assert torch.equal(rollout.middle[rollout.first], rollout.final[rollout.first])
-    assert (rollout.middle[rollout.second] == model.mask_token_id).all()
-    assert torch.equal(rollout.final[:, :2], ids[:, :2])  # the prompt is untouched
-    rollout.log_prob().sum().backward()
+    sample = rollout(model, ids, torch.ones_like(ids), response, tau, generator=torch.Generator().manual_seed(0))
+    first, second = sample.revealed
+    start, middle = sample.states
+    assert torch.equal(first | second, response) and not (first & second).any()
+    assert (start[response] == model.mask_token_id).all()
+    assert (sample.final[response] != model.mask_token_id).all()
+    assert torch.equal(middle[first], sample.final[first])
+    assert (middle[second] == model.mask_token_id).all()
+    assert torch.equal(sample.final[:, :2], ids[:, :2])  # the prompt is untouched
+    sample.log_prob().sum().backward()
     assert model.model.model.embed_tokens.weight.grad.abs().sum() > 0
+
+
+def test_two_step_rollout_reveals_one_minus_tau_first():
+    model = tiny()
+    ids = torch.zeros(400, 41, dtype=torch.long)
+    response = torch.ones_like(ids, dtype=torch.bool)
+    response[:, 0] = False
+    tau = torch.tensor([0.2, 0.8]).repeat(200)
+    with torch.no_grad():
+        first = rollout(model, ids, torch.ones_like(ids), response, tau,
+                        generator=torch.Generator().manual_seed(0)).revealed[0]
+    fraction = first[:, 1:].double().mean(1)
+    assert fraction[tau == 0.2].mean().item() == pytest.approx(0.8, abs=0.01)
+    assert fraction[tau == 0.8].mean().item() == pytest.approx(0.2, abs=0.01)
+
+
+def test_many_step_rollout_follows_the_samplers_schedule_and_sums_every_steps_log_likelihood():
+    """Four steps reveal a quarter of the response each in expectation (1/4, 1/3, 1/2, then the rest of what is
+    masked); each state is the previous one with its step's tokens, and log q(x) sums every step's tokens."""
+    model = tiny()
+    steps = 4
+    ids = torch.zeros(300, 41, dtype=torch.long)
+    response = torch.ones_like(ids, dtype=torch.bool)
+    response[:, 0] = False
+    tau = torch.full((len(ids),), 0.5)
+    with torch.no_grad():
+        sample = rollout(model, ids, torch.ones_like(ids), response, tau, steps,
+                         generator=torch.Generator().manual_seed(0))
+    assert len(sample.states) == len(sample.revealed) == len(sample.logits) == steps
+    revealed = torch.stack(sample.revealed)
+    assert torch.equal(revealed.sum(0), response.long())  # every response position exactly once
+    for k, fraction in enumerate(revealed[:, :, 1:].double().mean((1, 2)).tolist()):
+        assert fraction == pytest.approx(1 / steps, abs=0.02), k  # about 5 standard errors
+    for k in range(steps):
+        after = sample.states[k + 1] if k + 1 < steps else sample.final
+        assert torch.equal(after, torch.where(sample.revealed[k], sample.final, sample.states[k]))
+    step_of = revealed.long().argmax(0)  # [B, L] the step that revealed each position
+    log_probs = torch.stack([logits.log_softmax(-1) for logits in sample.logits])  # [steps, B, L, V]
+    hand = torch.zeros(len(ids))
+    for row in range(0, len(ids), 37):
+        for j in range(1, ids.shape[1]):
+            hand[row] += log_probs[step_of[row, j], row, j, sample.final[row, j]]
+        assert sample.log_prob()[row].item() == pytest.approx(hand[row].item(), abs=1e-4)
 
 
 def test_kl_and_entropy_are_zero_and_positive_for_a_student_equal_to_its_teacher():
@@ -202,20 +249,45 @@ def test_judge_perplexity_and_entropy_by_hand():
         math.log(2) / 2)
 
 
+def test_reward_against_validity_scores_the_training_samples_by_hand():
+    from dlm_rl.data.tokenizer import char_tokenizer
+    from dlm_rl.trainers.didi import _reward_against_validity
+
+    tokenizer = char_tokenizer()
+    # 2, 1, 1 and 2 valid facts of the 21 a sample should hold
+    texts = ["1+2=3;3*3=9;", "1+2=4;4*3=2;", "1+2=3;3*3=7;", "1+2=3;3*3=9;"]
+    response = torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                             for t in texts])
+    prompt = torch.full((4, 1), tokenizer.convert_tokens_to_ids("#"))
+    final = torch.cat([prompt, response], 1)
+    response_mask = torch.ones_like(final, dtype=torch.bool)
+    response_mask[:, 0] = False
+    reward = torch.tensor([2.0, -1.0, 0.0, 1.0])
+    result = _reward_against_validity(final, response_mask, reward, tokenizer, "facts", [{}] * 4)
+    # centred, validity ∝ (1, −1, −1, 1) and reward (1.5, −1.5, −0.5, 0.5): r = 4 / (2 · √5)
+    assert result["sample_validity"] == pytest.approx(1.5 / 21)
+    assert result["reward_validity_correlation"] == pytest.approx(2 / math.sqrt(5))
+
+
 def test_trainer_runs_starts_the_discriminator_at_log2_and_saves_the_student(tmp_path):
+    """A three-step rollout (the two-step one runs in tests/test_resume.py and tests/test_ddp.py)."""
     from dlm_rl.trainers.didi import DiDiConfig, run
 
     config = DiDiConfig(teacher="tiny", task="addition3", train_size=64, prompts_per_step=2, group_size=2,
-                        max_steps=3, discriminator_warmup_steps=1, eval_steps=3, eval_samples=4, eval_nfe=4,
-                        learning_rate=1e-3, tensorboard=False, output_dir=str(tmp_path))
+                        max_steps=3, discriminator_warmup_steps=1, rollout_steps=3, eval_steps=3, eval_samples=4,
+                        eval_nfe=4, learning_rate=1e-3, tensorboard=False, output_dir=str(tmp_path))
     run(config)
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines[1]["discriminator_loss"] == pytest.approx(math.log(2), abs=1e-6)  # zero head: D = 0
     assert lines[1]["reward"] == 0.0 and "loss" not in lines[1]  # step 1 trains only the discriminator
     assert all(math.isfinite(line["loss"]) for line in lines[2:])
+    assert all(0 <= line["sample_validity"] <= 1 and -1 <= line["reward_validity_correlation"] <= 1
+               for line in lines[1:])
     assert 0 <= lines[-1]["eval/validity"] <= 1 and lines[-1]["eval/entropy"] > 0
     assert (tmp_path / "final" / "discriminator.pt").exists()
     with pytest.raises(ValueError, match="exactly one of"):
         DiDiConfig(task=None)
     with pytest.raises(ValueError, match="kl_coef"):
         DiDiConfig(use_discriminator=False, kl_coef=0.0)
+    with pytest.raises(ValueError, match="rollout_steps"):
+        DiDiConfig(rollout_steps=1)

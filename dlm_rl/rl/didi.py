@@ -1,12 +1,13 @@
-"""DiDi-Instruct's parts (arXiv 2509.25035; DESIGN.md §4.5): the discriminator, the student's two-step rollout and
-its log-likelihood, the reward, grouped normalisation, the time weight ω(t) and the regularisers.
+"""DiDi-Instruct's parts (arXiv 2509.25035; DESIGN.md §4.5): the discriminator, the student's rollout and its
+log-likelihood, the reward, grouped normalisation, the time weight ω(t) and the regularisers.
 
 The student minimises ∫ ω(t) KL(q_student(·, t) ‖ q_teacher(·, t)) dt. Its gradient has the policy-gradient form
 E[ω(τ) · r(z_τ) · ∇ log q_student(x)], where r is the log density ratio of data to student marginals at z_τ,
 estimated by a discriminator: a copy of the teacher, only its last blocks trainable, with a per-token logit head
 trained by BCE on masked positions ("real" = data noised at τ, "fake" = student samples noised at τ), so its
 optimal logit is that log ratio and higher means more teacher-like. The student rolls out two steps,
-all-mask → x_τ → x_0, and log q(x) = log q(x_τ | all-mask) + log q(x_0 | x_τ) over the tokens each step reveals.
+all-mask → x_τ → x_0, and log q(x) = log q(x_τ | all-mask) + log q(x_0 | x_τ) over the tokens each step reveals
+(or, as an option, the few ancestral steps it is sampled with, log q(x) summing over every step).
 """
 
 from __future__ import annotations
@@ -101,49 +102,57 @@ def noise_at(ids: torch.Tensor, response_mask: torch.Tensor, t: torch.Tensor, ma
 
 
 @dataclass
-class TwoStep:
-    """The student's two-step rollout all-mask → x_τ → x_0 over a batch of rows [B, L]."""
+class Rollout:
+    """The student's ancestral rollout from all-mask to x_0 over a batch of rows [B, L], one entry per step."""
 
-    start: torch.Tensor
-    """[B, L] the prompt with every response position masked."""
-    middle: torch.Tensor
-    """[B, L] x_τ."""
+    states: list[torch.Tensor]
+    """[B, L] the state each step starts from: `states[0]` is the prompt with every response position masked;
+    in the two-step rollout `states[1]` is x_τ."""
+    revealed: list[torch.Tensor]
+    """[B, L] bool: the response positions each step reveals (together: every response position, once)."""
+    logits: list[torch.Tensor]
+    """[B, L, V] the student's logits at each state (with the graph when rolled out with gradients)."""
     final: torch.Tensor
     """[B, L] x_0."""
-    first: torch.Tensor
-    """[B, L] bool: response positions revealed by the first step."""
-    second: torch.Tensor
-    """[B, L] bool: response positions revealed by the second step."""
     tau: torch.Tensor
-    """[B] the intermediate time."""
-    start_logits: torch.Tensor
-    """[B, L, V] the student's logits at `start` (with the graph when rolled out with gradients)."""
-    middle_logits: torch.Tensor
-    """[B, L, V] the student's logits at `middle`."""
+    """[B] the discriminator's time (in the two-step rollout also the intermediate state's)."""
 
     def log_prob(self) -> torch.Tensor:
-        """[B] log q(x_τ | all-mask) + log q(x_0 | x_τ): the log-probabilities of the tokens each step revealed."""
-        first = _token_log_probs(self.start_logits, self.final) * self.first
-        second = _token_log_probs(self.middle_logits, self.final) * self.second
-        return first.sum(1) + second.sum(1)
+        """[B] Σ_steps log q(tokens revealed | the step's state): in two steps log q(x_τ | all-mask) +
+        log q(x_0 | x_τ)."""
+        return sum((_token_log_probs(logits, self.final) * revealed).sum(1)
+                   for logits, revealed in zip(self.logits, self.revealed))
 
 
-def two_step_rollout(student, input_ids, attention_mask, response_mask, tau, generator=None) -> TwoStep:
-    """Roll the student out in two ancestral steps: from all-mask, each response position is revealed with
-    probability 1 − τ (tokens drawn from the student at temperature 1, Gumbel noise in float64), then every
-    remaining one. Run under `torch.enable_grad()` to keep the logits' graph for `log_prob`."""
+def rollout(student, input_ids, attention_mask, response_mask, tau, steps: int = 2, generator=None) -> Rollout:
+    """Roll the student out in `steps` ancestral steps (tokens drawn at temperature 1, noise in float64).
+
+    Two steps is DiDi-Instruct's all-mask → x_τ → x_0: each response position is revealed first with probability
+    1 − τ, then every remaining one. More steps follow the sampler's schedule (`ancestral_sample`: time 1 → 0 in
+    equal steps, a masked position revealed with probability 1/(steps − k) at step k), so the student is trained
+    on the samples it is evaluated on; τ is then only the discriminator's time. Run under `torch.enable_grad()`
+    to keep the logits' graph for `log_prob`."""
+    if steps < 2:
+        raise ValueError(f"rollout steps must be at least 2, got {steps}")
     mask_id = student.mask_token_id
-    start = input_ids.masked_fill(response_mask, mask_id)
-    start_logits = student(start, attention_mask).logits
-    tokens, _ = sample_tokens(start_logits.detach(), 1.0, generator)
-    u = torch.rand(start.shape, generator=generator, device=start.device, dtype=torch.float64)
-    first = response_mask & (u >= tau[:, None].double())
-    middle = torch.where(first, tokens, start)
-    middle_logits = student(middle, attention_mask).logits
-    tokens, _ = sample_tokens(middle_logits.detach(), 1.0, generator)
-    second = response_mask & ~first
-    final = torch.where(second, tokens, middle)
-    return TwoStep(start, middle, final, first, second, tau, start_logits, middle_logits)
+    state = input_ids.masked_fill(response_mask, mask_id)
+    still_masked = response_mask.clone()
+    states, revealed, all_logits = [], [], []
+    for k in range(steps):
+        logits = student(state, attention_mask).logits
+        tokens, _ = sample_tokens(logits.detach(), 1.0, generator)
+        if k == steps - 1:
+            reveal = still_masked
+        else:
+            u = torch.rand(state.shape, generator=generator, device=state.device, dtype=torch.float64)
+            keep = tau[:, None].double() if steps == 2 else 1 - 1.0 / (steps - k)
+            reveal = still_masked & (u >= keep)
+        states.append(state)
+        revealed.append(reveal)
+        all_logits.append(logits)
+        state = torch.where(reveal, tokens, state)
+        still_masked = still_masked & ~reveal
+    return Rollout(states, revealed, all_logits, state, tau)
 
 
 def _token_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

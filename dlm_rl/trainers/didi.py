@@ -2,9 +2,10 @@
 
 Each step: a batch of `prompts_per_step` rows of the task (for unconditional text, the fixed prompt and a real
 text), each prompt repeated `group_size` times; one τ ~ U[tau_min, tau_max] per group. The student rolls out
-all-mask → x_τ → x_0; x_0 and the real texts are noised at τ; the discriminator's clipped mean logit on the noised
-student sample is the reward, normalised within each group; the student's loss is
-−ω(τ) · Â · log q(x) / L + kl_coef · KL(teacher ‖ student) − entropy_coef · H (both at all-mask and at x_τ);
+all-mask → x_τ → x_0 (or `rollout_steps` ancestral steps); x_0 and the real texts are noised at τ; the
+discriminator's clipped mean logit on the noised student sample is the reward, normalised within each group; the
+student's loss is −ω(τ) · Â · log q(x) / L + kl_coef · KL(teacher ‖ student) − entropy_coef · H (the last two
+averaged over the rollout's states);
 then the discriminator takes a BCE step on real vs student. An EMA of the student is kept and saved. Every part
 can be switched off for ablation. The student is evaluated with plain ancestral sampling at `eval_nfe` steps.
 
@@ -36,8 +37,8 @@ from dlm_rl.rl.didi import (
     grouped_advantages,
     kl_and_entropy,
     noise_at,
+    rollout,
     time_weight,
-    two_step_rollout,
 )
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,9 @@ class DiDiConfig(CheckpointArguments, LoraArguments, NonFiniteArguments):
     """Trainable last blocks of the discriminator."""
     discriminator_warmup_steps: int = 50
     """Discriminator-only steps before the student's first update."""
+    rollout_steps: int = 2
+    """The student's rollout: 2 is DiDi-Instruct's all-mask → x_τ → x_0 (τ also the discriminator's time); more
+    rolls out the ancestral sampler's own steps (as at evaluation), the discriminator scoring x_0 noised at τ."""
     label_smoothing: float = 0.1
     tau_min: float = 0.02
     tau_max: float = 0.98
@@ -112,6 +116,8 @@ class DiDiConfig(CheckpointArguments, LoraArguments, NonFiniteArguments):
             raise ValueError("group_size and prompts_per_step must be at least 1")
         if self.grouped_normalisation and self.group_size < 2:
             raise ValueError("grouped normalisation needs group_size >= 2")
+        if self.rollout_steps < 2:
+            raise ValueError(f"rollout_steps must be at least 2, got {self.rollout_steps}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
         if not self.use_discriminator and self.kl_coef == 0:
@@ -166,9 +172,10 @@ def run(config: DiDiConfig) -> dict:
         steps = range(done + 1, config.max_steps + 1)
         for step in (bar := tqdm(steps, desc="didi", initial=done, total=config.max_steps, disable=not main)):
             start = time.perf_counter()
-            batch = {k: v.to(device) for k, v in collate(distributed.share(stream.next())).items()}
+            rows_now = distributed.share(stream.next())
+            batch = {k: v.to(device) for k, v in collate(rows_now).items()}
             line = {"step": step, **_step(student, teacher, discriminator, student_optimizer, discriminator_optimizer,
-                                          student_parameters, batch, config, generator, nonfinite,
+                                          student_parameters, batch, rows_now, config, generator, nonfinite,
                                           update_student=step > config.discriminator_warmup_steps)}
             if ema is not None and step > config.discriminator_warmup_steps:
                 ema.update_parameters(student)
@@ -191,9 +198,9 @@ def run(config: DiDiConfig) -> dict:
 
 
 def _step(student, teacher, discriminator, student_optimizer, discriminator_optimizer, student_parameters, batch,
-          config: DiDiConfig, generator, nonfinite: NonFiniteLoss, *, update_student: bool) -> dict:
+          rows, config: DiDiConfig, generator, nonfinite: NonFiniteLoss, *, update_student: bool) -> dict:
     """One student update (unless still warming up the discriminator) and one discriminator update; `nonfinite`
-    skips either when its loss is NaN or inf."""
+    skips either when its loss is NaN or inf. `rows` are the batch's dataset rows."""
     group = config.group_size
     repeated = {k: v.repeat_interleave(group, 0) for k, v in batch.items()}
     response_mask, attention_mask = repeated["response_mask"], repeated["attention_mask"]
@@ -202,16 +209,20 @@ def _step(student, teacher, discriminator, student_optimizer, discriminator_opti
     tau = tau.repeat_interleave(group).float()
     student.train()
     with torch.set_grad_enabled(update_student):
-        rollout = two_step_rollout(student, repeated["input_ids"], attention_mask, response_mask, tau, generator)
-    fake, fake_masked = noise_at(rollout.final, response_mask, tau, student.mask_token_id, generator)
+        sample = rollout(student, repeated["input_ids"], attention_mask, response_mask, tau, config.rollout_steps,
+                         generator)
+    fake, fake_masked = noise_at(sample.final, response_mask, tau, student.mask_token_id, generator)
     real, real_masked = noise_at(repeated["input_ids"], response_mask, tau, student.mask_token_id, generator)
     discriminator.train()
     fake_logits = discriminator(fake, attention_mask)
     reward = discriminator_reward(fake_logits.detach(), fake_masked, config.reward_clip)
     share = len(reward) / distributed.all_sum(len(reward))  # this rank's fraction of the step's rows
     line = distributed.all_sum({"reward": float(reward.mean()) * share, "tau": float(tau.mean()) * share})
+    if config.task is not None:
+        line.update(_reward_against_validity(sample.final, response_mask, reward, student.tokenizer, config.task,
+                                             [row for row in rows for _ in range(group)]))
     if update_student:
-        line.update(_student_update(student, teacher, student_optimizer, student_parameters, rollout, reward,
+        line.update(_student_update(student, teacher, student_optimizer, student_parameters, sample, reward,
                                     response_mask, attention_mask, config, nonfinite))
     line["discriminator_loss"] = _discriminator_update(discriminator, discriminator_optimizer, real, real_masked,
                                                        fake_logits, fake_masked, attention_mask, config, nonfinite)
@@ -235,29 +246,31 @@ def _discriminator_update(discriminator, optimizer, real, real_masked, fake_logi
     return total
 
 
-def _student_update(student, teacher, optimizer, parameters, rollout, reward, response_mask, attention_mask,
+def _student_update(student, teacher, optimizer, parameters, sample, reward, response_mask, attention_mask,
                     config: DiDiConfig, nonfinite: NonFiniteLoss) -> dict:
-    """One student step. Under data parallelism each mean (over rows, over all-mask and over x_τ positions) is
-    this rank's sum divided by the global count, and the returned metrics are the global ones."""
+    """One student step on its rollout `sample`. Under data parallelism each mean (over rows, and over each state's
+    masked positions) is this rank's sum divided by the global count, and the returned metrics are the global ones."""
     if not config.use_discriminator:
         advantage = torch.zeros_like(reward)
     elif config.grouped_normalisation:
         advantage = grouped_advantages(reward, config.group_size, config.advantage_clip)
     else:
         advantage = reward
-    omega = time_weight(rollout.tau, config.omega_min, config.omega_max) if config.use_time_weight else 1.0
+    omega = time_weight(sample.tau, config.omega_min, config.omega_max) if config.use_time_weight else 1.0
     length = response_mask.sum(1).clamp(min=1)
-    local = {"rows": len(reward), "start": int(response_mask.sum()), "middle": int(rollout.second.sum())}
+    # The positions each state still has masked: the KL and the entropy are measured there.
+    masked = [torch.stack(sample.revealed[k:]).any(0) for k in range(len(sample.states))]
+    local = {"rows": len(reward), **{f"state{k}": int(m.sum()) for k, m in enumerate(masked)}}
     total = distributed.all_sum(local)
     share = {name: local[name] / total[name] if total[name] else 0.0 for name in local}  # 1 in one process
-    policy_loss = -(omega * advantage * rollout.log_prob() / length).mean() * share["rows"]
-    with torch.no_grad():
-        teacher_start = teacher(rollout.start, attention_mask).logits
-        teacher_middle = teacher(rollout.middle, attention_mask).logits
-    kl_start, entropy_start = kl_and_entropy(rollout.start_logits, teacher_start, response_mask)
-    kl_middle, entropy_middle = kl_and_entropy(rollout.middle_logits, teacher_middle, rollout.second)
-    kl = (kl_start * share["start"] + kl_middle * share["middle"]) / 2
-    entropy = (entropy_start * share["start"] + entropy_middle * share["middle"]) / 2
+    policy_loss = -(omega * advantage * sample.log_prob() / length).mean() * share["rows"]
+    kl = entropy = 0.0
+    for k, (state, logits) in enumerate(zip(sample.states, sample.logits)):
+        with torch.no_grad():
+            teacher_logits = teacher(state, attention_mask).logits
+        kl_k, entropy_k = kl_and_entropy(logits, teacher_logits, masked[k])
+        kl = kl + kl_k * share[f"state{k}"] / len(masked)
+        entropy = entropy + entropy_k * share[f"state{k}"] / len(masked)
     loss = policy_loss + config.kl_coef * kl - config.entropy_coef * entropy
     line = distributed.all_sum({"loss": loss.item(), "policy_loss": policy_loss.item(), "kl": kl.item(),
                                 "entropy": entropy.item(),
@@ -269,6 +282,19 @@ def _student_update(student, teacher, optimizer, parameters, rollout, reward, re
     if not nonfinite.skip([optimizer], loss=line["loss"], grad_norm=float(grad_norm)):
         optimizer.step()
     return {**line, "grad_norm": float(grad_norm)}
+
+
+def _reward_against_validity(final, response_mask, reward, tokenizer, task: str, rows) -> dict:
+    """The task's validity of the student's training samples, and its Pearson correlation with the discriminator's
+    reward over them: does the reward track what the testbed can check? (This process's rows only.)"""
+    from dlm_rl.judge import validities
+    from dlm_rl.testbed import TASKS
+
+    responses = final[response_mask].view(len(final), -1).cpu()
+    validity = torch.tensor(validities(responses, tokenizer, TASKS[task].generator, rows), dtype=torch.float64)
+    paired = torch.stack([reward.double().cpu(), validity])
+    correlation = float(torch.corrcoef(paired)[0, 1]) if (paired.std(1) > 0).all() else 0.0
+    return {"sample_validity": float(validity.mean()), "reward_validity_correlation": correlation}
 
 
 @torch.no_grad()
