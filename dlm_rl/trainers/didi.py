@@ -259,7 +259,7 @@ def _student_update(student, teacher, optimizer, parameters, sample, reward, res
     omega = time_weight(sample.tau, config.omega_min, config.omega_max) if config.use_time_weight else 1.0
     length = response_mask.sum(1).clamp(min=1)
     # The positions each state still has masked: the KL and the entropy are measured there.
-    masked = [torch.stack(sample.revealed[k:]).any(0) for k in range(len(sample.states))]
+    masked = [(state == student.mask_token_id) & response_mask for state in sample.states]
     local = {"rows": len(reward), **{f"state{k}": int(m.sum()) for k, m in enumerate(masked)}}
     total = distributed.all_sum(local)
     share = {name: local[name] / total[name] if total[name] else 0.0 for name in local}  # 1 in one process
