@@ -42,7 +42,7 @@ def main() -> None:
     from dlm_rl.judge import build_judge, judge_perplexity, load_judge, sample_quality
     from dlm_rl.models.loading import load
     from dlm_rl.models.resolve import resolve_model
-    from dlm_rl.rl.didi import Discriminator
+    from dlm_rl.rl.didi import load_discriminator
     from dlm_rl.sampling.guided import ancestral_sample
     from dlm_rl.testbed import TASKS
 
@@ -83,8 +83,7 @@ def main() -> None:
             measure(student, "student", nfe, **extra)
         if variant:
             continue  # ablations are compared on plain sampling
-        discriminator = Discriminator(teacher)
-        discriminator.load_state_dict(torch.load(os.path.join(run_dir, "final", "discriminator.pt")))
+        discriminator = load_discriminator(teacher, os.path.join(run_dir, "final"))
         for nfe in args.guided_nfe:
             measure(student, "student_guided", nfe, discriminator.eval())
     print(json.dumps({"results": results}))

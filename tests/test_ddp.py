@@ -208,7 +208,7 @@ def didi_discriminator(inputs, rows) -> dict:
     optimizer = torch.optim.SGD([p for p in discriminator.parameters() if p.requires_grad], lr=0.0)
     fake_logits = discriminator(d["fake"], d["attention"])
     _discriminator_update(discriminator, optimizer, d["real"], d["real_masked"], fake_logits, d["fake_masked"],
-                          d["attention"], config, NonFiniteLoss(1, "DiDi"))
+                          d["attention"], None, config, None, NonFiniteLoss(1, "DiDi"))  # no likelihood prior
     return _grads(discriminator.named_parameters())
 
 

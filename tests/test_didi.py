@@ -3,6 +3,7 @@ two-step log-likelihood, EMA), the ancestral and guided samplers, the judge's me
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -18,8 +19,11 @@ from dlm_rl.rl.didi import (
     discriminator_reward,
     grouped_advantages,
     kl_and_entropy,
-    time_weight,
+    load_discriminator,
     rollout,
+    save_discriminator,
+    teacher_log_likelihood,
+    time_weight,
 )
 
 
@@ -201,6 +205,61 @@ def test_discriminator_trains_only_its_last_blocks_and_starts_at_zero():
         Discriminator(teacher, trainable_blocks=3)
 
 
+def test_teacher_log_likelihood_scores_each_visible_response_token_once_by_hand():
+    teacher = tiny()
+    mask = teacher.mask_token_id
+    z = torch.tensor([[5, 6, 7, 8, mask, 9], [5, 6, mask, mask, mask, mask]])
+    response = torch.tensor([[False, False, True, True, True, True]] * 2)
+    attention = torch.ones_like(z)
+    visible = [(2, 7), (3, 8), (5, 9)]  # row 0's visible response tokens; the prompt's 5, 6 are never scored
+
+    def hand(folds_of):  # mean over the visible tokens of log p(token | z with the token's fold masked)
+        total = 0.0
+        for i, token in visible:
+            remasked = z[:1].clone()
+            remasked[0, [j for j, _ in visible if folds_of[j] == folds_of[i]]] = mask
+            total += teacher(remasked, attention[:1]).logits.float().log_softmax(-1)[0, i, token].item()
+        return total / len(visible)
+
+    scores = teacher_log_likelihood(teacher, z, attention, response, folds=1)  # one fold: all masked at once
+    assert scores[0].item() == pytest.approx(hand({2: 0, 3: 0, 5: 0}), rel=1e-5)
+    assert scores[1].item() == 0.0  # nothing visible in the response: nothing to score
+    # two folds: the score is the hand value of one of the 8 ways to split the three tokens
+    splits = [hand(dict(zip((2, 3, 5), bits))) for bits in itertools.product((0, 1), repeat=3)]
+    for seed in range(4):
+        score = teacher_log_likelihood(teacher, z, attention, response, 2, torch.Generator().manual_seed(seed))
+        assert min(abs(score[0].item() - value) for value in splits) < 1e-5
+
+
+def test_likelihood_prior_adds_the_weighted_teacher_likelihood_and_is_not_saved(tmp_path):
+    from dlm_rl.sampling.guided import ancestral_sample
+
+    teacher = tiny()
+    mask = teacher.mask_token_id
+    ids = torch.tensor([[5, 6, 7, 8, mask, 9]])
+    response = torch.tensor([[False, False, True, True, True, True]])
+    attention = torch.ones_like(ids)
+    discriminator = Discriminator(teacher, trainable_blocks=1, likelihood_prior=2.0, likelihood_folds=1)
+    prior = teacher_log_likelihood(teacher, ids, attention, response, folds=1)
+    logits = discriminator(ids, attention, response_mask=response)
+    assert logits[0].tolist() == pytest.approx([2 * prior.item()] * 6)  # zero head: the prior alone, everywhere
+    embeds = discriminator.backbone.model.get_input_embeddings()(ids)
+    assert discriminator(attention_mask=attention, inputs_embeds=embeds).abs().max().item() == 0.0  # ids needed
+    plain = Discriminator(teacher, trainable_blocks=1)
+    assert discriminator.state_dict().keys() == plain.state_dict().keys()  # the teacher is used, not stored
+    torch.nn.init.normal_(discriminator.head.weight, generator=torch.Generator().manual_seed(0))
+    save_discriminator(discriminator, str(tmp_path))
+    loaded = load_discriminator(teacher, str(tmp_path))
+    assert (loaded.likelihood_prior, loaded.likelihood_folds) == (2.0, 1)
+    assert torch.allclose(loaded(ids, attention, response_mask=response), discriminator(ids, attention,
+                                                                                         response_mask=response))
+    samples = ancestral_sample(teacher, ids[:, :2], attention[:, :2], 8, 4, discriminator=discriminator,
+                               candidates=2, generator=torch.Generator().manual_seed(0))
+    assert (samples.response_ids != mask).all()
+    with pytest.raises(ValueError, match="likelihood"):
+        Discriminator(teacher, likelihood_prior=-1.0)
+
+
 def test_ancestral_sampling_reuses_logits_when_a_step_reveals_nothing():
     from dlm_rl.sampling.guided import ancestral_sample
 
@@ -285,6 +344,12 @@ def test_trainer_runs_starts_the_discriminator_at_log2_and_saves_the_student(tmp
                for line in lines[1:])
     assert 0 <= lines[-1]["eval/validity"] <= 1 and lines[-1]["eval/entropy"] > 0
     assert (tmp_path / "final" / "discriminator.pt").exists()
+    prior = DiDiConfig(**{**config.__dict__, "max_steps": 2, "likelihood_prior": 1.0,
+                          "output_dir": str(tmp_path / "prior")})
+    run(prior)
+    lines = [json.loads(x) for x in (tmp_path / "prior" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[1]["reward"] < 0  # the teacher's mean log-likelihood of the sample, from the first step
+    assert json.loads((tmp_path / "prior" / "final" / "discriminator.json").read_text())["likelihood_prior"] == 1.0
     with pytest.raises(ValueError, match="exactly one of"):
         DiDiConfig(task=None)
     with pytest.raises(ValueError, match="kl_coef"):

@@ -5,7 +5,9 @@ The student minimises ∫ ω(t) KL(q_student(·, t) ‖ q_teacher(·, t)) dt. It
 E[ω(τ) · r(z_τ) · ∇ log q_student(x)], where r is the log density ratio of data to student marginals at z_τ,
 estimated by a discriminator: a copy of the teacher, only its last blocks trainable, with a per-token logit head
 trained by BCE on masked positions ("real" = data noised at τ, "fake" = student samples noised at τ), so its
-optimal logit is that log ratio and higher means more teacher-like. The student rolls out two steps,
+optimal logit is that log ratio and higher means more teacher-like (optionally the frozen teacher's
+pseudo-log-likelihood of the visible tokens is added to the logit as a prior, the BCE then training the residual:
+on the facts testbed the head alone does not see the teacher's few-step errors). The student rolls out two steps,
 all-mask → x_τ → x_0, and log q(x) = log q(x_τ | all-mask) + log q(x_0 | x_τ) over the tokens each step reveals
 (or, as an option, the few ancestral steps it is sampled with, log q(x) summing over every step).
 """
@@ -13,6 +15,8 @@ all-mask → x_τ → x_0, and log q(x) = log q(x_τ | all-mask) + log q(x_0 | x
 from __future__ import annotations
 
 import copy
+import json
+import os
 from dataclasses import dataclass
 
 import torch
@@ -24,10 +28,19 @@ from dlm_rl.sampling.decoding import sample_tokens
 
 class Discriminator(nn.Module):
     """A teacher copy whose last `trainable_blocks` transformer blocks (and final norm) train, read by a
-    zero-initialised per-token logit head: D = 0 everywhere at the start."""
+    zero-initialised per-token logit head: D = 0 everywhere at the start.
 
-    def __init__(self, teacher, trainable_blocks: int = 2):
+    With `likelihood_prior` w > 0 every position's logit also gets w · ℓ(z), ℓ the frozen teacher's
+    pseudo-log-likelihood of the input's visible response tokens (`teacher_log_likelihood`): a prior for the log
+    density ratio, so the head and blocks, trained by the same BCE on the sum, learn only the residual. The prior
+    needs token ids; a forward on `inputs_embeds` (gradient guidance) reads the learned part alone."""
+
+    def __init__(self, teacher, trainable_blocks: int = 2, likelihood_prior: float = 0.0,
+                 likelihood_folds: int = 4):
         super().__init__()
+        if likelihood_prior < 0 or likelihood_folds < 1:
+            raise ValueError(f"need likelihood_prior >= 0 and likelihood_folds >= 1, got {likelihood_prior}, "
+                             f"{likelihood_folds}")
         self.backbone = copy.deepcopy(teacher).requires_grad_(False)
         blocks = _blocks(self.backbone.model)
         if not 1 <= trainable_blocks <= len(blocks):
@@ -40,11 +53,61 @@ class Discriminator(nn.Module):
         self.head = nn.Linear(teacher.config.hidden_size, 1, device=teacher.device, dtype=teacher.dtype)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+        self.likelihood_prior, self.likelihood_folds = likelihood_prior, likelihood_folds
+        self._teacher = (teacher,)  # a tuple: the frozen teacher is used, not owned (nor saved) by D
 
-    def forward(self, input_ids=None, attention_mask=None, *, inputs_embeds=None) -> torch.Tensor:
-        """[B, L] per-token logits (float32)."""
+    def forward(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, response_mask=None,
+                generator=None) -> torch.Tensor:
+        """[B, L] per-token logits (float32). `response_mask` (default: every attended position) bounds the
+        tokens the likelihood prior scores; its folds are drawn with `generator`."""
         out = self.backbone(input_ids, attention_mask, inputs_embeds=inputs_embeds, output_hidden_states=True)
-        return self.head(out.hidden_states).squeeze(-1).float()
+        logits = self.head(out.hidden_states).squeeze(-1).float()
+        if self.likelihood_prior and input_ids is not None:
+            region = response_mask if response_mask is not None else (
+                attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool))
+            prior = teacher_log_likelihood(self._teacher[0], input_ids, attention_mask, region,
+                                           self.likelihood_folds, generator)
+            logits = logits + self.likelihood_prior * prior[:, None]
+        return logits
+
+
+def save_discriminator(discriminator: Discriminator, directory: str) -> None:
+    """`discriminator.pt` (the weights) and `discriminator.json` (the likelihood prior's settings) in `directory`."""
+    torch.save(discriminator.state_dict(), os.path.join(directory, "discriminator.pt"))
+    with open(os.path.join(directory, "discriminator.json"), "w") as f:
+        json.dump({"likelihood_prior": discriminator.likelihood_prior,
+                   "likelihood_folds": discriminator.likelihood_folds}, f)
+
+
+def load_discriminator(teacher, directory: str) -> Discriminator:
+    """The discriminator `save_discriminator` wrote to `directory`, on top of `teacher`."""
+    settings_path = os.path.join(directory, "discriminator.json")
+    settings = {}
+    if os.path.isfile(settings_path):  # saved before the likelihood prior existed: the plain discriminator
+        with open(settings_path) as f:
+            settings = json.load(f)
+    discriminator = Discriminator(teacher, **settings)
+    discriminator.load_state_dict(torch.load(os.path.join(directory, "discriminator.pt"), map_location=teacher.device))
+    return discriminator
+
+
+@torch.no_grad()
+def teacher_log_likelihood(teacher, z, attention_mask, response_mask, folds: int = 4, generator=None) -> torch.Tensor:
+    """[B] the teacher's pseudo-log-likelihood of z's visible response tokens: the mean over them of log p(token |
+    z with the token's fold masked again). Each visible response token joins one of `folds` random folds, and each
+    fold is scored in its own forward, so every token is scored once with about 1/folds of its context hidden.
+    Low where a token contradicts its visible context (a wrong sum, a broken chain); 0 for a row with no visible
+    response token."""
+    mask_id = teacher.mask_token_id
+    visible = response_mask.bool() & (z != mask_id)
+    fold = torch.randint(0, folds, z.shape, generator=generator, device=z.device)
+    total = torch.zeros(len(z), device=z.device)
+    for k in range(folds):
+        remasked = visible & (fold == k)
+        if remasked.any():
+            log_probs = _token_log_probs(teacher(z.masked_fill(remasked, mask_id), attention_mask).logits, z)
+            total += torch.where(remasked, log_probs, 0.0).sum(1)
+    return total / visible.sum(1).clamp(min=1)
 
 
 def _blocks(model) -> nn.ModuleList:

@@ -53,6 +53,8 @@ def ancestral_sample(
     mask_id = model.mask_token_id
     x = torch.cat([prompt_ids, torch.full((batch, gen_length), mask_id, device=device, dtype=prompt_ids.dtype)], 1)
     attention_mask = torch.cat([prompt_mask, torch.ones(batch, gen_length, dtype=prompt_mask.dtype, device=device)], 1)
+    response = torch.zeros_like(x, dtype=torch.bool)
+    response[:, width:] = True
     logits = None
     stale = torch.ones(batch, dtype=torch.bool, device=device)  # rows whose logits must be recomputed
     row_forwards = torch.zeros(batch, dtype=torch.long, device=device)
@@ -74,7 +76,7 @@ def ancestral_sample(
         if discriminator is not None and k >= steps // 2 and candidates > 1:
             proposals = torch.stack([_propose(x, masked, step_logits, reveal_prob, generator)
                                      for _ in range(candidates)])  # [M, B, C]
-            chosen = _select(discriminator, proposals, attention_mask, mask_id, generator)
+            chosen = _select(discriminator, proposals, attention_mask, response, mask_id, generator)
             passes += candidates
             new = proposals[chosen, torch.arange(batch, device=device)]
         else:
@@ -106,11 +108,12 @@ def _guidance(discriminator, x, attention_mask, logits, masked, reveal_prob: flo
     return gradient.to(logits.dtype)
 
 
-def _select(discriminator, proposals, attention_mask, mask_id: int, generator) -> torch.Tensor:
+def _select(discriminator, proposals, attention_mask, response_mask, mask_id: int, generator) -> torch.Tensor:
     """[B] index of the chosen candidate per row, drawn from the softmax of the candidates' summed D logits over
     their masked positions."""
     m, b, c = proposals.shape
     flat = proposals.reshape(m * b, c)
-    d = discriminator(flat, attention_mask.repeat(m, 1))  # [M·B, C]
+    d = discriminator(flat, attention_mask.repeat(m, 1), response_mask=response_mask.repeat(m, 1),
+                      generator=generator)  # [M·B, C]
     scores = (d * (flat == mask_id)).sum(1).view(m, b).T.double()  # [B, M]
     return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)

@@ -38,6 +38,7 @@ from dlm_rl.rl.didi import (
     kl_and_entropy,
     noise_at,
     rollout,
+    save_discriminator,
     time_weight,
 )
 
@@ -76,6 +77,12 @@ class DiDiConfig(CheckpointArguments, LoraArguments, NonFiniteArguments):
     """Trainable last blocks of the discriminator."""
     discriminator_warmup_steps: int = 50
     """Discriminator-only steps before the student's first update."""
+    likelihood_prior: float = 0.0
+    """Weight w of the teacher's pseudo-log-likelihood of the visible tokens added to the discriminator's logit as
+    a prior for the log density ratio (`dlm_rl.rl.didi.Discriminator`); 0 is the paper's discriminator."""
+    likelihood_folds: int = 4
+    """Teacher forwards per discriminator call for the likelihood prior: each scores one random fold of the
+    visible response tokens, masked again."""
     rollout_steps: int = 2
     """The student's rollout: 2 is DiDi-Instruct's all-mask → x_τ → x_0 (τ also the discriminator's time); more
     rolls out the ancestral sampler's own steps (as at evaluation), the discriminator scoring x_0 noised at τ."""
@@ -143,7 +150,8 @@ def run(config: DiDiConfig) -> dict:
     if config.use_lora:
         add_lora(student, config)
     distributed.broadcast_parameters(student.parameters())  # the same LoRA initialisation on every rank
-    discriminator = Discriminator(teacher, config.discriminator_blocks)
+    discriminator = Discriminator(teacher, config.discriminator_blocks, config.likelihood_prior,
+                                  config.likelihood_folds)
     ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(config.ema)) if config.ema else None
     student_parameters = [p for p in student.parameters() if p.requires_grad]
     student_optimizer = torch.optim.AdamW(student_parameters, lr=config.learning_rate,
@@ -192,7 +200,7 @@ def run(config: DiDiConfig) -> dict:
         if main:
             final = ema.module if ema is not None else student
             final.save_pretrained(os.path.join(config.output_dir, "final"))
-            torch.save(discriminator.state_dict(), os.path.join(config.output_dir, "final", "discriminator.pt"))
+            save_discriminator(discriminator, os.path.join(config.output_dir, "final"))
             log.close(curve=("reward", "discriminator_loss", "eval/validity"))
     return line
 
@@ -214,7 +222,7 @@ def _step(student, teacher, discriminator, student_optimizer, discriminator_opti
     fake, fake_masked = noise_at(sample.final, response_mask, tau, student.mask_token_id, generator)
     real, real_masked = noise_at(repeated["input_ids"], response_mask, tau, student.mask_token_id, generator)
     discriminator.train()
-    fake_logits = discriminator(fake, attention_mask)
+    fake_logits = discriminator(fake, attention_mask, response_mask=response_mask, generator=generator)
     reward = discriminator_reward(fake_logits.detach(), fake_masked, config.reward_clip)
     share = len(reward) / distributed.all_sum(len(reward))  # this rank's fraction of the step's rows
     line = distributed.all_sum({"reward": float(reward.mean()) * share, "tau": float(tau.mean()) * share})
@@ -225,19 +233,21 @@ def _step(student, teacher, discriminator, student_optimizer, discriminator_opti
         line.update(_student_update(student, teacher, student_optimizer, student_parameters, sample, reward,
                                     response_mask, attention_mask, config, nonfinite))
     line["discriminator_loss"] = _discriminator_update(discriminator, discriminator_optimizer, real, real_masked,
-                                                       fake_logits, fake_masked, attention_mask, config, nonfinite)
+                                                       fake_logits, fake_masked, attention_mask, response_mask,
+                                                       config, generator, nonfinite)
     line["guard/nonfinite_steps"] = nonfinite.count
     return line
 
 
 def _discriminator_update(discriminator, optimizer, real, real_masked, fake_logits, fake_masked, attention_mask,
-                          config: DiDiConfig, nonfinite: NonFiniteLoss) -> float:
+                          response_mask, config: DiDiConfig, generator, nonfinite: NonFiniteLoss) -> float:
     """One BCE step of the discriminator on real texts vs the student's samples, both noised at τ (`fake_logits`
     already computed, with their graph); returns the loss over all ranks."""
     optimizer.zero_grad(set_to_none=True)
     counts = distributed.all_sum({"real": int(real_masked.sum()), "fake": int(fake_masked.sum())})
-    d_loss = discriminator_loss(discriminator(real, attention_mask), real_masked, fake_logits, fake_masked,
-                                config.label_smoothing, counts=(counts["real"], counts["fake"]))
+    real_logits = discriminator(real, attention_mask, response_mask=response_mask, generator=generator)
+    d_loss = discriminator_loss(real_logits, real_masked, fake_logits, fake_masked, config.label_smoothing,
+                                counts=(counts["real"], counts["fake"]))
     d_loss.backward()
     distributed.sum_gradients(discriminator.parameters())
     total = distributed.all_sum(d_loss.item())
