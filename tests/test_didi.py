@@ -350,6 +350,12 @@ def test_trainer_runs_starts_the_discriminator_at_log2_and_saves_the_student(tmp
     lines = [json.loads(x) for x in (tmp_path / "prior" / "metrics.jsonl").read_text().splitlines()]
     assert lines[1]["reward"] < 0  # the teacher's mean log-likelihood of the sample, from the first step
     assert json.loads((tmp_path / "prior" / "final" / "discriminator.json").read_text())["likelihood_prior"] == 1.0
+    # at step 1 D ≡ 0, so the rewards tie and carry no advantage, unless the sequence entropy term ranks the rows
+    for beta in (0.0, 1.0):
+        first = DiDiConfig(**{**config.__dict__, "max_steps": 1, "discriminator_warmup_steps": 0, "ema": 0.0,
+                              "sequence_entropy_coef": beta, "output_dir": str(tmp_path / f"beta{beta}")})
+        line = run(first)
+        assert line["rollout_log_prob"] < 0 and (line["advantage_abs"] > 0.5) == (beta > 0)
     with pytest.raises(ValueError, match="exactly one of"):
         DiDiConfig(task=None)
     with pytest.raises(ValueError, match="kl_coef"):

@@ -83,6 +83,10 @@ class DiDiConfig(CheckpointArguments, LoraArguments, NonFiniteArguments):
     likelihood_folds: int = 4
     """Teacher forwards per discriminator call for the likelihood prior: each scores one random fold of the
     visible response tokens, masked again."""
+    sequence_entropy_coef: float = 0.0
+    """β: the reward gets −β · log q(x)/L, the student's own per-token log-likelihood of its rollout — a
+    sequence-level entropy bonus, the −log q half of the log density ratio whose log p half the likelihood prior
+    approximates. It keeps the student from collapsing onto the few samples the teacher finds likeliest."""
     rollout_steps: int = 2
     """The student's rollout: 2 is DiDi-Instruct's all-mask → x_τ → x_0 (τ also the discriminator's time); more
     rolls out the ancestral sampler's own steps (as at evaluation), the discriminator scoring x_0 noised at τ."""
@@ -260,6 +264,9 @@ def _student_update(student, teacher, optimizer, parameters, sample, reward, res
                     config: DiDiConfig, nonfinite: NonFiniteLoss) -> dict:
     """One student step on its rollout `sample`. Under data parallelism each mean (over rows, and over each state's
     masked positions) is this rank's sum divided by the global count, and the returned metrics are the global ones."""
+    length = response_mask.sum(1).clamp(min=1)
+    log_q = sample.log_prob()
+    reward = reward - config.sequence_entropy_coef * log_q.detach() / length
     if not config.use_discriminator:
         advantage = torch.zeros_like(reward)
     elif config.grouped_normalisation:
@@ -267,13 +274,12 @@ def _student_update(student, teacher, optimizer, parameters, sample, reward, res
     else:
         advantage = reward
     omega = time_weight(sample.tau, config.omega_min, config.omega_max) if config.use_time_weight else 1.0
-    length = response_mask.sum(1).clamp(min=1)
     # The positions each state still has masked: the KL and the entropy are measured there.
     masked = [(state == student.mask_token_id) & response_mask for state in sample.states]
     local = {"rows": len(reward), **{f"state{k}": int(m.sum()) for k, m in enumerate(masked)}}
     total = distributed.all_sum(local)
     share = {name: local[name] / total[name] if total[name] else 0.0 for name in local}  # 1 in one process
-    policy_loss = -(omega * advantage * sample.log_prob() / length).mean() * share["rows"]
+    policy_loss = -(omega * advantage * log_q / length).mean() * share["rows"]
     kl = entropy = 0.0
     for k, (state, logits) in enumerate(zip(sample.states, sample.logits)):
         with torch.no_grad():
@@ -284,6 +290,7 @@ def _student_update(student, teacher, optimizer, parameters, sample, reward, res
     loss = policy_loss + config.kl_coef * kl - config.entropy_coef * entropy
     line = distributed.all_sum({"loss": loss.item(), "policy_loss": policy_loss.item(), "kl": kl.item(),
                                 "entropy": entropy.item(),
+                                "rollout_log_prob": float((log_q.detach() / length).mean()) * share["rows"],
                                 "advantage_abs": float(advantage.abs().mean()) * share["rows"]})
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
