@@ -4,7 +4,8 @@ and wall-clock seconds (discriminator passes included), on the testbed's uncondi
 Every model samples `--samples` responses after the task's prompt by ancestral sampling at each NFE (steps); the
 student also with DiDi-Instruct's reward-guided sampler (its run's discriminator) at `--guided_nfe`. Ablated
 students (`--ablation NAME=RUN_DIR`) are measured like the student with plain sampling, their rows marked with
-`variant`.
+`variant`. `--teacher_temperature` adds the teacher sampled at lower temperatures, rows marked with `temperature`:
+sharpening alone also trades entropy for validity, so a student has to beat that frontier, not only the teacher.
 
     python scripts/eval_distill.py --student runs/didi_tiny --ablation no_discriminator=runs/didi_no_disc
 
@@ -35,6 +36,9 @@ def main() -> None:
                         help="NFEs of the guided sampler (each step adds discriminator passes)")
     parser.add_argument("--guidance_scale", type=float, default=1.0)
     parser.add_argument("--candidates", type=int, default=4)
+    parser.add_argument("--teacher_temperature", type=float, nargs="*", default=[],
+                        help="also sample the teacher at these temperatures (< 1: sharper) at every NFE: the "
+                             "baseline a student must beat")
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -57,12 +61,14 @@ def main() -> None:
     prompt_mask = torch.ones_like(prompt_ids)
     results = []
 
-    def measure(model, label: str, nfe: int, discriminator=None, **extra) -> None:
+    def measure(model, label: str, nfe: int, discriminator=None, temperature: float = 1.0, **extra) -> None:
         generator = torch.Generator().manual_seed(args.seed)
         start = time.perf_counter()
         samples = ancestral_sample(model, prompt_ids, prompt_mask, task.response_length, nfe, generator=generator,
                                    discriminator=discriminator, guidance_scale=args.guidance_scale,
-                                   candidates=args.candidates)
+                                   candidates=args.candidates, temperature=temperature)
+        if temperature != 1.0:
+            extra = {**extra, "temperature": temperature}
         seconds = time.perf_counter() - start
         row = {"model": label, "nfe": nfe, **extra,
                "judge_ppl": judge_perplexity(judge, prompt_ids, prompt_mask, samples.response_ids,
@@ -75,6 +81,8 @@ def main() -> None:
 
     for nfe in args.nfe:
         measure(teacher, "teacher", nfe)
+        for temperature in args.teacher_temperature:
+            measure(teacher, "teacher", nfe, temperature=temperature)
     students = ([("", args.student)] if args.student else []) + [tuple(a.split("=", 1)) for a in args.ablation]
     for variant, run_dir in students:
         student = load(os.path.join(run_dir, "final")).eval()

@@ -273,6 +273,19 @@ def test_ancestral_sampling_reuses_logits_when_a_step_reveals_nothing():
     assert one_step.forwards == 1.0 and (one_step.response_ids != model.mask_token_id).all()
 
 
+def test_ancestral_sampling_at_temperature_zero_takes_the_argmax():
+    from dlm_rl.sampling.guided import ancestral_sample
+
+    model = tiny()
+    prompt = torch.tensor([[5, 6]])
+    state = torch.cat([prompt, torch.full((1, 8), model.mask_token_id)], 1)
+    argmax = model(state).logits[0, 2:].argmax(-1)
+    for seed in (0, 1):  # one step reveals all 8 positions from the all-mask state
+        samples = ancestral_sample(model, prompt, torch.ones(1, 2, dtype=torch.long), 8, 1, temperature=0.0,
+                                   generator=torch.Generator().manual_seed(seed))
+        assert samples.response_ids[0].tolist() == argmax.tolist()
+
+
 def test_guided_sampling_uses_the_discriminator_in_both_halves():
     from dlm_rl.sampling.guided import _guidance, ancestral_sample
 

@@ -41,9 +41,11 @@ def ancestral_sample(
     discriminator=None,
     guidance_scale: float = 1.0,
     candidates: int = 4,
+    temperature: float = 1.0,
 ) -> AncestralSamples:
-    """Sample `gen_length` tokens after each left-padded prompt in `steps` ancestral steps; with a
-    `discriminator`, reward-guided (gradient guidance, then `candidates`-way selection)."""
+    """Sample `gen_length` tokens after each left-padded prompt in `steps` ancestral steps, tokens drawn at
+    `temperature` (below 1: the baseline a distilled student must beat); with a `discriminator`, reward-guided
+    (gradient guidance, then `candidates`-way selection)."""
     if steps < 1 or gen_length < 1:
         raise ValueError(f"steps and gen_length must be positive, got {steps} and {gen_length}")
     if discriminator is not None and candidates < 1:
@@ -74,21 +76,21 @@ def ancestral_sample(
                                                               reveal_prob).clamp(-1, 1)
             passes += 1
         if discriminator is not None and k >= steps // 2 and candidates > 1:
-            proposals = torch.stack([_propose(x, masked, step_logits, reveal_prob, generator)
+            proposals = torch.stack([_propose(x, masked, step_logits, reveal_prob, temperature, generator)
                                      for _ in range(candidates)])  # [M, B, C]
             chosen = _select(discriminator, proposals, attention_mask, response, mask_id, generator)
             passes += candidates
             new = proposals[chosen, torch.arange(batch, device=device)]
         else:
-            new = _propose(x, masked, step_logits, reveal_prob, generator)
+            new = _propose(x, masked, step_logits, reveal_prob, temperature, generator)
         stale = (new != x).any(1) & (new == mask_id).any(1)  # changed, and something left to reveal
         x = new
     return AncestralSamples(x[:, width:], float(row_forwards.double().mean()), passes)
 
 
-def _propose(x, masked, logits, reveal_prob: float, generator) -> torch.Tensor:
+def _propose(x, masked, logits, reveal_prob: float, temperature: float, generator) -> torch.Tensor:
     """One ancestral step: reveal each masked position with probability `reveal_prob`."""
-    tokens, _ = sample_tokens(logits, 1.0, generator)
+    tokens, _ = sample_tokens(logits, temperature, generator)
     u = torch.rand(x.shape, generator=generator, device=x.device, dtype=torch.float64)
     return torch.where(masked & (u < reveal_prob), tokens, x)
 
