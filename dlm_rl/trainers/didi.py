@@ -3,11 +3,12 @@
 Each step: a batch of `prompts_per_step` rows of the task (for unconditional text, the fixed prompt and a real
 text), each prompt repeated `group_size` times; one τ ~ U[tau_min, tau_max] per group. The student rolls out
 all-mask → x_τ → x_0 (or `rollout_steps` ancestral steps); x_0 and the real texts are noised at τ; the
-discriminator's clipped mean logit on the noised student sample is the reward, normalised within each group; the
-student's loss is −ω(τ) · Â · log q(x) / L + kl_coef · KL(teacher ‖ student) − entropy_coef · H (the last two
-averaged over the rollout's states);
-then the discriminator takes a BCE step on real vs student. An EMA of the student is kept and saved. Every part
-can be switched off for ablation. The student is evaluated with plain ancestral sampling at `eval_nfe` steps.
+discriminator's clipped mean logit on the noised student sample (with `likelihood_prior`, on top of the teacher's
+pseudo-log-likelihood of it; less β · log q(x)/L with `sequence_entropy_coef` β) is the reward, normalised within
+each group; the student's loss is −ω(τ) · Â · log q(x) / L + kl_coef · KL(teacher ‖ student) − entropy_coef · H
+(the last two averaged over the rollout's states); then the discriminator takes a BCE step on real vs student.
+An EMA of the student is kept and saved. Every part can be switched off for ablation. The student is evaluated
+with plain ancestral sampling at `eval_nfe` steps.
 
 Under `torchrun` / `accelerate launch` (`dlm_rl.distributed`) every rank takes its share of the step's prompts
 (whole groups) with its own random stream, the losses are divided by the global row and token counts, and the
