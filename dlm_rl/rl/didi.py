@@ -58,13 +58,12 @@ class Discriminator(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, response_mask=None,
                 generator=None) -> torch.Tensor:
-        """[B, L] per-token logits (float32). `response_mask` (default: every attended position) bounds the
+        """[B, L] per-token logits (float32). `response_mask` (default: every position) bounds the
         tokens the likelihood prior scores; its folds are drawn with `generator`."""
         out = self.backbone(input_ids, attention_mask, inputs_embeds=inputs_embeds, output_hidden_states=True)
         logits = self.head(out.hidden_states).squeeze(-1).float()
         if self.likelihood_prior and input_ids is not None:
-            region = response_mask if response_mask is not None else (
-                attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool))
+            region = response_mask if response_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
             prior = teacher_log_likelihood(self._teacher[0], input_ids, attention_mask, region,
                                            self.likelihood_folds, generator)
             logits = logits + self.likelihood_prior * prior[:, None]
