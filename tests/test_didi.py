@@ -284,6 +284,8 @@ def test_ancestral_sampling_at_temperature_zero_takes_the_argmax():
         samples = ancestral_sample(model, prompt, torch.ones(1, 2, dtype=torch.long), 8, 1, temperature=0.0,
                                    generator=torch.Generator().manual_seed(seed))
         assert samples.response_ids[0].tolist() == argmax.tolist()
+    with pytest.raises(ValueError, match="temperature"):
+        ancestral_sample(model, prompt, torch.ones(1, 2, dtype=torch.long), 8, 1, temperature=-1.0)
 
 
 def test_guided_sampling_uses_the_discriminator_in_both_halves():
@@ -375,3 +377,5 @@ def test_trainer_runs_starts_the_discriminator_at_log2_and_saves_the_student(tmp
         DiDiConfig(use_discriminator=False, kl_coef=0.0)
     with pytest.raises(ValueError, match="rollout_steps"):
         DiDiConfig(rollout_steps=1)
+    with pytest.raises(ValueError, match="likelihood_folds"):
+        DiDiConfig(likelihood_folds=0)

@@ -48,6 +48,8 @@ def ancestral_sample(
     (gradient guidance, then `candidates`-way selection)."""
     if steps < 1 or gen_length < 1:
         raise ValueError(f"steps and gen_length must be positive, got {steps} and {gen_length}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0: argmax), got {temperature}")
     if discriminator is not None and candidates < 1:
         raise ValueError(f"candidates must be at least 1, got {candidates}")
     batch, width = prompt_ids.shape

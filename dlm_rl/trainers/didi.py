@@ -130,6 +130,8 @@ class DiDiConfig(CheckpointArguments, LoraArguments, NonFiniteArguments):
             raise ValueError("grouped normalisation needs group_size >= 2")
         if self.rollout_steps < 2:
             raise ValueError(f"rollout_steps must be at least 2, got {self.rollout_steps}")
+        if self.likelihood_prior < 0 or self.likelihood_folds < 1 or self.sequence_entropy_coef < 0:
+            raise ValueError("need likelihood_prior >= 0, likelihood_folds >= 1 and sequence_entropy_coef >= 0")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
         if not self.use_discriminator and self.kl_coef == 0:
