@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 from dlm_rl.sampling.config import CACHES, ORDERINGS
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             from dlm_rl.recipe import parse_recipe
 
             module, config = parse_recipe(args.recipe, rest)
+            _exit_on_sigterm()
             module.run(config)
         elif args.command == "sample":
             _sample(args)
@@ -90,6 +92,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dlm-rl {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _exit_on_sigterm() -> None:
+    """Schedulers and `kill` stop a job with SIGTERM, whose default action ends the process at once. Exit through
+    the interpreter instead, as Ctrl-C does, so the trainer's `finally` still saves final/ and closes the log."""
+
+    def stop(signum, frame):
+        logging.getLogger("dlm_rl").warning("SIGTERM: stopping; the model so far goes to output_dir/final")
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def _int_list(text: str) -> list[int]:

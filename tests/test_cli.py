@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -186,6 +190,27 @@ def test_run_summary_gives_each_held_out_metric_first_and_last(tmp_path):
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert summary(str(path), ("reward/total", "eval/greedy_accuracy", "eval/validity")) == [
         "eval/greedy_accuracy: 0.5000 at step 0 -> 0.7500 at step 100 (+0.2500)"]
+
+
+def test_a_run_stopped_with_sigterm_still_saves_its_model_and_log(tmp_path):
+    """Schedulers stop jobs with SIGTERM: the run exits 143 after its `finally` has written final/ and the log."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"trainer: tracerl\nmodel: tiny\ntask: addition3\ntrain_size: 64\neval_size: 8\n"
+                      f"reward_funcs: [rewards.format:boxed]\nlora_r: 4\nnum_generations: 2\nprompts_per_step: 2\n"
+                      f"max_steps: 100000\neval_steps: 100000\noutput_dir: {tmp_path / 'run'}\n")
+    run = subprocess.Popen([sys.executable, "-m", "dlm_rl.cli", "train", str(recipe)], stderr=subprocess.PIPE,
+                           text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and '"step": 1' in metrics.read_text()):  # step 0 is the held-out check
+        assert run.poll() is None, run.stderr.read()
+        assert time.monotonic() < deadline, "no training step within 120 s"
+        time.sleep(0.2)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM: stopping" in err
+    assert (tmp_path / "run" / "final" / "adapter_config.json").exists()
 
 
 # --- gpu_check.py -----------------------------------------------------------------------------------------------
