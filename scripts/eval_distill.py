@@ -6,6 +6,8 @@ student also with DiDi-Instruct's reward-guided sampler (its run's discriminator
 students (`--ablation NAME=RUN_DIR`) are measured like the student with plain sampling, their rows marked with
 `variant`. `--teacher_temperature` adds the teacher sampled at lower temperatures, rows marked with `temperature`:
 sharpening alone also trades entropy for validity, so a student has to beat that frontier, not only the teacher.
+Each model's row also gives `heldout_nll`, its negative ELBO per token on `--heldout` held-out texts (the same
+masks for every model): unigram entropy hardly sees sharpening, but a sharpened model stops covering the data.
 
     python scripts/eval_distill.py --student runs/didi_tiny --ablation no_discriminator=runs/didi_no_disc
 
@@ -16,6 +18,7 @@ Prints one JSON line per cell and, last, `{"results": [{"model", "nfe", "judge_p
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -40,9 +43,14 @@ def main() -> None:
                         help="also sample the teacher at these temperatures (< 1: sharper) at every NFE: the "
                              "baseline a student must beat")
     parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--heldout", type=int, default=128, help="held-out texts for heldout_nll (0: skip it)")
+    parser.add_argument("--heldout_draws", type=int, default=4, help="mask draws per held-out text")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
+    from dlm_rl.data.collate import DiffusionCollator
+    from dlm_rl.diffusion.elbo import elbo
+    from dlm_rl.diffusion.noise import MCNoise
     from dlm_rl.judge import build_judge, judge_perplexity, load_judge, sample_quality
     from dlm_rl.models.loading import load
     from dlm_rl.models.resolve import resolve_model
@@ -60,6 +68,20 @@ def main() -> None:
     prompt_ids = torch.tensor([prompt] * args.samples)
     prompt_mask = torch.ones_like(prompt_ids)
     results = []
+    if args.heldout:
+        heldout = DiffusionCollator(tokenizer, task.response_length)(
+            task.dataset("test", args.heldout, seed=args.seed + 1).to_list())
+        noise = MCNoise.sample(heldout["response_mask"], n_t=args.heldout_draws,
+                               generator=torch.Generator().manual_seed(args.seed))
+
+    @functools.cache
+    @torch.no_grad()
+    def heldout_nll(model, temperature: float) -> float | None:
+        if not args.heldout or temperature == 0:
+            return None
+        per_row = elbo(_Tempered(model, temperature), heldout["input_ids"], heldout["response_mask"], noise,
+                       heldout["attention_mask"], draws_per_forward=1)
+        return float(-(per_row / heldout["response_mask"].sum(1)).mean())
 
     def measure(model, label: str, nfe: int, discriminator=None, temperature: float = 1.0, **extra) -> None:
         generator = torch.Generator().manual_seed(args.seed)
@@ -75,6 +97,7 @@ def main() -> None:
                                              tokenizer.eos_token_id),
                **sample_quality(samples.response_ids, tokenizer, task.generator),
                "seconds": round(seconds, 2), "forwards": samples.forwards,
+               "heldout_nll": None if discriminator is not None else heldout_nll(model, temperature),
                "discriminator_passes": samples.discriminator_passes, "samples": args.samples}
         results.append(row)
         print(json.dumps(row), flush=True)
@@ -95,6 +118,19 @@ def main() -> None:
         for nfe in args.guided_nfe:
             measure(student, "student_guided", nfe, discriminator.eval())
     print(json.dumps({"results": results}))
+
+
+class _Tempered(torch.nn.Module):
+    """`model` with its logits divided by `temperature`: the conditionals its tempered samples are drawn from."""
+
+    def __init__(self, model, temperature: float):
+        super().__init__()
+        self.model, self.temperature, self.mask_token_id = model, temperature, model.mask_token_id
+
+    def forward(self, *args, **kwargs):
+        output = self.model(*args, **kwargs)
+        output.logits = output.logits / self.temperature
+        return output
 
 
 if __name__ == "__main__":
