@@ -49,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from dlm_rl.data.collate import DiffusionCollator
-    from dlm_rl.diffusion.elbo import elbo
+    from dlm_rl.diffusion.elbo import mdm_loss
     from dlm_rl.diffusion.noise import MCNoise
     from dlm_rl.judge import build_judge, judge_perplexity, load_judge, sample_quality
     from dlm_rl.models.loading import load
@@ -79,9 +79,8 @@ def main() -> None:
     def heldout_nll(model, temperature: float) -> float | None:
         if not args.heldout or temperature == 0:
             return None
-        per_row = elbo(_Tempered(model, temperature), heldout["input_ids"], heldout["response_mask"], noise,
-                       heldout["attention_mask"], draws_per_forward=1)
-        return float(-(per_row / heldout["response_mask"].sum(1)).mean())
+        return float(mdm_loss(_Tempered(model, temperature), heldout["input_ids"], heldout["response_mask"], noise,
+                              heldout["attention_mask"], draws_per_forward=1))
 
     def measure(model, label: str, nfe: int, discriminator=None, temperature: float = 1.0, **extra) -> None:
         generator = torch.Generator().manual_seed(args.seed)
