@@ -45,14 +45,20 @@ class CheckpointArguments:
     """Continue a run exactly: a checkpoint directory, or 'latest' (or true) for the newest one in output_dir."""
 
     def __post_init__(self):
-        if self.resume is True or str(self.resume).lower() in ("true", "latest"):
-            self.resume = "latest"
-        elif self.resume is False or str(self.resume).lower() == "false":
-            self.resume = None
+        self.resume = resume_setting(self.resume)
         if self.save_steps < 0:
             raise ValueError(f"save_steps must be 0 (no checkpoints) or positive, got {self.save_steps}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ValueError(f"save_total_limit must be at least 1 or None (keep all), got {self.save_total_limit}")
+
+
+def resume_setting(value) -> str | None:
+    """`resume` as a recipe or the command line gives it: 'latest' (also true), None (also false), or a directory."""
+    if value is True or str(value).lower() in ("true", "latest"):
+        return "latest"
+    if value is None or value is False or str(value).lower() == "false":
+        return None
+    return value
 
 
 def checkpoints(output_dir: str) -> list[str]:
@@ -102,11 +108,9 @@ def load_checkpoint(config, objects: dict) -> int:
         raise ValueError("save_steps and resume work in single-process runs only for now: a checkpoint holds one "
                          "process's RNG and generator states; run without them under torchrun / accelerate")
     if config.resume is None:
-        if found := checkpoints(config.output_dir):
-            raise ValueError(f"output_dir {config.output_dir} holds checkpoints of an earlier run (up to {found[-1]}); "
-                             "pass --resume latest to continue it, or choose another output_dir")
+        refuse_earlier_run(config.output_dir)
         return 0
-    path = _resolve(config)
+    path = resolve_resume(config.resume, config.output_dir)
     with open(os.path.join(path, CONFIG)) as f:
         saved = json.load(f)
     _compare(saved, config, path)
@@ -158,23 +162,31 @@ def trained_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: t for name, t in module.state_dict().items() if name in keep}
 
 
-def _resolve(config) -> str:
-    if config.resume == "latest":
-        found = checkpoints(config.output_dir)
+def refuse_earlier_run(output_dir: str) -> None:
+    """A new run must not write over the checkpoints of an earlier one in the same output_dir."""
+    if found := checkpoints(output_dir):
+        raise ValueError(f"output_dir {output_dir} holds checkpoints of an earlier run (up to {found[-1]}); "
+                         "pass --resume latest to continue it, or choose another output_dir")
+
+
+def resolve_resume(resume: str, output_dir: str, marker: str = STATE) -> str:
+    """The checkpoint directory `resume` names ('latest': the newest in output_dir); it must hold `marker`."""
+    if resume == "latest":
+        found = checkpoints(output_dir)
         if not found:
             raise FileNotFoundError(
-                f"resume: 'latest' found no checkpoint-STEP directory in output_dir {config.output_dir}; name a "
+                f"resume: 'latest' found no checkpoint-STEP directory in output_dir {output_dir}; name a "
                 "checkpoint directory, or drop --resume to start a new run"
             )
-        return found[-1]
-    if not os.path.isdir(config.resume):
-        raise FileNotFoundError(f"resume: checkpoint directory {config.resume} does not exist")
-    if not os.path.exists(os.path.join(config.resume, STATE)):
+        resume = found[-1]
+    if not os.path.isdir(resume):
+        raise FileNotFoundError(f"resume: checkpoint directory {resume} does not exist")
+    if not os.path.exists(os.path.join(resume, marker)):
         raise FileNotFoundError(
-            f"resume: {config.resume} is not a dlm-rl checkpoint (no {STATE}); name an output_dir/checkpoint-STEP "
+            f"resume: {resume} is not a checkpoint of this trainer (no {marker}); name an output_dir/checkpoint-STEP "
             "directory written with save_steps > 0"
         )
-    return config.resume
+    return resume
 
 
 def _compare(saved: dict, config, path: str) -> None:

@@ -1,7 +1,8 @@
 """Data parallelism: two gloo processes (torchrun) give the gradients of one process on the same global batch, for
 each trainer's loss: TraceRL's PPO trace loss (and its value loss), VRPO's loss, DiDi's student and discriminator
-losses, and the MDM SFT loss (transformers' Trainer with DDP). The rank shares are deliberately uneven (rows,
-pairs and tokens), and one TraceRL rank gets no rows at all (the group filter drops its only group).
+losses, and the MDM SFT loss (transformers' Trainer with DDP), whose ranks must also draw different masks. The rank
+shares are deliberately uneven (rows, pairs and tokens), and one TraceRL rank gets no rows at all (the group filter
+drops its only group).
 
 The test also shows it can fail: without the gradient sum, or with the mean of per-rank means (DDP's average of
 losses normalised per rank), the gradients are off by far more than the tolerance.
@@ -246,6 +247,19 @@ def mdm(inputs, shard, directory, sync=True) -> tuple[dict, dict]:
     return single, parallel
 
 
+def mdm_first_masks(inputs, directory) -> torch.Tensor:
+    """The masks an MDM rank draws first after its Trainer is built (the Trainer seeds every rank alike)."""
+    from datasets import Dataset
+
+    from dlm_rl.diffusion.noise import MCNoise
+    from dlm_rl.testbed import TASKS
+    from dlm_rl.trainers import mdm as module
+
+    args = module.MDMConfig(output_dir=directory, task="addition3", use_cpu=True, report_to="none")
+    module.MDMTrainer(tiny(), args, Dataset.from_list(inputs["mdm_rows"]), TASKS["addition3"].response_length)
+    return MCNoise.sample(torch.ones(4, 32, dtype=torch.bool)).masked
+
+
 def didi_rows(prompts) -> list[int]:
     return [prompt * 2 + g for prompt in prompts for g in range(2)]
 
@@ -284,6 +298,7 @@ def test_two_processes_give_the_single_process_gradients_of_every_trainers_loss(
     for name, (diff, size) in results["exact"].items():
         assert size > 1e-3, f"{name}: no gradient to compare"
         assert diff <= TOLERANCE, f"{name}: the gradients differ by {diff}"
+    assert not results["mdm_ranks_draw_the_same_masks"]
     for mutation, diffs in results["broken"].items():  # the comparison catches these mistakes
         assert len(diffs) >= 4
         for name, diff in diffs.items():
@@ -356,6 +371,9 @@ def _worker(directory: str) -> None:
     results["exact"]["mdm"] = (max_diff(parallel, single), max(float(g.abs().max()) for g in single.values()))
     single, parallel = mdm(inputs, distributed.share, work, sync=False)
     results["broken"]["gradients_not_summed"]["mdm"] = max_diff(parallel, single)
+    masks = [None] * WORLD
+    torch.distributed.all_gather_object(masks, mdm_first_masks(inputs, work))
+    results["mdm_ranks_draw_the_same_masks"] = all(torch.equal(masks[0], m) for m in masks[1:])
 
     real_sum, real_all_sum = distributed.sum_gradients, distributed.all_sum
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 
 import pytest
@@ -91,6 +92,44 @@ def test_didi_with_its_ema_resumes_exactly(tmp_path):
                                        prompts_per_step=2, group_size=2, discriminator_warmup_steps=1, eval_samples=4,
                                        eval_nfe=4, learning_rate=1e-3)
     assert all("loss" in m for m in metrics[2:]) and "eval/validity" in metrics[-1]
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_mdm_sft_resumes_from_the_trainers_checkpoint_exactly(tmp_path, use_lora):
+    """MDM SFT runs on the transformers Trainer and resumes from its checkpoints: a run resumed from checkpoint-2 of
+    a 4-step run logs the same losses and ends with the same weights (or adapter) as the run that went on."""
+    from safetensors.torch import load_file
+
+    from dlm_rl.trainers.mdm import MDMConfig, run
+
+    def config(name, **resume):
+        return MDMConfig(output_dir=str(tmp_path / name), task="addition3", train_size=32, tiny_hidden_size=32,
+                         tiny_num_layers=2, max_steps=4, save_steps=2, per_device_train_batch_size=4,
+                         learning_rate=1e-2, logging_steps=1, use_lora=use_lora, lora_r=4, use_cpu=True, seed=3,
+                         **resume)
+
+    def losses(name) -> list[float]:
+        state = json.loads((tmp_path / name / "checkpoint-4" / "trainer_state.json").read_text())
+        return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+    def weights(directory) -> dict:
+        (file,) = [name for name in os.listdir(directory) if name.endswith(".safetensors")]
+        return load_file(os.path.join(directory, file))
+
+    run(config("whole"))
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    run(config("resumed", resume="latest"))
+    assert len(losses("whole")) == 4 and losses("resumed") == losses("whole")
+    whole, resumed = weights(tmp_path / "whole"), weights(tmp_path / "resumed")
+    halfway = weights(tmp_path / "whole" / "checkpoint-2")
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[name], resumed[name]) for name in whole)
+    assert any(not torch.equal(whole[name], halfway[name]) for name in whole)  # steps 3 and 4 changed them
+
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run.*--resume latest"):
+        run(config("whole"))
+    with pytest.raises(FileNotFoundError, match="no checkpoint-STEP directory in output_dir"):
+        run(config("empty", resume=True))
 
 
 def test_resume_errors_are_clear_and_changed_settings_are_named(tmp_path, reward, caplog):

@@ -12,8 +12,11 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.utils import set_seed
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
 
+from dlm_rl.checkpoint import refuse_earlier_run, resolve_resume, resume_setting
 from dlm_rl.data.collate import DiffusionCollator, require_columns
 from dlm_rl.diffusion import MCNoise, mdm_loss
 from dlm_rl.diffusion.noise import FORMS
@@ -56,6 +59,9 @@ class MDMConfig(LoraArguments, NonFiniteArguments, TrainingArguments):
     """Smallest t of the time form."""
     complementary_masks: bool = False
     """Also train on each draw's complementary mask."""
+    resume: str | None = None
+    """Continue from a checkpoint the Trainer saved (save_steps): its directory, or 'latest' (or true) for the
+    newest in output_dir. The same as the Trainer's `resume_from_checkpoint`."""
     remove_unused_columns: bool = False  # the collator needs the raw text columns
     report_to: str | list[str] = field(default="none")
 
@@ -66,6 +72,7 @@ class MDMConfig(LoraArguments, NonFiniteArguments, TrainingArguments):
             raise ValueError(f"noise_schedule must be one of {SCHEDULES}, got {self.noise_schedule!r}")
         if (self.task is None) == (self.dataset_path is None):
             raise ValueError("set exactly one of `task` (a testbed task) and `dataset_path`")
+        self.resume = resume_setting(self.resume or self.resume_from_checkpoint)
         super().__post_init__()
 
 
@@ -76,6 +83,8 @@ class MDMTrainer(Trainer):
         require_columns(train_dataset, ["prompt", "completion"], "MDMTrainer")
         collator = DiffusionCollator(model.tokenizer, response_length)
         super().__init__(model=model, args=args, train_dataset=train_dataset, data_collator=collator, **kwargs)
+        if args.world_size > 1:  # the Trainer seeded every rank alike: each would draw the same masks
+            set_seed(args.seed, device_specific=True)
         self.nonfinite = NonFiniteLoss(args.max_nonfinite_steps, "MDM")
         if not args.fp16:  # fp16's loss scaler skips overflowing steps itself (and fails on a step without grads)
             self.add_callback(SkipNonFinite(self.nonfinite))
@@ -102,6 +111,21 @@ class MDMTrainer(Trainer):
         if "loss" in logs:
             logs["guard/nonfinite_steps"] = self.nonfinite.count
         super().log(logs, start_time)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """The Trainer's loading, into the wrapped transformers model: a checkpoint holds its weights or adapter
+        under its own names (`save_model`). Sharded (FSDP, DeepSpeed) loading passes its own model through."""
+        inner = self.model.model if model in (None, self.model) else model
+        super()._load_from_checkpoint(resume_from_checkpoint, inner)
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """Refuse a checkpoint whose weights do not match the model's names (the Trainer only warns), counting the
+        tied weights a save leaves out as present."""
+        tied = set(getattr(self.model.model, "_tied_weights_keys", None) or ())
+        missing = [name for name in load_result.missing_keys if name not in tied]
+        if missing or load_result.unexpected_keys:
+            raise ValueError(f"the checkpoint does not fit the model: missing {missing}, unexpected "
+                             f"{load_result.unexpected_keys}; resume with the model it was saved with")
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the DiffusionLM (weights or adapter, tokenizer, conventions) so `dlm_rl.models.load` reads it."""
@@ -130,6 +154,9 @@ def run(config: MDMConfig) -> str:
     from dlm_rl.models.resolve import resolve_model
     from dlm_rl.testbed import training_rows
 
+    if config.resume is None:
+        refuse_earlier_run(config.output_dir)
+    resume = config.resume and resolve_resume(config.resume, config.output_dir, marker=TRAINER_STATE_NAME)
     train, response_length = training_rows(config.task, config.dataset_path, config.train_size, config.seed,
                                            config.response_length)
     model = resolve_model(
@@ -144,7 +171,7 @@ def run(config: MDMConfig) -> str:
     if config.use_lora:
         add_lora(model, config)
     trainer = MDMTrainer(model, config, train, response_length)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     logger.info("saved the trained model to %s", config.output_dir)
     return config.output_dir
