@@ -112,6 +112,42 @@ def test_block_attention_caches_give_the_uncached_tokens(shift, temperature, dec
         torch.testing.assert_close(runs[cache].log_probs, runs["none"].log_probs, atol=1e-5, rtol=0, equal_nan=True)
 
 
+class _CacheAsPastKeyValues(torch.nn.Module):
+    """A backbone whose forward takes and returns its KV cache as `past_key_values`, the name remote-code models
+    (LLaDA, Dream, SDAR) and older transformers releases use; the transformers model inside calls it `cache`."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.config = backbone.config
+
+    def get_input_embeddings(self):
+        return self.backbone.get_input_embeddings()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, output_hidden_states=None):
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            cache=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                            output_hidden_states=output_hidden_states)
+        return dataclasses.make_dataclass("Output", ["logits", "past_key_values", "hidden_states"])(
+            out.logits, out.cache, out.hidden_states)
+
+
+@pytest.mark.filterwarnings("error:.*past_key_values.*:FutureWarning")  # not the deprecated keyword
+@pytest.mark.parametrize("cache_name", ["cache", "past_key_values"])
+def test_caches_pass_by_the_keyword_the_backbone_takes(cache_name):
+    model = _model(num_layers=1)
+    if cache_name == "past_key_values":
+        model = DiffusionLM(_CacheAsPastKeyValues(model.model), model.conventions, model.tokenizer)
+    ids, mask = _batch(model)
+    runs = {}
+    for mode in ("none", "prefix", "dual"):
+        config = SamplerConfig(gen_length=16, block_length=4, threshold=0.05, cache=mode, early_stop=False)
+        runs[mode] = generate(model, ids, mask, config, torch.Generator().manual_seed(0))
+    for mode in ("prefix", "dual"):
+        assert torch.equal(runs[mode].response_ids, runs["none"].response_ids), mode
+
+
 @pytest.mark.parametrize("shift", [False, True])
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 def test_full_attention_caches_are_exact_for_a_one_layer_model(shift, cache):

@@ -8,6 +8,8 @@ trainers) works with `logits[b, i]` = the distribution of token i, whatever the 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -123,8 +125,9 @@ class DiffusionLM(nn.Module):
         kwargs = {"use_cache": use_cache}
         if output_hidden_states:
             kwargs["output_hidden_states"] = True
+        cache_name = _cache_argument(type(_base_model(self.model)))
         if past_key_values is not None:
-            kwargs["past_key_values"] = past_key_values
+            kwargs[cache_name] = past_key_values
         if self.conventions.mask_format == "attention_bias":  # LLaDA's forward takes no position ids
             kwargs["attention_bias"] = attention_bias
         else:
@@ -141,7 +144,7 @@ class DiffusionLM(nn.Module):
             hidden = None if hidden is None else torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1)
         logits = logits.index_fill(-1, torch.tensor([self.mask_token_id], device=logits.device), float("-inf"))
         return DiffusionOutput(
-            logits=logits, past_key_values=out.past_key_values if use_cache else None, hidden_states=hidden
+            logits=logits, past_key_values=getattr(out, cache_name) if use_cache else None, hidden_states=hidden
         )
 
     def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
@@ -152,3 +155,15 @@ class DiffusionLM(nn.Module):
             self.tokenizer.save_pretrained(path)
         with open(os.path.join(path, CONVENTIONS_FILE), "w") as f:
             json.dump(asdict(self.conventions), f, indent=2)
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (whose forward takes any keyword)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@functools.cache
+def _cache_argument(backbone: type) -> str:
+    """The keyword a backbone's forward takes the KV cache by, and its output returns it as: `cache` (transformers
+    models since it replaced the deprecated `past_key_values`) or `past_key_values` (remote code, older releases)."""
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
