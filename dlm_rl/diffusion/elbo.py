@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from dlm_rl.diffusion.masking import apply_mask
 from dlm_rl.diffusion.noise import MCNoise
@@ -21,20 +22,23 @@ def noised_log_probs(
     attention_mask: torch.Tensor | None = None,
     *,
     draws_per_forward: int | None = None,
+    recompute: bool = False,
 ) -> torch.Tensor:
     """log p_θ(x_0^i | x_t) at the masked positions of every draw, 0 elsewhere: [n, B, T].
 
     `model` is a DiffusionLM (or anything returning its output). Draws are batched `draws_per_forward` at a
-    time (all at once by default); lower it to bound memory on large models.
+    time (all at once by default); lower it to bound memory on large models. Under autograd every batch keeps its
+    activations until the backward pass, unless `recompute`: then each batch keeps only its [k, B, T] output and
+    its forward runs again in the backward pass (activation checkpointing, with the same dropout draws), so the
+    activations of one batch are alive at a time, for one forward more.
     """
     n, batch, width = noise.masked.shape
     step = draws_per_forward or n
     mask_id = _unwrap(model).mask_token_id
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    chunks = []
-    for start in range(0, n, step):
-        masked = noise.masked[start : start + step]  # [k, B, T]
+
+    def scored(masked: torch.Tensor) -> torch.Tensor:  # [k, B, T] draws -> their log-probs
         k = masked.shape[0]
         noisy = apply_mask(input_ids.expand(k, batch, width), masked, mask_id).reshape(k * batch, width)
         logits = model(noisy, attention_mask.repeat(k, 1)).logits  # [k*B, T, V]
@@ -42,10 +46,16 @@ def noised_log_probs(
         flat_masked = masked.reshape(k * batch, width)
         # Only masked positions are scored: gather them to keep the float32 softmax small on big vocabularies.
         logp = torch.zeros(k * batch, width, dtype=torch.float32, device=input_ids.device)
-        logp[flat_masked] = -F.cross_entropy(
-            logits[flat_masked].float(), targets[flat_masked], reduction="none"
-        )
-        chunks.append(logp.reshape(k, batch, width))
+        logp[flat_masked] = -F.cross_entropy(logits[flat_masked].float(), targets[flat_masked], reduction="none")
+        return logp.reshape(k, batch, width)
+
+    chunks = []
+    for start in range(0, n, step):
+        masked = noise.masked[start : start + step]
+        if recompute and torch.is_grad_enabled():
+            chunks.append(checkpoint(scored, masked, use_reentrant=False))
+        else:
+            chunks.append(scored(masked))
     return torch.cat(chunks)
 
 

@@ -62,9 +62,12 @@ class ReferenceELBO:
     noise: MCNoise
 
 
-def elbo_draws(model, batch: dict, noise: MCNoise) -> torch.Tensor:
-    """[n, B] per-draw ELBO terms w_k Σ_i 1[masked] log p; their mean over draws is the estimate B̂."""
-    logp = noised_log_probs(model, batch["input_ids"], noise, batch["attention_mask"])
+def elbo_draws(model, batch: dict, noise: MCNoise, draws_per_graph: int | None = None) -> torch.Tensor:
+    """[n, B] per-draw ELBO terms w_k Σ_i 1[masked] log p; their mean over draws is the estimate B̂. With
+    `draws_per_graph`, the draws are computed that many at a time, each batch's activations recomputed in the
+    backward pass (`noised_log_probs(recompute=True)`)."""
+    logp = noised_log_probs(model, batch["input_ids"], noise, batch["attention_mask"],
+                            draws_per_forward=draws_per_graph, recompute=draws_per_graph is not None)
     return noise.weight * logp.sum(-1)
 
 
@@ -102,10 +105,11 @@ def _text(response) -> str:
     return response
 
 
-def reference_elbo(model, batch: dict, noise: MCNoise, frozen=None) -> ReferenceELBO:
+def reference_elbo(model, batch: dict, noise: MCNoise, frozen=None, draws_per_forward: int | None = None
+                   ) -> ReferenceELBO:
     """B̂_ref of a batch under `noise`: the frozen model if given, else `model` with its LoRA adapter disabled."""
     with torch.no_grad(), _reference(model, frozen) as reference:
-        draws = elbo_draws(reference, batch, noise)
+        draws = elbo_draws(reference, batch, noise, draws_per_forward)
     return ReferenceELBO(draws.detach(), noise)
 
 
@@ -130,8 +134,13 @@ def vrpo_loss(
     generator: torch.Generator | None = None,
     frozen=None,
     reference: tuple[ReferenceELBO, ReferenceELBO] | None = None,
+    draws_per_graph: int | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """The VRPO loss of a batch of pairs, and its statistics.
+
+    `draws_per_graph` bounds activation memory: the policy's draws are computed that many at a time and recomputed
+    in the backward pass, so one batch of draws (of every pair of the batch, on one side) holds activations at a
+    time; the loss and its gradient are the same.
 
     The policy's noise is drawn here (or, with antithetic sampling and precomputed `reference`, taken from it);
     without antithetic sampling the reference gets its own independent draws. `estimator_var` estimates Var[ŝ]
@@ -145,8 +154,8 @@ def vrpo_loss(
             noise = estimator.sample(batch["response_mask"], generator)
         if ref is None:
             ref_noise = noise if estimator.antithetic else estimator.sample(batch["response_mask"], generator)
-            ref = reference_elbo(model, batch, ref_noise, frozen)
-        estimates[name] = (elbo_draws(model, batch, noise), ref.draws)
+            ref = reference_elbo(model, batch, ref_noise, frozen, draws_per_graph)
+        estimates[name] = (elbo_draws(model, batch, noise, draws_per_graph), ref.draws)
     per_draw = preference_score(*estimates["chosen"], *estimates["rejected"], beta)  # [n, B]
     score = per_draw.mean(0)
     loss = preference_loss(score)

@@ -64,6 +64,11 @@ class VRPOConfig(OnlineArguments):
     """On-policy pairs: keep a prompt's best/worst pair only when their rewards differ by more than this."""
     micro_batch_pairs: int = 16
     """Pairs per forward/backward pass (one optimiser step per training step)."""
+    draws_per_graph: int | None = None
+    """Bound activation memory: compute the policy's ELBO draws this many at a time and recompute each batch's
+    forward in the backward pass (activation checkpointing), for one forward more and the same gradient. Peak
+    activations are then those of micro_batch_pairs × draws_per_graph sequences instead of 2 × n_t × n_yt × that.
+    None: keep every draw's graph (fastest)."""
     output_dir: str = "runs/vrpo"
     """Where metrics.jsonl, TensorBoard logs, completions.jsonl, curve.png and the final model go."""
 
@@ -72,6 +77,8 @@ class VRPOConfig(OnlineArguments):
         PreferenceEstimator(self.n_t, self.n_yt, self.antithetic, self.estimator_form)  # validates the budget
         if self.estimator_form not in ("tokens", "time"):
             raise ValueError(f"estimator_form must be 'tokens' or 'time', got {self.estimator_form!r}")
+        if self.draws_per_graph is not None and self.draws_per_graph < 1:
+            raise ValueError(f"draws_per_graph must be at least 1 or None, got {self.draws_per_graph}")
         if self.micro_batch_pairs < 1:
             raise ValueError(f"micro_batch_pairs must be at least 1, got {self.micro_batch_pairs}")
 
@@ -230,7 +237,8 @@ def _update(model, optimizer, parameters, chosen, rejected, estimator, config, g
         part = {k: v[i : i + config.micro_batch_pairs].to(device) for k, v in chosen.items()}
         other = {k: v[i : i + config.micro_batch_pairs].to(device) for k, v in rejected.items()}
         share = len(part["input_ids"]) / total
-        loss, stats = vrpo_loss(model, part, other, estimator, config.beta, generator=generator, frozen=frozen)
+        loss, stats = vrpo_loss(model, part, other, estimator, config.beta, generator=generator, frozen=frozen,
+                                draws_per_graph=config.draws_per_graph)
         (loss * share).backward()
         sums["loss"] += loss.item() * share
         for name in ("score_mean", "implicit_accuracy", "reward_margin", "estimator_var"):
