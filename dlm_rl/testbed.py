@@ -1,8 +1,9 @@
 """The tiny testbed: tasks with exactly checkable answers and the tiny base models trained on them.
 
 `build(name)` trains a checkpoint with the MDM trainer, deterministically (fixed seeds, fixed step count),
-evaluates it on held-out problems and caches both under $DLM_RL_CACHE (default ~/.cache/dlm-rl); a cached
-checkpoint whose recipe is unchanged is not rebuilt.
+evaluates it on held-out problems (greedy, unless the corpus has one prompt) and caches both under $DLM_RL_CACHE
+(default ~/.cache/dlm-rl), with the package versions and CPU it was trained with; a cached checkpoint whose recipe
+is unchanged is not rebuilt.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -193,10 +195,14 @@ def build(name: str, *, force: bool = False) -> dict:
         lambda row: (row["prompt"], row["completion"]) not in seen
     )
     samples = 8 if spec.purpose == "rl-base" else 0
-    logger.info("%s: trained in %.0f s; evaluating on %d held-out problems", name, train_seconds, len(held_out))
-    result = evaluate(
-        model, held_out, task.generator, gen_length=task.response_length, samples=samples, progress=False
-    )
+    if len(set(held_out["prompt"])) > 1:
+        logger.info("%s: trained in %.0f s; evaluating on %d held-out problems", name, train_seconds, len(held_out))
+        result = evaluate(
+            model, held_out, task.generator, gen_length=task.response_length, samples=samples, progress=False
+        )
+    else:  # an unconditional corpus (facts): every greedy decode would be the same text
+        logger.info("%s: trained in %.0f s; one prompt only, so no greedy evaluation", name, train_seconds)
+        result = {}
     metrics = {
         "name": name,
         "task": spec.task,
@@ -205,12 +211,23 @@ def build(name: str, *, force: bool = False) -> dict:
         "n_overlap_removed": EVAL_SIZE - len(held_out),
         "train_seconds": round(train_seconds, 1),
         "torch_threads": torch.get_num_threads(),
+        "environment": _environment(),
         **result,
     }
     with open(metrics_file, "w") as f:
         json.dump(metrics, f, indent=2)
     logger.info("%s: %s", name, {k: v for k, v in metrics.items() if k != "examples"})
     return {**metrics, "cached": False}
+
+
+def _environment() -> dict:
+    """What a rebuild needs to match bit for bit besides the code: the packages that train and the CPU."""
+    from importlib.metadata import version
+
+    lines = open("/proc/cpuinfo").read().splitlines() if os.path.exists("/proc/cpuinfo") else []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
+    return {**{name: version(name) for name in ("torch", "transformers", "accelerate", "datasets", "peft")},
+            "cpu": cpu, "cuda": torch.cuda.is_available()}
 
 
 class _StopAtAccuracy(TrainerCallback):

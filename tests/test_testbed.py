@@ -1,6 +1,7 @@
 """Testbed bookkeeping (fast) and its learning promises (slow: they train the tiny base models)."""
 
 import pytest
+import torch
 
 from dlm_rl import testbed
 
@@ -71,15 +72,23 @@ def test_build_stops_at_target_caches_and_loads(tmp_path, monkeypatch):
     assert metrics["steps"] == 10 and metrics["cached"] is False
     assert metrics["n"] == testbed.EVAL_SIZE - metrics["n_overlap_removed"]
     assert 0 <= metrics["pass@1"] <= metrics["pass@8"] <= 1
+    assert metrics["environment"]["torch"] == torch.__version__ and metrics["environment"]["cpu"]
     assert testbed.build("probe") == {**metrics, "cached": True}
     model = resolve_model("testbed:probe")
     assert model.mask_token_id == 2 and model.tokenizer.decode(model.tokenizer("1+2=")["input_ids"]) == "1+2="
 
 
+def test_an_unconditional_corpus_is_built_without_the_greedy_evaluation(tmp_path, monkeypatch):
+    """The facts corpus has one prompt: greedy decoding would give one text 256 times, so it is not run."""
+    monkeypatch.setenv("DLM_RL_CACHE", str(tmp_path))
+    small = dict(batch_size=4, warmup_steps=0, train_size=16)
+    monkeypatch.setitem(testbed.CHECKPOINTS, "facts-probe", testbed.Checkpoint("facts", 2, "sft", **small))
+    metrics = testbed.build("facts-probe")
+    assert metrics["steps"] == 2 and "greedy_accuracy" not in metrics and "environment" in metrics
+
+
 def test_init_starts_from_the_parents_weights(tmp_path, monkeypatch):
     """With learning rate 0 a continued checkpoint must come out with exactly its parent's weights."""
-    import torch
-
     from dlm_rl.models.resolve import resolve_model
 
     monkeypatch.setenv("DLM_RL_CACHE", str(tmp_path))
@@ -111,7 +120,8 @@ def test_chain_is_long_content():
 
     tokenizer = char_tokenizer()
     rows = testbed.TASKS["chain"].dataset("test", 256, seed=1)
-    content = [len(tokenizer(c.split("\\boxed{")[0], add_special_tokens=False)["input_ids"]) for c in rows["completion"]]
+    content = [len(tokenizer(c.split("\\boxed{")[0], add_special_tokens=False)["input_ids"])
+               for c in rows["completion"]]
     assert min(content) >= 24
 
 
