@@ -248,3 +248,47 @@ def test_a_chunk_that_keeps_killing_its_actor_raises_naming_the_prompt(ray_clust
     with RayEngine(tiny_that_always_dies, num_actors=1, max_failures=2) as engine:
         with pytest.raises(RolloutError, match=r"chunk 0 .*failed 2 times; first prompt: '0\+1\+2='.*actor died"):
             engine.generate(PROMPTS, 1, CONFIG)
+
+
+# --- the trainers on Ray actors ----------------------------------------------------------------------------------
+
+
+def by_characters(prompts, completions, **columns):
+    """A reward that differs within most groups, so that every step trains."""
+    return [float(sum(map(ord, c)) % 7) for c in completions]
+
+
+def _metrics(directory) -> list[dict]:
+    import json
+
+    lines = [json.loads(x) for x in (directory / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if not k.startswith("time/")} for line in lines]
+
+
+@pytest.mark.parametrize("trainer, use_lora", [("tracerl", True), ("tracerl", False), ("vrpo", True)])
+def test_a_trainer_on_a_ray_actor_logs_what_it_logs_in_process(ray_cluster, tmp_path, trainer, use_lora):
+    """The actor builds its own policy; the first full sync and a sync after every update must make its rollouts
+    the trainer's own, so that each step's rewards, losses and held-out accuracy come out the same."""
+    from dlm_rl.trainers import tracerl, vrpo
+
+    module, config_class = (tracerl, tracerl.TraceRLConfig) if trainer == "tracerl" else (vrpo, vrpo.VRPOConfig)
+    settings = dict(model="tiny", task="addition3", train_size=8, eval_size=2, num_generations=4, prompts_per_step=2,
+                    lora_r=4, use_lora=use_lora, max_steps=3, eval_steps=3, tensorboard=False, learning_rate=3e-3,
+                    reward_funcs=[f"{__file__}:by_characters"])
+    module.run(config_class(output_dir=str(tmp_path / "local"), **settings))
+    module.run(config_class(output_dir=str(tmp_path / "ray"), rollout_actors=1, **settings))
+    local, on_ray = _metrics(tmp_path / "local"), _metrics(tmp_path / "ray")
+    assert [m["step"] for m in on_ray] == [0, 1, 2, 3] and all("loss" in m for m in on_ray[1:])
+    assert on_ray == local
+
+
+def test_rollout_actors_are_refused_when_negative_or_under_torchrun(monkeypatch):
+    from dlm_rl import distributed
+    from dlm_rl.trainers.online import rollout_engine
+    from dlm_rl.trainers.tracerl import TraceRLConfig
+
+    with pytest.raises(ValueError, match="rollout_actors must be 0"):
+        TraceRLConfig(model="tiny", rollout_actors=-1)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(ValueError, match="single-process runs only"):
+        rollout_engine(TraceRLConfig(model="tiny", rollout_actors=2), tiny(), None)

@@ -3,6 +3,7 @@ held-out check, the prompt order, and the reward metrics of a rollout."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from dataclasses import dataclass, field, fields, replace
@@ -64,6 +65,12 @@ class OnlineArguments(CheckpointArguments, LoraArguments, NonFiniteArguments):
     """Fast-dLLM threshold decoding for rollouts (None: one token per step)."""
     temperature: float = 1.0
     """Rollout sampling temperature."""
+    rollout_actors: int = 0
+    """Generate on this many Ray actors (`RayEngine`: each builds its own copy of the policy, one GPU each when the
+    cluster has GPUs, and gets the trained weights after every update) instead of in the trainer's process (0).
+    Single-process runs only for now."""
+    ray_address: str | None = None
+    """With rollout_actors: the Ray cluster to join ('auto', 'ray://HEAD:10001'); unset starts a local instance."""
     eval_steps: int = 10
     """Greedy accuracy on the held-out prompts every this many steps (and before and after)."""
     output_dir: str = "runs/online"
@@ -79,6 +86,8 @@ class OnlineArguments(CheckpointArguments, LoraArguments, NonFiniteArguments):
             raise ValueError("num_generations must be at least 2: a prompt's samples are compared with each other")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"{len(self.reward_funcs)} reward_funcs but {len(self.reward_weights)} reward_weights")
+        if self.rollout_actors < 0:
+            raise ValueError(f"rollout_actors must be 0 (generate in this process) or more, got {self.rollout_actors}")
         if self.task.startswith("reasoning_gym:") and self.gen_length is None:
             raise ValueError(f"task {self.task!r} needs gen_length (testbed tasks know their response length)")
 
@@ -104,6 +113,42 @@ def load_task(config: OnlineArguments) -> tuple[list[dict], object, str, int | N
         train, held_out = (d.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
                            for d in (train, held_out))
     return list(train), held_out, scorer, length
+
+
+def rollout_engine(config: OnlineArguments, model, rewards):
+    """The step's sampler of rollouts: a `LocalEngine` on the trainer's `model` (each rank samples its own share),
+    or with `rollout_actors` a `RayEngine` whose actors build the policy with `rollout_policy`. Its weights are
+    the actors' own until `sync_rollout_weights` sends them the trainer's."""
+    from dlm_rl.rollout import LocalEngine, RayEngine
+
+    if not config.rollout_actors:
+        return LocalEngine(model, rows_per_chunk=config.prompts_per_step * config.num_generations,
+                           seed=config.seed + distributed.rank(), rewards=rewards)
+    if distributed.world_size() > 1:
+        raise ValueError("rollout_actors works in single-process runs only for now: rank 0 would have to send each "
+                         "rank its share of the rollouts; under torchrun / accelerate every rank samples its own "
+                         "(rollout_actors: 0)")
+    prompts_per_actor = -(-config.prompts_per_step // config.rollout_actors)  # one chunk per actor
+    return RayEngine(functools.partial(rollout_policy, config), num_actors=config.rollout_actors,
+                     address=config.ray_address, rows_per_chunk=prompts_per_actor * config.num_generations,
+                     seed=config.seed, rewards=rewards)
+
+
+def rollout_policy(config: OnlineArguments):
+    """The policy as a rollout actor builds it: the trainer's model with its LoRA structure, not yet its weights."""
+    from dlm_rl.models.lora import add_lora
+    from dlm_rl.models.resolve import resolve_model
+
+    model = resolve_model(config.model, trust_remote_code=config.trust_remote_code)
+    if config.use_lora:
+        add_lora(model, config)
+    return model
+
+
+def sync_rollout_weights(engine, model, config: OnlineArguments) -> None:
+    """Give the rollout engine the trained weights: the adapter with LoRA (the base weights do not change), every
+    weight in full fine-tuning."""
+    engine.sync_weights(model, full=not config.use_lora)
 
 
 class PromptStream:

@@ -44,6 +44,8 @@ from dlm_rl.trainers.online import (
     held_out_metrics,
     load_task,
     reward_metrics,
+    rollout_engine,
+    sync_rollout_weights,
 )
 
 logger = logging.getLogger(__name__)
@@ -116,7 +118,6 @@ def run(config: TraceRLConfig) -> dict:
     """Train; returns the final metrics line (also the last line of metrics.jsonl)."""
     from dlm_rl.models.resolve import resolve_model
     from dlm_rl.reward_functions import Rewards
-    from dlm_rl.rollout import LocalEngine
 
     train, held_out_rows, scorer, task_length = load_task(config)
     prompts = PromptStream(train, config.prompts_per_step, config.seed)
@@ -136,14 +137,15 @@ def run(config: TraceRLConfig) -> dict:
         threshold=config.threshold,
         temperature=config.temperature,
     )
-    engine = LocalEngine(model, rows_per_chunk=config.prompts_per_step * config.num_generations,
-                         seed=config.seed + distributed.rank(), rewards=rewards)
+    engine = rollout_engine(config, model, rewards)
     guards = RolloutGuards(gen_length, config.constant_reward_patience, config.constant_reward_error)
     state = {"model": model, "optimizer": learner.optimizer, "generator": learner.generator, "prompts": prompts,
              "engine": engine, "guards": guards, "nonfinite": learner.nonfinite}
     if value is not None:
         state.update(value_model=value, value_optimizer=learner.value_optimizer)
     done, log = start_run(config, state, main)  # steps done before (0 for a new run)
+    if engine is not None and config.rollout_actors:  # the actors built their own copies: every weight, once
+        engine.sync_weights(model, full=True)
 
     def held_out() -> dict:
         return held_out_metrics(model, held_out_rows, scorer, gen_length, config.block_length, rewards)
@@ -166,7 +168,7 @@ def run(config: TraceRLConfig) -> dict:
             start = time.perf_counter()
             line.update(learner.update(trajectories))
             line["time/training"] = time.perf_counter() - start
-            engine.sync_weights(model)
+            sync_rollout_weights(engine, model, config)
             if not main:
                 continue
             if line.get("skipped"):

@@ -35,6 +35,8 @@ from dlm_rl.trainers.online import (
     held_out_metrics,
     load_task,
     reward_metrics,
+    rollout_engine,
+    sync_rollout_weights,
 )
 
 logger = logging.getLogger(__name__)
@@ -138,7 +140,6 @@ def run(config: VRPOConfig) -> dict:
     """Train; returns the final metrics line (also the last line of metrics.jsonl)."""
     from dlm_rl.models.resolve import resolve_model
     from dlm_rl.reward_functions import Rewards
-    from dlm_rl.rollout import LocalEngine
 
     train, held_out_rows, scorer, task_length = load_task(config)
     torch.manual_seed(config.seed)
@@ -158,8 +159,7 @@ def run(config: VRPOConfig) -> dict:
     generator = torch.Generator(device).manual_seed(config.seed + distributed.rank())
     sampler = SamplerConfig(gen_length=gen_length, block_length=config.block_length, threshold=config.threshold,
                             temperature=config.temperature)
-    engine = None if pairs else LocalEngine(model, rows_per_chunk=config.prompts_per_step * config.num_generations,
-                                            seed=config.seed + distributed.rank(), rewards=rewards)
+    engine = None if pairs else rollout_engine(config, model, rewards)
     stream = PromptStream(pairs or train, config.prompts_per_step, config.seed)
     nonfinite = NonFiniteLoss(config.max_nonfinite_steps, "VRPO")
     guards = RolloutGuards(gen_length, config.constant_reward_patience, config.constant_reward_error)
@@ -168,6 +168,8 @@ def run(config: VRPOConfig) -> dict:
     if engine is not None:
         state["engine"] = engine
     done, log = start_run(config, state, main)  # steps done before (0 for a new run)
+    if engine is not None and config.rollout_actors:  # the actors built their own copies: every weight, once
+        engine.sync_weights(model, full=True)
 
     def held_out() -> dict:
         return held_out_metrics(model, held_out_rows, scorer, gen_length, config.block_length, rewards)
@@ -201,7 +203,7 @@ def run(config: VRPOConfig) -> dict:
                 line["skipped"] = 1
             line["time/training"] = time.perf_counter() - start
             if engine is not None:
-                engine.sync_weights(model)
+                sync_rollout_weights(engine, model, config)
             if not main:
                 continue
             if rollout is not None:
