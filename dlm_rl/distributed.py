@@ -107,6 +107,16 @@ def gather(items: list) -> list | None:
     return [item for part in parts for item in part] if is_main() else None
 
 
+def scatter(parts: list | None):
+    """Rank 0's `parts[r]` on each rank r (`parts` is read on rank 0 only); in one process, `parts[0]`. Tensors in
+    them must be on the CPU, as for `gather`."""
+    if world_size() == 1:
+        return parts[0]
+    received = [None]
+    dist.scatter_object_list(received, parts if is_main() else None, src=0)
+    return received[0]
+
+
 def _collective_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())

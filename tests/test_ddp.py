@@ -305,6 +305,36 @@ def test_two_processes_give_the_single_process_gradients_of_every_trainers_loss(
             assert diff > 100 * TOLERANCE, f"{name} with {mutation}: only {diff}"
 
 
+def test_under_torchrun_rank_0s_ray_actors_sample_every_ranks_share(tmp_path):
+    """TraceRL with two rollout actors, run in one process and as two torchrun processes: rank 0 samples every
+    share on the actors (chunks align with the shares, so the samples are the one process's) and sends each rank
+    its own; the logged rewards, held-out accuracy and losses must agree."""
+    (tmp_path / "reward.py").write_text("def by_characters(prompts, completions, **columns):\n"
+                                        "    return [float(sum(map(ord, c)) % 7) for c in completions]\n")
+    (tmp_path / "recipe.yaml").write_text(
+        "trainer: tracerl\nmodel: tiny\ntask: addition3\ntrain_size: 8\neval_size: 2\nnum_generations: 4\n"
+        "prompts_per_step: 4\nlora_r: 4\nmax_steps: 2\neval_steps: 2\ntensorboard: false\n"
+        f"learning_rate: 3.0e-3\nrollout_actors: 2\nreward_funcs: ['{tmp_path / 'reward.py'}:by_characters']\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
+    train = ["-m", "dlm_rl.cli", "train", str(tmp_path / "recipe.yaml"), "--output_dir"]
+    launches = {"single": [sys.executable, *train, str(tmp_path / "single")],
+                "parallel": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             f"--nproc-per-node={WORLD}", *train, str(tmp_path / "parallel")]}
+    metrics = {}
+    for name, command in launches.items():
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert done.returncode == 0, f"{name}: {done.stderr[-4000:]}"
+        lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        metrics[name] = [{k: v for k, v in line.items() if not k.startswith("time/")} for line in lines]
+    single, parallel = metrics["single"], metrics["parallel"]
+    assert [m["step"] for m in parallel] == [0, 1, 2] and all("loss" in m for m in parallel[1:])
+    for one, two in zip(single, parallel):
+        assert one.keys() == two.keys()
+        for key in one:
+            assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+
+
 @pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("zero2", "DEEPSPEED"),
                                         ("zero3", "DEEPSPEED")])
 def test_shipped_accelerate_configs_load(name, kind):

@@ -282,13 +282,21 @@ def test_a_trainer_on_a_ray_actor_logs_what_it_logs_in_process(ray_cluster, tmp_
     assert on_ray == local
 
 
-def test_rollout_actors_are_refused_when_negative_or_under_torchrun(monkeypatch):
-    from dlm_rl import distributed
-    from dlm_rl.trainers.online import rollout_engine
+def test_rollout_actors_must_not_be_negative():
     from dlm_rl.trainers.tracerl import TraceRLConfig
 
     with pytest.raises(ValueError, match="rollout_actors must be 0"):
         TraceRLConfig(model="tiny", rollout_actors=-1)
-    monkeypatch.setattr(distributed, "world_size", lambda: 2)
-    with pytest.raises(ValueError, match="single-process runs only"):
-        rollout_engine(TraceRLConfig(model="tiny", rollout_actors=2), tiny(), None)
+
+
+@pytest.mark.parametrize("world, prompts, actors, expected", [
+    (1, 2, 1, 2), (1, 16, 3, 4), (1, 3, 8, 1), (2, 4, 2, 2), (2, 16, 8, 2), (3, 8, 1, 1), (4, 16, 1, 4),
+])
+def test_chunks_never_straddle_two_ranks_and_feed_every_actor(monkeypatch, world, prompts, actors, expected):
+    from dlm_rl import distributed
+    from dlm_rl.trainers.online import _prompts_per_chunk
+    from dlm_rl.trainers.tracerl import TraceRLConfig
+
+    monkeypatch.setattr(distributed, "world_size", lambda: world)
+    config = TraceRLConfig(model="tiny", prompts_per_step=prompts, rollout_actors=actors)
+    assert _prompts_per_chunk(config) == expected

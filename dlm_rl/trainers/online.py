@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import random
 from dataclasses import dataclass, field, fields, replace
 
@@ -68,7 +69,7 @@ class OnlineArguments(CheckpointArguments, LoraArguments, NonFiniteArguments):
     rollout_actors: int = 0
     """Generate on this many Ray actors (`RayEngine`: each builds its own copy of the policy, one GPU each when the
     cluster has GPUs, and gets the trained weights after every update) instead of in the trainer's process (0).
-    Single-process runs only for now."""
+    Under torchrun / accelerate the main process drives the actors and sends each rank its share."""
     ray_address: str | None = None
     """With rollout_actors: the Ray cluster to join ('auto', 'ray://HEAD:10001'); unset starts a local instance."""
     eval_steps: int = 10
@@ -116,22 +117,44 @@ def load_task(config: OnlineArguments) -> tuple[list[dict], object, str, int | N
 
 
 def rollout_engine(config: OnlineArguments, model, rewards):
-    """The step's sampler of rollouts: a `LocalEngine` on the trainer's `model` (each rank samples its own share),
-    or with `rollout_actors` a `RayEngine` whose actors build the policy with `rollout_policy`. Its weights are
-    the actors' own until `sync_rollout_weights` sends them the trainer's."""
+    """The step's sampler of rollouts: a `LocalEngine` on the trainer's `model` in every process (each rank samples
+    its own share), or with `rollout_actors` a `RayEngine` in the main process only (None elsewhere), whose actors
+    build the policy with `rollout_policy`; their weights are their own until they are synced."""
     from dlm_rl.rollout import LocalEngine, RayEngine
 
     if not config.rollout_actors:
         return LocalEngine(model, rows_per_chunk=config.prompts_per_step * config.num_generations,
                            seed=config.seed + distributed.rank(), rewards=rewards)
-    if distributed.world_size() > 1:
-        raise ValueError("rollout_actors works in single-process runs only for now: rank 0 would have to send each "
-                         "rank its share of the rollouts; under torchrun / accelerate every rank samples its own "
-                         "(rollout_actors: 0)")
-    prompts_per_actor = -(-config.prompts_per_step // config.rollout_actors)  # one chunk per actor
+    if not distributed.is_main():
+        return None
     return RayEngine(functools.partial(rollout_policy, config), num_actors=config.rollout_actors,
-                     address=config.ray_address, rows_per_chunk=prompts_per_actor * config.num_generations,
+                     address=config.ray_address, rows_per_chunk=_prompts_per_chunk(config) * config.num_generations,
                      seed=config.seed, rewards=rewards)
+
+
+def _prompts_per_chunk(config: OnlineArguments) -> int:
+    """The largest chunk (in prompts) that divides every rank's share, so that no chunk straddles two ranks, and
+    that still gives every actor a chunk when there are enough prompts."""
+    world, n = distributed.world_size(), config.prompts_per_step
+    common = math.gcd(*(n * (r + 1) // world - n * r // world for r in range(world)))
+    fitting = [d for d in range(1, common + 1) if common % d == 0 and -(-n // d) >= config.rollout_actors]
+    return max(fitting, default=1)
+
+
+def rollout_share(engine, rows: list[dict], config: OnlineArguments, sampler) -> list:
+    """This process's share of a step's rollouts: sampled here (`LocalEngine`), or by the main process's
+    `RayEngine` for every rank at once and sent to each rank (chunks never straddle two ranks' shares)."""
+    if not config.rollout_actors:
+        return engine.generate(distributed.share(rows), config.num_generations, sampler)
+    world, n = distributed.world_size(), len(rows)
+    shares = None
+    if distributed.is_main():
+        trajectories = engine.generate(rows, config.num_generations, sampler)
+        if world > 1:
+            trajectories = _on_cpu(trajectories)
+        bounds = [n * r // world for r in range(world + 1)]
+        shares = [[t for t in trajectories if bounds[r] <= t.prompt_index[0] < bounds[r + 1]] for r in range(world)]
+    return distributed.scatter(shares)
 
 
 def rollout_policy(config: OnlineArguments):
@@ -146,9 +169,10 @@ def rollout_policy(config: OnlineArguments):
 
 
 def sync_rollout_weights(engine, model, config: OnlineArguments) -> None:
-    """Give the rollout engine the trained weights: the adapter with LoRA (the base weights do not change), every
-    weight in full fine-tuning."""
-    engine.sync_weights(model, full=not config.use_lora)
+    """Give the rollout engine (if this process has one) the trained weights: the adapter with LoRA (the base
+    weights do not change), every weight in full fine-tuning."""
+    if engine is not None:
+        engine.sync_weights(model, full=not config.use_lora)
 
 
 class PromptStream:
@@ -212,6 +236,10 @@ def gather_rollout(trajectories) -> list | None:
     In one process: `trajectories` as they are."""
     if distributed.world_size() == 1:
         return trajectories
-    on_cpu = [replace(t, **{f.name: getattr(t, f.name).cpu() for f in fields(t)
-                            if isinstance(getattr(t, f.name), torch.Tensor)}) for t in trajectories]
-    return distributed.gather(on_cpu)
+    return distributed.gather(_on_cpu(trajectories))
+
+
+def _on_cpu(trajectories) -> list:
+    """The trajectories with their tensors on the CPU, to send to another process."""
+    return [replace(t, **{f.name: getattr(t, f.name).cpu() for f in fields(t)
+                          if isinstance(getattr(t, f.name), torch.Tensor)}) for t in trajectories]

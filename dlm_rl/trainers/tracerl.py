@@ -7,7 +7,8 @@ recompute the old log-probs exactly, and take `inner_epochs` PPO-clip updates. L
 (`dlm_rl.run_log`): metrics.jsonl, TensorBoard, completions.jsonl and curve.png.
 
 Under `torchrun` / `accelerate launch` (`dlm_rl.distributed`) every rank samples its share of the step's prompts
-with its own engine seed, trains on the rows of its own trajectories, and the gradients are summed once per
+with its own engine seed (or, with `rollout_actors`, rank 0's Ray actors sample every share and rank 0 sends each
+rank its own), trains on the rows of its own trajectories, and the gradients are summed once per
 optimiser step; rank 0 gathers the rollout for the logs, evaluates and saves.
 
 `method` swaps how log-probabilities are read, everything else equal, for ablations: `tracerl` (the visited
@@ -45,6 +46,7 @@ from dlm_rl.trainers.online import (
     load_task,
     reward_metrics,
     rollout_engine,
+    rollout_share,
     sync_rollout_weights,
 )
 
@@ -140,7 +142,9 @@ def run(config: TraceRLConfig) -> dict:
     engine = rollout_engine(config, model, rewards)
     guards = RolloutGuards(gen_length, config.constant_reward_patience, config.constant_reward_error)
     state = {"model": model, "optimizer": learner.optimizer, "generator": learner.generator, "prompts": prompts,
-             "engine": engine, "guards": guards, "nonfinite": learner.nonfinite}
+             "guards": guards, "nonfinite": learner.nonfinite}
+    if engine is not None:  # with rollout_actors, only the main process has one
+        state["engine"] = engine
     if value is not None:
         state.update(value_model=value, value_optimizer=learner.value_optimizer)
     done, log = start_run(config, state, main)  # steps done before (0 for a new run)
@@ -162,7 +166,7 @@ def run(config: TraceRLConfig) -> dict:
                                  disable=not main)):
             line = {"step": step}
             start = time.perf_counter()
-            trajectories = engine.generate(distributed.share(prompts.next()), config.num_generations, sampler)
+            trajectories = rollout_share(engine, prompts.next(), config, sampler)
             line["time/generation_and_reward"] = time.perf_counter() - start
             rollout = gather_rollout(trajectories)
             start = time.perf_counter()
@@ -184,7 +188,8 @@ def run(config: TraceRLConfig) -> dict:
             if checkpoint_due(config, step):
                 save_checkpoint(config, step, state)
     finally:
-        engine.close()
+        if engine is not None:
+            engine.close()
         if main:
             model.save_pretrained(os.path.join(config.output_dir, "final"))
             if value is not None:

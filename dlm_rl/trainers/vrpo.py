@@ -36,6 +36,7 @@ from dlm_rl.trainers.online import (
     load_task,
     reward_metrics,
     rollout_engine,
+    rollout_share,
     sync_rollout_weights,
 )
 
@@ -184,10 +185,10 @@ def run(config: VRPOConfig) -> dict:
             line = {"step": step}
             start = time.perf_counter()
             rollout = None
-            if engine is None:
+            if pairs:
                 chosen, rejected = collate_pairs(model.tokenizer, distributed.share(stream.next()), gen_length)
             else:
-                trajectories = engine.generate(distributed.share(stream.next()), config.num_generations, sampler)
+                trajectories = rollout_share(engine, stream.next(), config, sampler)
                 rollout = gather_rollout(trajectories)
                 chosen, rejected, counts = on_policy_pairs(trajectories, config.min_margin)
                 line.update({name: int(n) for name, n in distributed.all_sum(counts).items()})
@@ -202,8 +203,7 @@ def run(config: VRPOConfig) -> dict:
                                    step)
                 line["skipped"] = 1
             line["time/training"] = time.perf_counter() - start
-            if engine is not None:
-                sync_rollout_weights(engine, model, config)
+            sync_rollout_weights(engine, model, config)
             if not main:
                 continue
             if rollout is not None:
