@@ -132,6 +132,40 @@ def test_mdm_sft_resumes_from_the_trainers_checkpoint_exactly(tmp_path, use_lora
         run(config("empty", resume=True))
 
 
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_mdm_saves_a_state_dict_the_trainer_gathered_under_the_wrapped_models_names(tmp_path, use_lora):
+    """Under FSDP or ZeRO-3 the Trainer gathers the full state dict of the DiffusionLM wrapper and hands it to
+    `_save`: what is written must be those tensors, under the names `load` (or the adapter file) expects."""
+    from datasets import Dataset
+    from safetensors.torch import load_file
+
+    from dlm_rl.models.lora import add_lora
+    from dlm_rl.models.tiny import tiny_model
+    from dlm_rl.testbed import TASKS
+    from dlm_rl.trainers.mdm import MDMConfig, MDMTrainer
+
+    model = tiny_model(hidden_size=32, num_layers=2, intermediate_size=64, seed=0)
+    config = MDMConfig(output_dir=str(tmp_path / "run"), task="addition3", use_lora=use_lora, lora_r=4, use_cpu=True)
+    if use_lora:
+        add_lora(model, config)
+    rows = Dataset.from_list(list(TASKS["addition3"].dataset("train", 4, seed=0)))
+    trainer = MDMTrainer(model, config, rows, TASKS["addition3"].response_length)
+    gathered = {name: tensor + 1.0 for name, tensor in model.state_dict().items()}  # not the model's own values
+    trainer._save(str(tmp_path / "saved"), state_dict=gathered)
+    (file,) = [name for name in os.listdir(tmp_path / "saved") if name.endswith(".safetensors")]
+    saved = load_file(str(tmp_path / "saved" / file))
+    if use_lora:  # the adapter file drops PEFT's wrapper prefix and the adapter name
+        expected = {name: gathered["model." + name.replace(".weight", ".default.weight")] for name in saved}
+        assert len(saved) == sum("lora_" in name for name in gathered)
+    else:
+        from dlm_rl.models import load
+
+        expected = {name: gathered["model." + name] for name in saved}
+        assert torch.equal(load(str(tmp_path / "saved")).model.model.embed_tokens.weight,
+                           gathered["model.model.embed_tokens.weight"])
+    assert saved and all(torch.equal(saved[name], expected[name]) for name in saved)
+
+
 def test_resume_errors_are_clear_and_changed_settings_are_named(tmp_path, reward, caplog):
     from dlm_rl.recipe import parse_recipe
     from dlm_rl.trainers.tracerl import TraceRLConfig, run
