@@ -170,9 +170,10 @@ def refuse_earlier_run(output_dir: str) -> None:
 
 
 def resolve_resume(resume: str, output_dir: str, marker: str = STATE) -> str:
-    """The checkpoint directory `resume` names ('latest': the newest in output_dir); it must hold `marker`."""
+    """The checkpoint directory `resume` names ('latest': the newest in output_dir that holds `marker`, so not one a
+    kill cut short); it must hold `marker`."""
     if resume == "latest":
-        found = checkpoints(output_dir)
+        found = [path for path in checkpoints(output_dir) if os.path.exists(os.path.join(path, marker))]
         if not found:
             raise FileNotFoundError(
                 f"resume: 'latest' found no checkpoint-STEP directory in output_dir {output_dir}; name a "

@@ -14,12 +14,16 @@ In one process (WORLD_SIZE unset or 1) every function is the identity or does no
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
 import torch.distributed as dist
 
 SHARDED = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
+# How long a rank waits at a collective. The default (10 minutes for NCCL) is too short: the other ranks wait
+# while rank 0 runs the held-out evaluation and, with rollout actors, samples every rank's share of a step.
+TIMEOUT = datetime.timedelta(hours=2)
 
 
 def setup() -> torch.device:
@@ -31,7 +35,7 @@ def setup() -> torch.device:
                     f"launched with an accelerate {name} config: the dlm-rl RL trainers replicate the model on every "
                     "process (data parallel); launch them with configs/accelerate/ddp.yaml or torchrun. FSDP and "
                     "DeepSpeed configs are for `trainer: mdm` (the transformers Trainer); see docs/scaling.md")
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=TIMEOUT)
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)

@@ -254,9 +254,12 @@ class _StopAtAccuracy(TrainerCallback):
             control.should_training_stop = True
 
 
-def targets_met(metrics: dict) -> bool:
+def targets_met(metrics: dict) -> bool | None:
     """The testbed's promises: an 'sft' checkpoint solves ≥ 90% of held-out problems; an 'rl-base' one solves
-    20–85% greedily and its pass@8 beats its pass@1 (temperature 1) by ≥ 15 points — room for RL."""
+    20–85% greedily and its pass@8 beats its pass@1 (temperature 1) by ≥ 15 points — room for RL. None for a
+    checkpoint of a one-prompt corpus, which is not evaluated (its measure is `scripts/eval_distill.py`)."""
+    if "greedy_accuracy" not in metrics:
+        return None
     if metrics["purpose"] == "sft":
         return metrics["greedy_accuracy"] >= 0.90
     return 0.20 <= metrics["greedy_accuracy"] <= 0.85 and metrics["pass@8"] - metrics["pass@1"] >= 0.15

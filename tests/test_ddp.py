@@ -1,8 +1,8 @@
 """Data parallelism: two gloo processes (torchrun) give the gradients of one process on the same global batch, for
 each trainer's loss: TraceRL's PPO trace loss (and its value loss), VRPO's loss, DiDi's student and discriminator
-losses, and the MDM SFT loss (transformers' Trainer with DDP), whose ranks must also draw different masks. The rank
-shares are deliberately uneven (rows, pairs and tokens), and one TraceRL rank gets no rows at all (the group filter
-drops its only group).
+losses, and the MDM SFT loss (transformers' Trainer with DDP), whose ranks must also draw different masks from
+one shared data order. The rank shares are deliberately uneven (rows, pairs and tokens), and one TraceRL rank gets
+no rows at all (the group filter drops its only group).
 
 The test also shows it can fail: without the gradient sum, or with the mean of per-rank means (DDP's average of
 losses normalised per rank), the gradients are off by far more than the tolerance.
@@ -260,6 +260,22 @@ def mdm_first_masks(inputs, directory) -> torch.Tensor:
     return MCNoise.sample(torch.ones(4, 32, dtype=torch.bool)).masked
 
 
+def mdm_epoch_rows(directory) -> list[tuple]:
+    """The rows (as token ids) one MDM rank trains on in an epoch of 16 distinct rows: the ranks' rows must be
+    disjoint and cover the data, whatever seeds the ranks' masks."""
+    from datasets import Dataset
+
+    from dlm_rl.testbed import TASKS
+    from dlm_rl.trainers import mdm as module
+
+    rows = list(TASKS["addition3"].dataset("train", 16, seed=5))
+    assert len({row["prompt"] for row in rows}) == 16
+    args = module.MDMConfig(output_dir=directory, task="addition3", use_cpu=True, report_to="none",
+                            per_device_train_batch_size=2)
+    trainer = module.MDMTrainer(tiny(), args, Dataset.from_list(rows), TASKS["addition3"].response_length)
+    return [tuple(ids.tolist()) for batch in trainer.get_train_dataloader() for ids in batch["input_ids"]]
+
+
 def didi_rows(prompts) -> list[int]:
     return [prompt * 2 + g for prompt in prompts for g in range(2)]
 
@@ -299,6 +315,7 @@ def test_two_processes_give_the_single_process_gradients_of_every_trainers_loss(
         assert size > 1e-3, f"{name}: no gradient to compare"
         assert diff <= TOLERANCE, f"{name}: the gradients differ by {diff}"
     assert not results["mdm_ranks_draw_the_same_masks"]
+    assert results["mdm_epoch_rows"] == [8, 8, 16]  # each rank 8 rows, 16 distinct together
     for mutation, diffs in results["broken"].items():  # the comparison catches these mistakes
         assert len(diffs) >= 4
         for name, diff in diffs.items():
@@ -309,6 +326,7 @@ def test_under_torchrun_rank_0s_ray_actors_sample_every_ranks_share(tmp_path):
     """TraceRL with two rollout actors, run in one process and as two torchrun processes: rank 0 samples every
     share on the actors (chunks align with the shares, so the samples are the one process's) and sends each rank
     its own; the logged rewards, held-out accuracy and losses must agree."""
+    pytest.importorskip("ray")
     (tmp_path / "reward.py").write_text("def by_characters(prompts, completions, **columns):\n"
                                         "    return [float(sum(map(ord, c)) % 7) for c in completions]\n")
     (tmp_path / "recipe.yaml").write_text(
@@ -404,6 +422,9 @@ def _worker(directory: str) -> None:
     masks = [None] * WORLD
     torch.distributed.all_gather_object(masks, mdm_first_masks(inputs, work))
     results["mdm_ranks_draw_the_same_masks"] = all(torch.equal(masks[0], m) for m in masks[1:])
+    seen = [None] * WORLD
+    torch.distributed.all_gather_object(seen, mdm_epoch_rows(work))
+    results["mdm_epoch_rows"] = [len(part) for part in seen] + [len({row for part in seen for row in part})]
 
     real_sum, real_all_sum = distributed.sum_gradients, distributed.all_sum
 

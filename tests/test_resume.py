@@ -4,6 +4,7 @@ Bad resumes fail clearly; a save cut short leaves the earlier checkpoints as the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -130,6 +131,9 @@ def test_mdm_sft_resumes_from_the_trainers_checkpoint_exactly(tmp_path, use_lora
         run(config("whole"))
     with pytest.raises(FileNotFoundError, match="no checkpoint-STEP directory in output_dir"):
         run(config("empty", resume=True))
+    if use_lora:  # another adapter structure would load in part (PEFT skips what does not match): refused
+        with pytest.raises(ValueError, match="saved with another LoRA adapter"):
+            run(dataclasses.replace(config("resumed", resume="latest"), lora_target_modules=["q_proj", "v_proj"]))
 
 
 @pytest.mark.parametrize("use_lora", [False, True])

@@ -282,11 +282,32 @@ def test_a_trainer_on_a_ray_actor_logs_what_it_logs_in_process(ray_cluster, tmp_
     assert on_ray == local
 
 
-def test_rollout_actors_must_not_be_negative():
+def test_a_trainer_on_a_ray_actor_resumes_exactly(ray_cluster, tmp_path):
+    """The actors start from their own fresh copies: a resumed run must send them the restored weights (every
+    weight, once) before it samples, to log what the uninterrupted run logs."""
+    import shutil
+
+    from dlm_rl.trainers.tracerl import TraceRLConfig, run
+
+    settings = dict(model="tiny", task="addition3", train_size=8, eval_size=2, num_generations=4, prompts_per_step=2,
+                    lora_r=4, max_steps=3, eval_steps=3, tensorboard=False, learning_rate=3e-3, rollout_actors=1,
+                    save_steps=1, save_total_limit=None, reward_funcs=[f"{__file__}:by_characters"])
+    run(TraceRLConfig(output_dir=str(tmp_path / "whole"), **settings))
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    lines = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "resumed" / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")  # steps 0-2, as written then
+    run(TraceRLConfig(output_dir=str(tmp_path / "resumed"), resume="latest", **settings))
+    assert _metrics(tmp_path / "resumed") == _metrics(tmp_path / "whole")
+
+
+def test_rollout_actors_must_not_be_negative_nor_set_without_rollouts():
     from dlm_rl.trainers.tracerl import TraceRLConfig
+    from dlm_rl.trainers.vrpo import VRPOConfig
 
     with pytest.raises(ValueError, match="rollout_actors must be 0"):
         TraceRLConfig(model="tiny", rollout_actors=-1)
+    with pytest.raises(ValueError, match="with a `dataset` of pairs there is nothing to sample"):
+        VRPOConfig(model="tiny", dataset="pairs.jsonl", rollout_actors=1)
 
 
 @pytest.mark.parametrize("world, prompts, actors, expected", [

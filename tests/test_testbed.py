@@ -51,6 +51,7 @@ def test_build_waves_put_children_after_parents():
         ({"purpose": "rl-base", "greedy_accuracy": 0.5, "pass@1": 0.6, "pass@8": 0.7}, False),
         ({"purpose": "rl-base", "greedy_accuracy": 0.9, "pass@1": 0.4, "pass@8": 0.9}, False),
         ({"purpose": "rl-base", "greedy_accuracy": 0.1, "pass@1": 0.1, "pass@8": 0.5}, False),
+        ({"purpose": "sft"}, None),  # a one-prompt corpus (facts) is not evaluated
     ],
 )
 def test_targets(metrics, met):
@@ -85,6 +86,7 @@ def test_an_unconditional_corpus_is_built_without_the_greedy_evaluation(tmp_path
     monkeypatch.setitem(testbed.CHECKPOINTS, "facts-probe", testbed.Checkpoint("facts", 2, "sft", **small))
     metrics = testbed.build("facts-probe")
     assert metrics["steps"] == 2 and "greedy_accuracy" not in metrics and "environment" in metrics
+    assert testbed.targets_met(metrics) is None
 
 
 def test_init_starts_from_the_parents_weights(tmp_path, monkeypatch):

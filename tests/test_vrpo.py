@@ -109,7 +109,12 @@ def test_recomputed_draws_replay_their_dropout():
         return noised_log_probs(model, chosen["input_ids"], noise, chosen["attention_mask"], draws_per_forward=2,
                                 recompute=recompute).sum()
 
-    kept, recomputed = _lora_gradients(model, lambda: elbo_sum(False)), _lora_gradients(model, lambda: elbo_sum(True))
+    forwards = []
+    model.register_forward_pre_hook(lambda *_: forwards.append(torch.is_grad_enabled()))
+    kept = _lora_gradients(model, lambda: elbo_sum(False))
+    assert len(forwards) == 2  # two batches of two draws
+    recomputed = _lora_gradients(model, lambda: elbo_sum(True))
+    assert len(forwards) == 6  # and with recompute, each batch's forward once more, in the backward pass
     assert kept[0] == recomputed[0]
     assert all(torch.equal(kept[1][name], recomputed[1][name]) for name in kept[1])
     torch.manual_seed(2)  # the check can fail: other dropout draws give another gradient

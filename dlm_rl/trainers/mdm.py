@@ -7,6 +7,7 @@ for every draw, its complement, so each response token is trained once per pair.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -73,6 +74,10 @@ class MDMConfig(LoraArguments, NonFiniteArguments, TrainingArguments):
         if (self.task is None) == (self.dataset_path is None):
             raise ValueError("set exactly one of `task` (a testbed task) and `dataset_path`")
         self.resume = resume_setting(self.resume or self.resume_from_checkpoint)
+        if self.load_best_model_at_end:
+            raise ValueError("load_best_model_at_end is not supported: MDM SFT runs no evaluation to pick a best model")
+        if self.data_seed is None:  # the data order must not follow the global seed, which differs between ranks
+            self.data_seed = self.seed
         super().__post_init__()
 
 
@@ -114,14 +119,18 @@ class MDMTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """The Trainer's loading, into the wrapped transformers model: a checkpoint holds its weights or adapter
-        under its own names (`save_model`). Sharded (FSDP, DeepSpeed) loading passes its own model through."""
-        inner = self.model.model if model in (None, self.model) else model
-        super()._load_from_checkpoint(resume_from_checkpoint, inner)
+        under its own names (`_save`). FSDP passes its wrapped model, whose checkpoint is the wrapper's own. A LoRA
+        checkpoint must have this run's adapter structure (PEFT would load a misfit in part, silently)."""
+        if model is None:
+            model = self.model.model
+            if hasattr(model, "peft_config"):
+                _refuse_another_adapter(model, resume_from_checkpoint)
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _issue_warnings_after_load(self, load_result) -> None:
         """Refuse a checkpoint whose weights do not match the model's names (the Trainer only warns), counting the
         tied weights a save leaves out as present."""
-        tied = set(getattr(self.model.model, "_tied_weights_keys", None) or ())
+        tied = set(getattr(self.model.model, "all_tied_weights_keys", None) or ())
         missing = [name for name in load_result.missing_keys if name not in tied]
         if missing or load_result.unexpected_keys:
             raise ValueError(f"the checkpoint does not fit the model: missing {missing}, unexpected "
@@ -138,6 +147,27 @@ class MDMTrainer(Trainer):
             state_dict = {name.removeprefix("model."): tensor for name, tensor in state_dict.items()}
         self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, state_dict=state_dict)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+
+def _refuse_another_adapter(model, checkpoint: str) -> None:
+    """A LoRA checkpoint saved with another rank, alpha or set of target modules cannot be resumed."""
+    path = os.path.join(checkpoint, "adapter_config.json")
+    if not os.path.exists(path):
+        raise ValueError(f"checkpoint {checkpoint} holds no LoRA adapter (no adapter_config.json), but this run trains "
+                         "one; resume with the LoRA settings it was saved with")
+    with open(path) as f:
+        saved = json.load(f)
+    current = model.peft_config[model.active_adapter]
+
+    def modules(targets) -> list:  # a list of module names, or one regular expression
+        return [targets] if isinstance(targets, str) else sorted(targets or [])
+
+    settings = {"r": current.r, "lora_alpha": current.lora_alpha, "target_modules": modules(current.target_modules)}
+    saved = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),
+             "target_modules": modules(saved.get("target_modules"))}
+    if saved != settings:
+        raise ValueError(f"checkpoint {checkpoint} was saved with another LoRA adapter ({saved}, this run: {settings});"
+                         " resume with the LoRA settings it was saved with")
 
 
 class SkipNonFinite(TrainerCallback):

@@ -144,8 +144,9 @@ def _prompts_per_chunk(config: OnlineArguments) -> int:
 def rollout_share(engine, rows: list[dict], config: OnlineArguments, sampler) -> list:
     """This process's share of a step's rollouts: sampled here (`LocalEngine`), or by the main process's
     `RayEngine` for every rank at once and sent to each rank (chunks never straddle two ranks' shares)."""
+    share = distributed.share(rows)  # refuses fewer prompts than processes
     if not config.rollout_actors:
-        return engine.generate(distributed.share(rows), config.num_generations, sampler)
+        return engine.generate(share, config.num_generations, sampler)
     world, n = distributed.world_size(), len(rows)
     shares = None
     if distributed.is_main():

@@ -147,9 +147,14 @@ def run(config: TraceRLConfig) -> dict:
         state["engine"] = engine
     if value is not None:
         state.update(value_model=value, value_optimizer=learner.value_optimizer)
-    done, log = start_run(config, state, main)  # steps done before (0 for a new run)
-    if engine is not None and config.rollout_actors:  # the actors built their own copies: every weight, once
-        engine.sync_weights(model, full=True)
+    try:
+        done, log = start_run(config, state, main)  # steps done before (0 for a new run)
+        if engine is not None and config.rollout_actors:  # the actors built their own copies: every weight, once
+            engine.sync_weights(model, full=True)
+    except BaseException:  # a refused resume must not leave rollout actors behind
+        if engine is not None:
+            engine.close()
+        raise
 
     def held_out() -> dict:
         return held_out_metrics(model, held_out_rows, scorer, gen_length, config.block_length, rewards)

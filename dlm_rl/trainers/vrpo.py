@@ -80,6 +80,9 @@ class VRPOConfig(OnlineArguments):
         PreferenceEstimator(self.n_t, self.n_yt, self.antithetic, self.estimator_form)  # validates the budget
         if self.estimator_form not in ("tokens", "time"):
             raise ValueError(f"estimator_form must be 'tokens' or 'time', got {self.estimator_form!r}")
+        if self.dataset is not None and self.rollout_actors:
+            raise ValueError("rollout_actors samples on-policy pairs; with a `dataset` of pairs there is nothing to "
+                             "sample (unset one of them)")
         if self.draws_per_graph is not None and self.draws_per_graph < 1:
             raise ValueError(f"draws_per_graph must be at least 1 or None, got {self.draws_per_graph}")
         if self.micro_batch_pairs < 1:
@@ -168,9 +171,14 @@ def run(config: VRPOConfig) -> dict:
              "nonfinite": nonfinite}
     if engine is not None:
         state["engine"] = engine
-    done, log = start_run(config, state, main)  # steps done before (0 for a new run)
-    if engine is not None and config.rollout_actors:  # the actors built their own copies: every weight, once
-        engine.sync_weights(model, full=True)
+    try:
+        done, log = start_run(config, state, main)  # steps done before (0 for a new run)
+        if engine is not None and config.rollout_actors:  # the actors built their own copies: every weight, once
+            engine.sync_weights(model, full=True)
+    except BaseException:  # a refused resume must not leave rollout actors behind
+        if engine is not None:
+            engine.close()
+        raise
 
     def held_out() -> dict:
         return held_out_metrics(model, held_out_rows, scorer, gen_length, config.block_length, rewards)
