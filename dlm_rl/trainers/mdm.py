@@ -78,6 +78,8 @@ class MDMConfig(LoraArguments, NonFiniteArguments, TrainingArguments):
             raise ValueError("load_best_model_at_end is not supported: MDM SFT runs no evaluation to pick a best model")
         if self.data_seed is None:  # the data order must not follow the global seed, which differs between ranks
             self.data_seed = self.seed
+        if self.report_to in (None, [None]):  # a recipe's parser leaves the unset list field None, not our default
+            self.report_to = "none"
         super().__post_init__()
 
 
