@@ -52,6 +52,25 @@ def trained(tmp_path_factory):
 # --- train / sample / eval --------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("trainer", ["mdm", "tracerl", "vrpo", "didi"])
+def test_a_recipe_that_sets_nothing_gets_the_config_classes_defaults(tmp_path, trainer):
+    """The recipe parser builds its own defaults from the dataclass fields; they must be the config class's."""
+    import dataclasses
+    import importlib
+
+    from dlm_rl.recipe import TRAINERS
+
+    module, class_name = TRAINERS[trainer]
+    config_class = getattr(importlib.import_module(module), class_name)
+    data = {"task": "addition3"} if trainer == "mdm" else {}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"trainer: {trainer}\n" + "".join(f"{k}: {v}\n" for k, v in data.items()))
+    parsed = parse_recipe(str(recipe), ["--output_dir", str(tmp_path)])[1]
+    direct = config_class(output_dir=str(tmp_path), **data)
+    assert {f.name: getattr(parsed, f.name) for f in dataclasses.fields(config_class)} == {
+        f.name: getattr(direct, f.name) for f in dataclasses.fields(config_class)}
+
+
 def test_the_shipped_mdm_recipe_trains_through_the_cli(tmp_path):
     """`dlm-rl train recipes/mdm_tiny_addition.yaml`, as the README gives it, with only its length cut: the keys the
     recipe leaves unset (report_to) must take the trainer's defaults."""
