@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -335,7 +336,7 @@ def test_under_torchrun_rank_0s_ray_actors_sample_every_ranks_share(tmp_path):
         f"learning_rate: 3.0e-3\nrollout_actors: 2\nreward_funcs: ['{tmp_path / 'reward.py'}:by_characters']\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
-    train = ["-m", "dlm_rl.cli", "train", str(tmp_path / "recipe.yaml"), "--output_dir"]
+    train = ["-m", "dlm_rl.cli", "train", str(tmp_path / "fsdp.yaml"), "--output_dir"]
     launches = {"single": [sys.executable, *train, str(tmp_path / "single")],
                 "parallel": [sys.executable, "-m", "torch.distributed.run", "--standalone",
                              f"--nproc-per-node={WORLD}", *train, str(tmp_path / "parallel")]}
@@ -351,6 +352,48 @@ def test_under_torchrun_rank_0s_ray_actors_sample_every_ranks_share(tmp_path):
         assert one.keys() == two.keys()
         for key in one:
             assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_mdm_under_fsdp_saves_whole_weights_and_resumes_exactly(tmp_path, use_lora):
+    """MDM SFT sharded with FSDP2 over two gloo processes, through `dlm-rl train`: the saved weights (or adapter) are
+    whole, with the names and shapes a one-process run saves, and a run resumed from checkpoint-2 logs the same
+    losses and saves the same tensors as the run that went on."""
+    from safetensors.torch import load_file
+
+    recipe = ("trainer: mdm\nmodel: tiny\ntiny_hidden_size: 32\ntiny_num_layers: 2\ntask: addition3\n"
+              "train_size: 32\nmax_steps: 4\nsave_steps: 2\nper_device_train_batch_size: 2\nlearning_rate: 1.0e-2\n"
+              f"logging_steps: 1\nseed: 3\nuse_cpu: true\nuse_lora: {str(use_lora).lower()}\nlora_r: 4\n")
+    (tmp_path / "single.yaml").write_text(recipe)
+    (tmp_path / "fsdp.yaml").write_text(recipe + "fsdp: true\nfsdp_config: {fsdp_version: 2, state_dict_type: "
+                                        "FULL_STATE_DICT, transformer_layer_cls_to_wrap: [LlamaDecoderLayer]}\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}"]
+    train = ["-m", "dlm_rl.cli", "train", str(tmp_path / "fsdp.yaml"), "--output_dir"]
+
+    def launch(command):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-4000:]
+
+    launch([*torchrun, *train, str(tmp_path / "whole")])
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    launch([*torchrun, *train, str(tmp_path / "resumed"), "--resume"])
+    launch([sys.executable, "-m", "dlm_rl.cli", "train", str(tmp_path / "single.yaml"), "--output_dir",
+            str(tmp_path / "single"), "--max_steps", "1"])
+
+    def saved(name):
+        (file,) = [f for f in os.listdir(tmp_path / name) if f.endswith(".safetensors")]
+        return load_file(str(tmp_path / name / file))
+
+    def losses(name):
+        state = json.loads((tmp_path / name / "checkpoint-4" / "trainer_state.json").read_text())
+        return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+    whole, resumed, single = saved("whole"), saved("resumed"), saved("single")
+    assert {k: v.shape for k, v in whole.items()} == {k: v.shape for k, v in single.items()}
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert len(losses("whole")) == 4 and losses("resumed") == losses("whole")
 
 
 @pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("zero2", "DEEPSPEED"),
