@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 
 from dlm_rl import distributed
-from dlm_rl.checkpoint import CheckpointArguments
+from dlm_rl.checkpoint import CheckpointArguments, start_run
 from dlm_rl.guards import NonFiniteArguments
 from dlm_rl.models.lora import LoraArguments
 
@@ -167,6 +167,20 @@ def rollout_policy(config: OnlineArguments):
     if config.use_lora:
         add_lora(model, config)
     return model
+
+
+def start_online_run(config: OnlineArguments, state: dict, main: bool, engine, model):
+    """`start_run` (restore when resuming; open the log), then send rollout actors, which built their own copies,
+    every weight once. A refused start closes the engine, so that no actor is left behind."""
+    try:
+        started = start_run(config, state, main)
+        if engine is not None and config.rollout_actors:
+            engine.sync_weights(model, full=True)
+        return started
+    except BaseException:
+        if engine is not None:
+            engine.close()
+        raise
 
 
 def sync_rollout_weights(engine, model, config: OnlineArguments) -> None:

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dlm_rl import distributed
-from dlm_rl.checkpoint import checkpoint_due, save_checkpoint, start_run
+from dlm_rl.checkpoint import checkpoint_due, save_checkpoint
 from dlm_rl.guards import NonFiniteLoss, RolloutGuards
 from dlm_rl.models.lora import add_lora
 from dlm_rl.rl.advantages import group_advantages
@@ -47,6 +47,7 @@ from dlm_rl.trainers.online import (
     reward_metrics,
     rollout_engine,
     rollout_share,
+    start_online_run,
     sync_rollout_weights,
 )
 
@@ -147,14 +148,7 @@ def run(config: TraceRLConfig) -> dict:
         state["engine"] = engine
     if value is not None:
         state.update(value_model=value, value_optimizer=learner.value_optimizer)
-    try:
-        done, log = start_run(config, state, main)  # steps done before (0 for a new run)
-        if engine is not None and config.rollout_actors:  # the actors built their own copies: every weight, once
-            engine.sync_weights(model, full=True)
-    except BaseException:  # a refused resume must not leave rollout actors behind
-        if engine is not None:
-            engine.close()
-        raise
+    done, log = start_online_run(config, state, main, engine, model)  # steps done before (0 for a new run)
 
     def held_out() -> dict:
         return held_out_metrics(model, held_out_rows, scorer, gen_length, config.block_length, rewards)
