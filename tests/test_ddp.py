@@ -336,7 +336,7 @@ def test_under_torchrun_rank_0s_ray_actors_sample_every_ranks_share(tmp_path):
         f"learning_rate: 3.0e-3\nrollout_actors: 2\nreward_funcs: ['{tmp_path / 'reward.py'}:by_characters']\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
-    train = ["-m", "dlm_rl.cli", "train", str(tmp_path / "fsdp.yaml"), "--output_dir"]
+    train = ["-m", "dlm_rl.cli", "train", str(tmp_path / "recipe.yaml"), "--output_dir"]
     launches = {"single": [sys.executable, *train, str(tmp_path / "single")],
                 "parallel": [sys.executable, "-m", "torch.distributed.run", "--standalone",
                              f"--nproc-per-node={WORLD}", *train, str(tmp_path / "parallel")]}
