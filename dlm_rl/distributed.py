@@ -62,7 +62,14 @@ def share(items: list) -> list:
     if n < world:
         raise ValueError(f"a global batch of {n} prompts cannot give each of the {world} processes one; "
                          f"raise prompts_per_step to at least {world}")
-    return items[n * r // world : n * (r + 1) // world]
+    bounds = share_bounds(n)
+    return items[bounds[r] : bounds[r + 1]]
+
+
+def share_bounds(n: int) -> list[int]:
+    """Where each rank's share of a global batch of `n` items starts, then `n`: rank r's is [bounds[r], bounds[r+1])."""
+    world = world_size()
+    return [n * r // world for r in range(world + 1)]
 
 
 def all_sum(value):

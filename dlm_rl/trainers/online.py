@@ -135,8 +135,8 @@ def rollout_engine(config: OnlineArguments, model, rewards):
 def _prompts_per_chunk(config: OnlineArguments) -> int:
     """The largest chunk (in prompts) that divides every rank's share, so that no chunk straddles two ranks, and
     that still gives every actor a chunk when there are enough prompts."""
-    world, n = distributed.world_size(), config.prompts_per_step
-    common = math.gcd(*(n * (r + 1) // world - n * r // world for r in range(world)))
+    n, bounds = config.prompts_per_step, distributed.share_bounds(config.prompts_per_step)
+    common = math.gcd(*(end - start for start, end in zip(bounds, bounds[1:])))
     fitting = [d for d in range(1, common + 1) if common % d == 0 and -(-n // d) >= config.rollout_actors]
     return max(fitting, default=1)
 
@@ -147,14 +147,14 @@ def rollout_share(engine, rows: list[dict], config: OnlineArguments, sampler) ->
     share = distributed.share(rows)  # refuses fewer prompts than processes
     if not config.rollout_actors:
         return engine.generate(share, config.num_generations, sampler)
-    world, n = distributed.world_size(), len(rows)
     shares = None
     if distributed.is_main():
         trajectories = engine.generate(rows, config.num_generations, sampler)
-        if world > 1:
+        if distributed.world_size() > 1:
             trajectories = _on_cpu(trajectories)
-        bounds = [n * r // world for r in range(world + 1)]
-        shares = [[t for t in trajectories if bounds[r] <= t.prompt_index[0] < bounds[r + 1]] for r in range(world)]
+        bounds = distributed.share_bounds(len(rows))
+        shares = [[t for t in trajectories if start <= t.prompt_index[0] < end]
+                  for start, end in zip(bounds, bounds[1:])]
     return distributed.scatter(shares)
 
 
