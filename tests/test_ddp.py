@@ -184,7 +184,7 @@ def _didi(inputs):
     discriminator = Discriminator(teacher, trainable_blocks=1)
     discriminator.load_state_dict(inputs["discriminator"])
     config = DiDiConfig(teacher="tiny", task="addition3", group_size=2, kl_coef=0.5, entropy_coef=0.1,
-                        max_grad_norm=1e9)
+                        conditional_kl_coef=0.3, conditional_folds=1, max_grad_norm=1e9)  # one fold: no draw
     return teacher, student, discriminator, config
 
 
@@ -198,7 +198,7 @@ def didi_student(inputs, rows) -> dict:
     sample = Rollout([d["start"], d["middle"]], [d["first"], d["second"]], logits, d["final"], d["tau"])
     parameters = [p for p in student.parameters() if p.requires_grad]
     _student_update(student, teacher, torch.optim.SGD(parameters, lr=0.0), parameters, sample, d["reward"],
-                    d["response"], d["attention"], config, NonFiniteLoss(1, "DiDi"))
+                    d["response"], d["attention"], config, NonFiniteLoss(1, "DiDi"), None)
     return _grads(student.named_parameters())
 
 

@@ -15,6 +15,7 @@ from dlm_rl.models.tiny import tiny_model
 from dlm_rl.rl.didi import (
     Discriminator,
     Rollout,
+    conditional_kl,
     discriminator_loss,
     discriminator_reward,
     grouped_advantages,
@@ -161,6 +162,55 @@ def test_many_step_rollout_follows_the_samplers_schedule_and_sums_every_steps_lo
         for j in range(1, ids.shape[1]):
             hand[row] += log_probs[step_of[row, j], row, j, sample.final[row, j]]
         assert sample.log_prob()[row].item() == pytest.approx(hand[row].item(), abs=1e-4)
+
+
+class _CopyTeacher(torch.nn.Module):
+    """Two response tokens over {0, 1} (mask 2) that must be equal: a masked token copies the other one when
+    it is visible (probability 0.9), and is 0 or 1 evenly when both are masked."""
+
+    mask_token_id = 2
+
+    def forward(self, ids, attention_mask=None):
+        probs = torch.full((*ids.shape, 3), 1e-9)
+        probs[..., :2] = 0.5
+        for i, j in ((0, 1), (1, 0)):
+            seen = ids[:, j] != self.mask_token_id
+            probs[seen, i, :2] = 0.1
+            probs[seen, i, ids[seen, j]] = 0.9
+        return type("Out", (), {"logits": probs.log()})()
+
+
+def test_conditional_kl_scores_each_revealed_token_given_the_others_outside_its_fold():
+    """One step reveals both tokens of (1, 1) from all-mask, the student drawing them from even marginals. A token
+    whose partner lands in another fold is scored against the teacher's copy: KL((½, ½) ‖ (0.1, 0.9)); in the
+    same fold, against the even marginal: 0. Two steps, one token each, give the copy in the second step always."""
+    teacher = _CopyTeacher()
+    even = torch.zeros(1, 2, 3)
+    even[..., 2] = -float("inf")
+    start = torch.full((1, 2), 2)
+    final = torch.tensor([[1, 1]])
+    one_step = Rollout([start], [torch.ones(1, 2, dtype=torch.bool)], [even], final, torch.tensor([0.5]))
+    copy_kl = 0.5 * math.log(0.5 / 0.1) + 0.5 * math.log(0.5 / 0.9)
+    seen = set()
+    for seed in range(12):
+        total, count = conditional_kl(one_step.logits, teacher, one_step, None, 2, torch.Generator().manual_seed(seed))
+        fold = torch.randint(0, 2, (1, 2), generator=torch.Generator().manual_seed(seed))
+        apart = bool(fold[0, 0] != fold[0, 1])
+        seen.add(apart)
+        assert count == 2 and total.item() == pytest.approx(2 * copy_kl if apart else 0.0, abs=1e-6)
+    assert seen == {True, False}
+    total, _ = conditional_kl(one_step.logits, teacher, one_step, None, 1)
+    assert total.item() == pytest.approx(0.0, abs=1e-6)  # one fold: every token against the step's marginal
+    middle = torch.tensor([[1, 2]])
+    two_steps = Rollout([start, middle], [torch.tensor([[True, False]]), torch.tensor([[False, True]])],
+                        [even, even], final, torch.tensor([0.5]))
+    total, count = conditional_kl(two_steps.logits, teacher, two_steps, None, 3)
+    assert count == 2 and total.item() == pytest.approx(copy_kl, abs=1e-6)  # only the second token sees its partner
+    logits = even.clone().requires_grad_(True)
+    conditional_kl([logits, logits], teacher, two_steps, None, 1)[0].backward()
+    assert logits.grad[0, 1, 1] < 0 < logits.grad[0, 1, 0]  # pulled toward the copy of the visible 1
+    with pytest.raises(ValueError, match="folds"):
+        conditional_kl(one_step.logits, teacher, one_step, None, 0)
 
 
 def test_kl_and_entropy_are_zero_and_positive_for_a_student_equal_to_its_teacher():
@@ -371,6 +421,14 @@ def test_trainer_runs_starts_the_discriminator_at_log2_and_saves_the_student(tmp
                               "sequence_entropy_coef": beta, "output_dir": str(tmp_path / f"beta{beta}")})
         line = run(first)
         assert line["rollout_log_prob"] < 0 and (line["advantage_abs"] > 0.5) == (beta > 0)
+    # the conditional KL alone trains the student; the marginal KL is then neither computed nor logged
+    conditional = DiDiConfig(**{**config.__dict__, "max_steps": 1, "discriminator_warmup_steps": 0,
+                                "use_discriminator": False, "kl_coef": 0.0, "conditional_kl_coef": 1.0,
+                                "output_dir": str(tmp_path / "conditional")})
+    line = run(conditional)
+    assert line["conditional_kl"] > 0 and line["grad_norm"] > 0 and "kl" not in line
+    with pytest.raises(ValueError, match="conditional_folds"):
+        DiDiConfig(conditional_folds=0)
     with pytest.raises(ValueError, match="exactly one of"):
         DiDiConfig(task=None)
     with pytest.raises(ValueError, match="kl_coef"):

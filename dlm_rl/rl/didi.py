@@ -221,6 +221,41 @@ def _token_log_probs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor
     return logits.float().log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
 
 
+def conditional_kl(student_logits, teacher, sample: Rollout, attention_mask, folds: int = 4, generator=None,
+                   ) -> tuple[torch.Tensor, int]:
+    """(Σ, n): the sum over the n tokens the rollout's steps reveal of KL(q_i ‖ p_i), q_i the student's
+    distribution at the step's state and p_i the teacher's conditional of token i given that state and the
+    other tokens the step reveals — all but those of i's fold (one of `folds` random folds of the step's
+    revealed tokens), masked again with i. `student_logits` are the rollout's per-step logits.
+
+    The path of a few-step sampler draws the tokens a step reveals independently; the teacher's joint ties them.
+    The KL of the two paths is Σ_k E KL(Π_i q(x_i | s_k) ‖ p(x_{R_k} | s_k)), and the fixed point of each term
+    in q_i is q_i ∝ exp E_{x_{R∖i} ∼ q} log p(x_i | s_k, x_{R∖i}): this loss's minimiser, with the states
+    held at the student's own. It sharpens the student where tokens revealed together must agree, which the
+    marginal KL (`kl_and_entropy`) cannot see."""
+    if folds < 1:
+        raise ValueError(f"folds must be at least 1, got {folds}")
+    mask_id = teacher.mask_token_id
+    total, count = torch.zeros((), device=sample.final.device), 0
+    for k, (logits, revealed) in enumerate(zip(student_logits, sample.revealed)):
+        if not revealed.any():
+            continue
+        after = sample.states[k + 1] if k + 1 < len(sample.states) else sample.final
+        fold = torch.randint(0, folds, after.shape, generator=generator, device=after.device)
+        log_q = logits.float().clamp(min=-1e4).log_softmax(-1)
+        for f in range(folds):
+            positions = revealed & (fold == f)
+            if not positions.any():
+                continue
+            with torch.no_grad():
+                teacher_logits = teacher(after.masked_fill(positions, mask_id), attention_mask).logits
+            log_p = teacher_logits[positions].float().clamp(min=-1e4).log_softmax(-1)
+            log_q_f = log_q[positions]
+            total = total + (log_q_f.exp() * (log_q_f - log_p)).sum()
+            count += int(positions.sum())
+    return total, count
+
+
 def kl_and_entropy(student_logits, teacher_logits, positions) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean over `positions` [B, L] of KL(teacher ‖ student) and of the student's entropy, per token."""
     if not positions.any():

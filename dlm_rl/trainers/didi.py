@@ -33,6 +33,7 @@ from dlm_rl.guards import NonFiniteArguments, NonFiniteLoss
 from dlm_rl.models.lora import LoraArguments
 from dlm_rl.rl.didi import (
     Discriminator,
+    conditional_kl,
     discriminator_loss,
     discriminator_reward,
     grouped_advantages,
@@ -108,6 +109,13 @@ class DiDiConfig(CheckpointArguments, LoraArguments, NonFiniteArguments):
     """Weight of KL(teacher ‖ student) at both rollout states (0 disables)."""
     entropy_coef: float = 0.001
     """Weight of the student's entropy bonus (0 disables)."""
+    conditional_kl_coef: float = 0.0
+    """Weight of KL(q_i ‖ p(x_i | the step's state and the other tokens it reveals)) at the tokens each rollout
+    step reveals (`dlm_rl.rl.didi.conditional_kl`): the teacher's joint over the tokens a step reveals together,
+    which the few-step student draws independently (0 disables)."""
+    conditional_folds: int = 4
+    """Teacher forwards per rollout step for `conditional_kl_coef`: each masks one random fold of the step's
+    revealed tokens again, so a token is scored given the others outside its fold."""
     ema: float = 0.999
     """EMA decay of the student's weights (0 disables: the final student is the last iterate)."""
     eval_steps: int = 100
@@ -134,8 +142,11 @@ class DiDiConfig(CheckpointArguments, LoraArguments, NonFiniteArguments):
             raise ValueError("need likelihood_prior >= 0, likelihood_folds >= 1 and sequence_entropy_coef >= 0")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
-        if not self.use_discriminator and self.kl_coef == 0:
-            raise ValueError("with use_discriminator false the student learns from kl_coef alone; set it above 0")
+        if not self.use_discriminator and self.kl_coef == 0 and self.conditional_kl_coef == 0:
+            raise ValueError("with use_discriminator false the student learns from kl_coef and conditional_kl_coef "
+                             "alone; set one above 0")
+        if self.conditional_kl_coef < 0 or self.conditional_folds < 1:
+            raise ValueError("need conditional_kl_coef >= 0 and conditional_folds >= 1")
 
 
 def run(config: DiDiConfig) -> dict:
@@ -238,7 +249,7 @@ def _step(student, teacher, discriminator, student_optimizer, discriminator_opti
                                              [row for row in rows for _ in range(group)]))
     if update_student:
         line.update(_student_update(student, teacher, student_optimizer, student_parameters, sample, reward,
-                                    response_mask, attention_mask, config, nonfinite))
+                                    response_mask, attention_mask, config, nonfinite, generator))
     line["discriminator_loss"] = _discriminator_update(discriminator, discriminator_optimizer, real, real_masked,
                                                        fake_logits, fake_masked, attention_mask, response_mask,
                                                        config, generator, nonfinite)
@@ -264,7 +275,7 @@ def _discriminator_update(discriminator, optimizer, real, real_masked, fake_logi
 
 
 def _student_update(student, teacher, optimizer, parameters, sample, reward, response_mask, attention_mask,
-                    config: DiDiConfig, nonfinite: NonFiniteLoss) -> dict:
+                    config: DiDiConfig, nonfinite: NonFiniteLoss, generator) -> dict:
     """One student step on its rollout `sample`. Under data parallelism each mean (over rows, and over each state's
     masked positions) is this rank's sum divided by the global count, and the returned metrics are the global ones."""
     length = response_mask.sum(1).clamp(min=1)
@@ -280,18 +291,26 @@ def _student_update(student, teacher, optimizer, parameters, sample, reward, res
     # The positions each state still has masked: the KL and the entropy are measured there.
     masked = [(state == student.mask_token_id) & response_mask for state in sample.states]
     local = {"rows": len(reward), **{f"state{k}": int(m.sum()) for k, m in enumerate(masked)}}
+    if config.conditional_kl_coef:
+        conditional, local["revealed"] = conditional_kl(sample.logits, teacher, sample, attention_mask,
+                                                        config.conditional_folds, generator)
     total = distributed.all_sum(local)
     share = {name: local[name] / total[name] if total[name] else 0.0 for name in local}  # 1 in one process
     policy_loss = -(omega * advantage * log_q / length).mean() * share["rows"]
     kl = entropy = 0.0
     for k, (state, logits) in enumerate(zip(sample.states, sample.logits)):
-        with torch.no_grad():
-            teacher_logits = teacher(state, attention_mask).logits
+        with torch.no_grad():  # with kl_coef 0 the teacher's forward is skipped and the KL not logged
+            teacher_logits = teacher(state, attention_mask).logits if config.kl_coef else logits.detach()
         kl_k, entropy_k = kl_and_entropy(logits, teacher_logits, masked[k])
         kl = kl + kl_k * share[f"state{k}"] / len(masked)
         entropy = entropy + entropy_k * share[f"state{k}"] / len(masked)
     loss = policy_loss + config.kl_coef * kl - config.entropy_coef * entropy
-    line = distributed.all_sum({"loss": loss.item(), "policy_loss": policy_loss.item(), "kl": kl.item(),
+    extra = {"kl": kl.item()} if config.kl_coef else {}
+    if config.conditional_kl_coef:
+        conditional = conditional / max(total["revealed"], 1)
+        loss = loss + config.conditional_kl_coef * conditional
+        extra["conditional_kl"] = conditional.item()
+    line = distributed.all_sum({**extra, "loss": loss.item(), "policy_loss": policy_loss.item(),
                                 "entropy": entropy.item(),
                                 "rollout_log_prob": float((log_q.detach() / length).mean()) * share["rows"],
                                 "advantage_abs": float(advantage.abs().mean()) * share["rows"]})
