@@ -118,13 +118,31 @@ def gather(items: list) -> list | None:
     return [item for part in parts for item in part] if is_main() else None
 
 
-def scatter(parts: list | None):
-    """Rank 0's `parts[r]` on each rank r (`parts` is read on rank 0 only); in one process, `parts[0]`. Tensors in
-    them must be on the CPU, as for `gather`."""
+class MainProcessFailed(RuntimeError):
+    """Raised on the other ranks when rank 0 failed while making what `scatter_from_main` sends."""
+
+
+class _Failure(str):
+    """What rank 0 sends in place of the parts when making them failed: the error's description."""
+
+
+def scatter_from_main(make_parts):
+    """Rank 0 calls `make_parts()` (one part per rank: tensors in them on the CPU, as for `gather`) and each rank
+    r returns part r; in one process, part 0. If `make_parts` raises on rank 0, it raises there and every other
+    rank raises `MainProcessFailed` at once, rather than waiting for its part until the collective times out."""
     if world_size() == 1:
-        return parts[0]
+        return make_parts()[0]
+    parts = None
+    if is_main():
+        try:
+            parts = make_parts()
+        except Exception as error:
+            dist.scatter_object_list([None], [_Failure(f"{type(error).__name__}: {error}")] * world_size(), src=0)
+            raise
     received = [None]
-    dist.scatter_object_list(received, parts if is_main() else None, src=0)
+    dist.scatter_object_list(received, parts, src=0)
+    if isinstance(received[0], _Failure):
+        raise MainProcessFailed(f"rank 0 failed ({received[0]}); see its log")
     return received[0]
 
 

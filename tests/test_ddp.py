@@ -317,6 +317,10 @@ def test_two_processes_give_the_single_process_gradients_of_every_trainers_loss(
         assert diff <= TOLERANCE, f"{name}: the gradients differ by {diff}"
     assert not results["mdm_ranks_draw_the_same_masks"]
     assert results["mdm_epoch_rows"] == [8, 8, 16]  # each rank 8 rows, 16 distinct together
+    assert results["scattered"] == [f"part {r}" for r in range(WORLD)]
+    # rank 0's failure reaches the other ranks at once, with its cause, instead of leaving them waiting
+    assert results["main_fails_while_scattering"] == ["ValueError: no rollouts"] + [
+        "MainProcessFailed: rank 0 failed (ValueError: no rollouts); see its log"] * (WORLD - 1)
     for mutation, diffs in results["broken"].items():  # the comparison catches these mistakes
         assert len(diffs) >= 4
         for name, diff in diffs.items():
@@ -434,6 +438,24 @@ def test_rl_trainers_refuse_a_sharded_launch(monkeypatch, variable, name):
         distributed.setup()
 
 
+def gathered(value) -> list:
+    values = [None] * WORLD
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+def _scatter_outcome(distributed) -> str:
+    """What `scatter_from_main` does on this rank when making the parts fails on rank 0."""
+    def fail():
+        raise ValueError("no rollouts")
+
+    try:
+        distributed.scatter_from_main(fail)
+    except (ValueError, distributed.MainProcessFailed) as error:
+        return f"{type(error).__name__}: {error}"
+    return "returned"
+
+
 def _worker(directory: str) -> None:
     """One rank. Rank 0 first takes every single-process step on the global batches (before joining the process
     group, so the trainers run their one-process code); then every rank takes its share, also with the mistakes
@@ -462,12 +484,13 @@ def _worker(directory: str) -> None:
     results["exact"]["mdm"] = (max_diff(parallel, single), max(float(g.abs().max()) for g in single.values()))
     single, parallel = mdm(inputs, distributed.share, work, sync=False)
     results["broken"]["gradients_not_summed"]["mdm"] = max_diff(parallel, single)
-    masks = [None] * WORLD
-    torch.distributed.all_gather_object(masks, mdm_first_masks(inputs, work))
+    masks = gathered(mdm_first_masks(inputs, work))
     results["mdm_ranks_draw_the_same_masks"] = all(torch.equal(masks[0], m) for m in masks[1:])
-    seen = [None] * WORLD
-    torch.distributed.all_gather_object(seen, mdm_epoch_rows(work))
+    seen = gathered(mdm_epoch_rows(work))
     results["mdm_epoch_rows"] = [len(part) for part in seen] + [len({row for part in seen for row in part})]
+
+    results["scattered"] = gathered(distributed.scatter_from_main(lambda: [f"part {r}" for r in range(WORLD)]))
+    results["main_fails_while_scattering"] = gathered(_scatter_outcome(distributed))
 
     real_sum, real_all_sum = distributed.sum_gradients, distributed.all_sum
 

@@ -147,15 +147,16 @@ def rollout_share(engine, rows: list[dict], config: OnlineArguments, sampler) ->
     share = distributed.share(rows)  # refuses fewer prompts than processes
     if not config.rollout_actors:
         return engine.generate(share, config.num_generations, sampler)
-    shares = None
-    if distributed.is_main():
+
+    def shares() -> list:  # on rank 0
         trajectories = engine.generate(rows, config.num_generations, sampler)
         if distributed.world_size() > 1:
             trajectories = _on_cpu(trajectories)
         bounds = distributed.share_bounds(len(rows))
-        shares = [[t for t in trajectories if start <= t.prompt_index[0] < end]
-                  for start, end in zip(bounds, bounds[1:])]
-    return distributed.scatter(shares)
+        return [[t for t in trajectories if start <= t.prompt_index[0] < end]
+                for start, end in zip(bounds, bounds[1:])]
+
+    return distributed.scatter_from_main(shares)
 
 
 def rollout_policy(config: OnlineArguments):
