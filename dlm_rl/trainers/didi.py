@@ -6,7 +6,9 @@ all-mask → x_τ → x_0 (or `rollout_steps` ancestral steps); x_0 and the real
 discriminator's clipped mean logit on the noised student sample (with `likelihood_prior`, on top of the teacher's
 pseudo-log-likelihood of it; less β · log q(x)/L with `sequence_entropy_coef` β) is the reward, normalised within
 each group; the student's loss is −ω(τ) · Â · log q(x) / L + kl_coef · KL(teacher ‖ student) − entropy_coef · H
-(the last two averaged over the rollout's states); then the discriminator takes a BCE step on real vs student.
+(the last two averaged over the rollout's states), + conditional_kl_coef · the mean over the tokens each step reveals
+of KL(q_i ‖ the teacher's conditional given the tokens revealed with it); then the discriminator takes a BCE step on
+real vs student.
 An EMA of the student is kept and saved. Every part can be switched off for ablation. The student is evaluated
 with plain ancestral sampling at `eval_nfe` steps.
 
