@@ -136,7 +136,9 @@ def scatter_from_main(make_parts):
     if is_main():
         try:
             parts = make_parts()
-        except Exception as error:
+            if len(parts) != world_size():
+                raise ValueError(f"{len(parts)} parts for {world_size()} processes")
+        except BaseException as error:  # an interrupt of rank 0 alone, too
             dist.scatter_object_list([None], [_Failure(f"{type(error).__name__}: {error}")] * world_size(), src=0)
             raise
     received = [None]

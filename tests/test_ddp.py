@@ -184,7 +184,7 @@ def _didi(inputs):
     discriminator = Discriminator(teacher, trainable_blocks=1)
     discriminator.load_state_dict(inputs["discriminator"])
     config = DiDiConfig(teacher="tiny", task="addition3", group_size=2, kl_coef=0.5, entropy_coef=0.1,
-                        conditional_kl_coef=0.3, conditional_folds=1, max_grad_norm=1e9)  # one fold: no draw
+                        conditional_kl_coef=0.3, conditional_folds=1, max_grad_norm=1e9)  # one fold: the same folds
     return teacher, student, discriminator, config
 
 

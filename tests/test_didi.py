@@ -213,6 +213,42 @@ def test_conditional_kl_scores_each_revealed_token_given_the_others_outside_its_
         conditional_kl(one_step.logits, teacher, one_step, None, 0)
 
 
+def test_student_update_divides_the_conditional_kl_by_the_revealed_tokens_and_skips_an_unused_teacher_forward():
+    from dlm_rl.guards import NonFiniteLoss
+    from dlm_rl.trainers.didi import DiDiConfig, _student_update
+
+    teacher, student = tiny(0).requires_grad_(False), tiny(1)
+    forwards = []
+    teacher.register_forward_hook(lambda *_: forwards.append(1))
+    ids = torch.zeros(4, 9, dtype=torch.long)
+    response = torch.ones_like(ids, dtype=torch.bool)
+    response[:, 0] = False
+    attention = torch.ones_like(ids)
+    parameters = [p for p in student.parameters() if p.requires_grad]
+
+    def update(kl_coef: float) -> tuple[dict, Rollout]:
+        sample = rollout(student, ids, attention, response, torch.full((4,), 0.5), 3,
+                         generator=torch.Generator().manual_seed(0))
+        config = DiDiConfig(teacher="tiny", task="addition3", group_size=2, use_discriminator=False, kl_coef=kl_coef,
+                            entropy_coef=0.0, conditional_kl_coef=1.0, conditional_folds=2)
+        forwards.clear()
+        line = _student_update(student, teacher, torch.optim.SGD(parameters, lr=0.0), parameters, sample,
+                               torch.zeros(4), response, attention, config, NonFiniteLoss(1, "DiDi"),
+                               torch.Generator().manual_seed(3))
+        return line, sample
+
+    line, sample = update(kl_coef=0.0)
+    used = len(forwards)
+    forwards.clear()
+    total, count = conditional_kl(sample.logits, teacher, sample, attention, 2, torch.Generator().manual_seed(3))
+    assert len(forwards) == used  # the conditional KL's forwards only: the marginal KL's are skipped
+    assert count == int(response.sum()) and total.item() > 0
+    assert line["conditional_kl"] == pytest.approx(total.item() / count) == pytest.approx(line["loss"])
+    assert "kl" not in line
+    line, _ = update(kl_coef=0.5)
+    assert len(forwards) == used + 3 and line["kl"] > 0  # one forward more per rollout state
+
+
 def test_kl_and_entropy_are_zero_and_positive_for_a_student_equal_to_its_teacher():
     model = tiny()
     ids = torch.full((2, 5), model.mask_token_id)
@@ -423,8 +459,8 @@ def test_trainer_runs_starts_the_discriminator_at_log2_and_saves_the_student(tmp
         assert line["rollout_log_prob"] < 0 and (line["advantage_abs"] > 0.5) == (beta > 0)
     # the conditional KL alone trains the student; the marginal KL is then neither computed nor logged
     conditional = DiDiConfig(**{**config.__dict__, "max_steps": 1, "discriminator_warmup_steps": 0,
-                                "use_discriminator": False, "kl_coef": 0.0, "conditional_kl_coef": 1.0,
-                                "output_dir": str(tmp_path / "conditional")})
+                                "use_discriminator": False, "kl_coef": 0.0, "entropy_coef": 0.0,
+                                "conditional_kl_coef": 1.0, "output_dir": str(tmp_path / "conditional")})
     line = run(conditional)
     assert line["conditional_kl"] > 0 and line["grad_norm"] > 0 and "kl" not in line
     with pytest.raises(ValueError, match="conditional_folds"):

@@ -242,7 +242,6 @@ def conditional_kl(student_logits, teacher, sample: Rollout, attention_mask, fol
             continue
         after = sample.states[k + 1] if k + 1 < len(sample.states) else sample.final
         fold = torch.randint(0, folds, after.shape, generator=generator, device=after.device)
-        log_q = logits.float().clamp(min=-1e4).log_softmax(-1)
         for f in range(folds):
             positions = revealed & (fold == f)
             if not positions.any():
@@ -250,7 +249,7 @@ def conditional_kl(student_logits, teacher, sample: Rollout, attention_mask, fol
             with torch.no_grad():
                 teacher_logits = teacher(after.masked_fill(positions, mask_id), attention_mask).logits
             log_p = teacher_logits[positions].float().clamp(min=-1e4).log_softmax(-1)
-            log_q_f = log_q[positions]
+            log_q_f = logits[positions].float().clamp(min=-1e4).log_softmax(-1)
             total = total + (log_q_f.exp() * (log_q_f - log_p)).sum()
             count += int(positions.sum())
     return total, count
