@@ -6,6 +6,8 @@ student also with DiDi-Instruct's reward-guided sampler (its run's discriminator
 students (`--ablation NAME=RUN_DIR`) are measured like the student with plain sampling, their rows marked with
 `variant`. `--teacher_temperature` adds the teacher sampled at lower temperatures, rows marked with `temperature`:
 sharpening alone also trades entropy for validity, so a student has to beat that frontier, not only the teacher.
+`--teacher_schedule HIGH:LOW` adds the teacher with a temperature falling linearly from HIGH (every response token
+masked) to LOW (none masked): sharper where more of the remaining tokens are revealed together.
 Each model's row also gives `heldout_nll`, its negative ELBO per token on `--heldout` held-out texts (the same
 masks for every model): unigram entropy hardly sees sharpening, but a sharpened model stops covering the data.
 
@@ -42,6 +44,9 @@ def main() -> None:
     parser.add_argument("--teacher_temperature", type=float, nargs="*", default=[],
                         help="also sample the teacher at these temperatures (< 1: sharper) at every NFE: the "
                              "baseline a student must beat")
+    parser.add_argument("--teacher_schedule", nargs="*", default=[], metavar="HIGH:LOW",
+                        help="also sample the teacher at a temperature falling linearly from HIGH (all masked) to "
+                             "LOW (none masked)")
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--heldout", type=int, default=128, help="held-out texts for heldout_nll (0: skip it)")
     parser.add_argument("--heldout_draws", type=int, default=4, help="mask draws per held-out text")
@@ -60,6 +65,12 @@ def main() -> None:
 
     if any("=" not in spec for spec in args.ablation):
         parser.error(f"--ablation takes NAME=RUN_DIR, got {args.ablation}")
+    try:
+        schedules = [tuple(float(t) for t in spec.split(":")) for spec in args.teacher_schedule]
+    except ValueError:
+        schedules = [()]
+    if not all(len(pair) == 2 and min(pair) > 0 for pair in schedules):
+        parser.error(f"--teacher_schedule takes HIGH:LOW, two temperatures above 0, got {args.teacher_schedule}")
     task = TASKS[args.task]
     teacher = resolve_model(args.teacher).eval()
     tokenizer = teacher.tokenizer
@@ -105,6 +116,9 @@ def main() -> None:
         measure(teacher, "teacher", nfe)
         for temperature in args.teacher_temperature:
             measure(teacher, "teacher", nfe, temperature=temperature)
+        for high, low in schedules:
+            scheduled = _Tempered(teacher, 1.0, schedule=(high, low, task.response_length))
+            measure(scheduled, "teacher", nfe, temperature_schedule=f"{high}:{low}")
     students = ([("", args.student)] if args.student else []) + [tuple(a.split("=", 1)) for a in args.ablation]
     for variant, run_dir in students:
         student = load(os.path.join(run_dir, "final")).eval()
@@ -120,15 +134,23 @@ def main() -> None:
 
 
 class _Tempered(torch.nn.Module):
-    """`model` with its logits divided by `temperature`: the conditionals its tempered samples are drawn from."""
+    """`model` with its logits divided by `temperature`: the conditionals its tempered samples are drawn from.
+    With `schedule` (high, low, response length) each row's temperature is instead high · m + low · (1 − m), m the
+    fraction of the response still masked in its input."""
 
-    def __init__(self, model, temperature: float):
+    def __init__(self, model, temperature: float, schedule: tuple[float, float, int] | None = None):
         super().__init__()
-        self.model, self.temperature, self.mask_token_id = model, temperature, model.mask_token_id
+        self.model, self.temperature, self.schedule = model, temperature, schedule
+        self.mask_token_id, self.tokenizer = model.mask_token_id, model.tokenizer
 
-    def forward(self, *args, **kwargs):
-        output = self.model(*args, **kwargs)
-        output.logits = output.logits / self.temperature
+    def forward(self, input_ids, *args, **kwargs):
+        output = self.model(input_ids, *args, **kwargs)
+        temperature = self.temperature
+        if self.schedule is not None:
+            high, low, length = self.schedule
+            masked = (input_ids == self.mask_token_id).sum(1, keepdim=True).float() / length
+            temperature = (high * masked + low * (1 - masked))[..., None]
+        output.logits = output.logits / temperature
         return output
 
 

@@ -393,6 +393,30 @@ def test_guided_sampling_uses_the_discriminator_in_both_halves():
     assert samples.discriminator_passes == 2 + 2 * 3  # 2 guided steps, then 2 steps of 3 candidates
 
 
+def test_eval_distill_scheduled_temperature_falls_with_the_masked_fraction():
+    """`--teacher_schedule HIGH:LOW`: each row's logits are divided by HIGH · m + LOW · (1 − m), m the fraction of
+    its response still masked (the prompt is not counted)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parent.parent / "scripts" / "eval_distill.py"
+    spec = importlib.util.spec_from_file_location("eval_distill", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model = tiny()
+    mask = model.mask_token_id
+    ids = torch.tensor([[5, mask, mask, mask, mask], [5, 7, mask, 8, 9], [5, 7, 7, 8, 9]])
+    with torch.no_grad():
+        plain = model(ids).logits
+        scheduled = script._Tempered(model, 1.0, schedule=(1.0, 0.2, 4))(ids).logits
+        fixed = script._Tempered(model, 0.5)(ids).logits
+    for row, temperature in enumerate([1.0, 0.2 + 0.8 / 4, 0.2]):
+        finite = plain[row].isfinite()
+        assert torch.allclose(scheduled[row][finite], plain[row][finite] / temperature)
+    finite = plain.isfinite()
+    assert torch.allclose(fixed[finite], plain[finite] / 0.5)
+
+
 def test_judge_perplexity_and_entropy_by_hand():
     from dlm_rl.judge import judge_perplexity, unigram_entropy
 
