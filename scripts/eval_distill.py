@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--teacher_temperature", type=float, nargs="*", default=[],
                         help="also sample the teacher at these temperatures (< 1: sharper) at every NFE: the "
                              "baseline a student must beat")
-    parser.add_argument("--teacher_schedule", nargs="*", default=[], metavar="HIGH:LOW",
+    parser.add_argument("--teacher_schedule", type=_schedule, nargs="*", default=[], metavar="HIGH:LOW",
                         help="also sample the teacher at a temperature falling linearly from HIGH (all masked) to "
                              "LOW (none masked)")
     parser.add_argument("--samples", type=int, default=256)
@@ -65,12 +65,6 @@ def main() -> None:
 
     if any("=" not in spec for spec in args.ablation):
         parser.error(f"--ablation takes NAME=RUN_DIR, got {args.ablation}")
-    try:
-        schedules = [tuple(float(t) for t in spec.split(":")) for spec in args.teacher_schedule]
-    except ValueError:
-        schedules = [()]
-    if not all(len(pair) == 2 and min(pair) > 0 for pair in schedules):
-        parser.error(f"--teacher_schedule takes HIGH:LOW, two temperatures above 0, got {args.teacher_schedule}")
     task = TASKS[args.task]
     teacher = resolve_model(args.teacher).eval()
     tokenizer = teacher.tokenizer
@@ -79,6 +73,8 @@ def main() -> None:
     prompt_ids = torch.tensor([prompt] * args.samples)
     prompt_mask = torch.ones_like(prompt_ids)
     results = []
+    scheduled = {(high, low): _Tempered(teacher, 1.0, schedule=(high, low, task.response_length))
+                 for high, low in args.teacher_schedule}  # one model each, so its held-out NLL is computed once
     if args.heldout:
         heldout = DiffusionCollator(tokenizer, task.response_length)(
             task.dataset("test", args.heldout, seed=args.seed + 1).to_list())
@@ -116,9 +112,8 @@ def main() -> None:
         measure(teacher, "teacher", nfe)
         for temperature in args.teacher_temperature:
             measure(teacher, "teacher", nfe, temperature=temperature)
-        for high, low in schedules:
-            scheduled = _Tempered(teacher, 1.0, schedule=(high, low, task.response_length))
-            measure(scheduled, "teacher", nfe, temperature_schedule=f"{high}:{low}")
+        for (high, low), model in scheduled.items():
+            measure(model, "teacher", nfe, temperature_schedule=f"{high}:{low}")
     students = ([("", args.student)] if args.student else []) + [tuple(a.split("=", 1)) for a in args.ablation]
     for variant, run_dir in students:
         student = load(os.path.join(run_dir, "final")).eval()
@@ -133,6 +128,17 @@ def main() -> None:
     print(json.dumps({"results": results}))
 
 
+def _schedule(text: str) -> tuple[float, float]:
+    """`--teacher_schedule`'s HIGH:LOW, two temperatures above 0."""
+    try:
+        high, low = (float(t) for t in text.split(":"))
+    except ValueError:
+        high = low = 0.0
+    if min(high, low) <= 0:
+        raise argparse.ArgumentTypeError(f"takes HIGH:LOW, two temperatures above 0, got {text!r}")
+    return high, low
+
+
 class _Tempered(torch.nn.Module):
     """`model` with its logits divided by `temperature`: the conditionals its tempered samples are drawn from.
     With `schedule` (high, low, response length) each row's temperature is instead high · m + low · (1 − m), m the
@@ -141,7 +147,7 @@ class _Tempered(torch.nn.Module):
     def __init__(self, model, temperature: float, schedule: tuple[float, float, int] | None = None):
         super().__init__()
         self.model, self.temperature, self.schedule = model, temperature, schedule
-        self.mask_token_id, self.tokenizer = model.mask_token_id, model.tokenizer
+        self.mask_token_id = model.mask_token_id
 
     def forward(self, input_ids, *args, **kwargs):
         output = self.model(input_ids, *args, **kwargs)
