@@ -137,7 +137,7 @@ def _sampler_options(args) -> dict:
 
 
 def _load(args):
-    from dlm_rl.models.resolve import resolve_model
+    from dlm_rl.model_spec import resolve_model
 
     return resolve_model(args.model, trust_remote_code=args.trust_remote_code)
 

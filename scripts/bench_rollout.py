@@ -22,7 +22,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from dlm_rl.models.lora import LoraArguments, add_lora  # noqa: E402
-from dlm_rl.models.resolve import resolve_model  # noqa: E402
+from dlm_rl.model_spec import resolve_model  # noqa: E402
 from dlm_rl.rollout import LocalEngine, RayEngine  # noqa: E402
 from dlm_rl.rollout.engine import weight_snapshot  # noqa: E402
 from dlm_rl.sampling import SamplerConfig  # noqa: E402

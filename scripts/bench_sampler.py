@@ -76,7 +76,7 @@ def main() -> int:
     temperatures = [float(t) for t in args.temperatures.split(",")]
     torch.set_num_threads(args.threads)
 
-    from dlm_rl.models.resolve import resolve_model
+    from dlm_rl.model_spec import resolve_model
     from dlm_rl.testbed import TASKS, VALIDATION_SIZE
 
     results, ablations = [], []

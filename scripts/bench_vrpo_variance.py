@@ -34,7 +34,7 @@ def main() -> None:
 
     from peft import PeftModel
 
-    from dlm_rl.models.resolve import resolve_model
+    from dlm_rl.model_spec import resolve_model
     from dlm_rl.recipe import parse_recipe
     from dlm_rl.reward_functions import Rewards
     from dlm_rl.rl.vrpo import PreferenceEstimator, vrpo_loss

@@ -32,7 +32,7 @@ def main() -> None:
 
     from dlm_rl.data.collate import DiffusionCollator
     from dlm_rl.judge import validities
-    from dlm_rl.models.resolve import resolve_model
+    from dlm_rl.model_spec import resolve_model
     from dlm_rl.rl.didi import noise_at, teacher_log_likelihood
     from dlm_rl.sampling.guided import ancestral_sample
     from dlm_rl.testbed import TASKS

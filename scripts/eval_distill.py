@@ -58,7 +58,7 @@ def main() -> None:
     from dlm_rl.diffusion.noise import MCNoise
     from dlm_rl.judge import build_judge, judge_perplexity, load_judge, sample_quality
     from dlm_rl.models.loading import load
-    from dlm_rl.models.resolve import resolve_model
+    from dlm_rl.model_spec import resolve_model
     from dlm_rl.rl.didi import load_discriminator
     from dlm_rl.sampling.guided import ancestral_sample
     from dlm_rl.testbed import TASKS

@@ -87,7 +87,7 @@ def _time_samplers(args, rows: list[dict], device) -> list[dict]:
     import torch
 
     from dlm_rl.evaluation import decode_responses, rollout
-    from dlm_rl.models.resolve import resolve_model
+    from dlm_rl.model_spec import resolve_model
     from dlm_rl.sampling.config import SamplerConfig
     from rewards.math import check
 

@@ -1,4 +1,4 @@
-"""Saving and loading diffusion LMs, the remote-code family table, and A2D conversion of a causal LM."""
+"""Saving and loading diffusion LMs, what load() refuses, and A2D conversion of a causal LM."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dlm_rl.data.tokenizer import MASK, char_tokenizer
-from dlm_rl.models import FAMILIES, Conventions, DiffusionLM, from_causal_lm, load, tiny_model
+from dlm_rl.models import FAMILIES, DiffusionLM, from_causal_lm, load, tiny_model
 
 SMALL = dict(hidden_size=32, num_layers=2, intermediate_size=64)
 
@@ -60,29 +60,28 @@ def test_load_overrides_replace_saved_conventions(tmp_path):
     assert (loaded.attention, loaded.block_size, loaded.mask_token_id) == ("block", 2, 2)
 
 
-# --- remote-code families ---------------------------------------------------------------------------------------
+# --- what load() refuses ---------------------------------------------------------------------------------------
 
 
-def test_family_conventions():
-    assert FAMILIES["llada"]["mask_token_id"] == 126336 and FAMILIES["llada"]["shift_logits"] is False
-    assert FAMILIES["llada"]["mask_format"] == "attention_bias"
-    assert FAMILIES["dream"]["mask_token_id"] == 151666 and FAMILIES["dream"]["shift_logits"] is True
-    assert FAMILIES["sdar"]["attention"] == "block" and FAMILIES["sdar"]["block_size"] == 4
-    assert FAMILIES["sdar"]["shift_logits"] is False
-    for family in FAMILIES.values():
-        Conventions(**family)  # every entry is a valid set of conventions
+def test_family_table_names_every_published_family():
+    assert sorted(FAMILIES) == ["dream", "llada", "sdar"]
 
 
-@pytest.mark.parametrize("model_type", ["llada", "Dream", "sdar"])
-def test_remote_code_family_without_trust_is_refused(tmp_path, model_type):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "vocab_size": 10}))
-    with pytest.raises(ValueError, match=f"is a {model_type} checkpoint with custom code: pass trust_remote_code=True"):
+def test_unknown_custom_code_model_without_trust_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mdlm", "vocab_size": 10}))
+    with pytest.raises(ValueError, match="'mdlm' is not a known diffusion LM family .* trust_remote_code=True"):
         load(tmp_path)
 
 
-def test_adapter_only_directory_is_explained(tmp_path):
-    (tmp_path / "adapter_config.json").write_text("{}")
-    with pytest.raises(ValueError, match="holds a LoRA adapter only"):
+def test_custom_code_model_without_a_mask_id_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mdlm", "vocab_size": 10}))
+    with pytest.raises(ValueError, match="states no mask_token_id; pass mask_token_id"):
+        load(tmp_path, trust_remote_code=True)
+
+
+def test_adapter_whose_base_is_gone_is_explained(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "gone"}))
+    with pytest.raises(ValueError, match="holds a LoRA adapter whose base model 'gone' cannot be found"):
         load(tmp_path)
 
 

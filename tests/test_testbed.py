@@ -61,7 +61,7 @@ def test_targets(metrics, met):
 def test_build_stops_at_target_caches_and_loads(tmp_path, monkeypatch):
     """An rl-base build stops at the first validation check that meets its target (0 here: the first check),
     saves a loadable model with its metrics, and a second call returns the cache without training."""
-    from dlm_rl.models.resolve import resolve_model
+    from dlm_rl.model_spec import resolve_model
 
     monkeypatch.setenv("DLM_RL_CACHE", str(tmp_path))
     probe = testbed.Checkpoint(
@@ -91,7 +91,7 @@ def test_an_unconditional_corpus_is_built_without_the_greedy_evaluation(tmp_path
 
 def test_init_starts_from_the_parents_weights(tmp_path, monkeypatch):
     """With learning rate 0 a continued checkpoint must come out with exactly its parent's weights."""
-    from dlm_rl.models.resolve import resolve_model
+    from dlm_rl.model_spec import resolve_model
 
     monkeypatch.setenv("DLM_RL_CACHE", str(tmp_path))
     small = dict(batch_size=8, warmup_steps=0, train_size=64)

@@ -1,24 +1,19 @@
-"""Loading diffusion LMs: our own checkpoints, remote-code dLLMs (LLaDA, Dream, SDAR), and AR models via A2D."""
+"""Loading diffusion LMs: our own checkpoints, published dLLM checkpoints on native classes, remote code, and A2D."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import torch
+import transformers
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from dlm_rl.models.diffusion_lm import CONVENTIONS_FILE, Conventions, DiffusionLM
+from dlm_rl.models.families import FAMILIES, Family
 
-# Conventions of the remote-code dLLM families, keyed by config.model_type (facts from their public code).
-FAMILIES = {
-    # LLaDA: in-place logits, full attention, the mask goes in as `attention_bias`; AutoModelForCausalLM.
-    "llada": dict(mask_token_id=126336, shift_logits=False, attention="full", mask_format="attention_bias"),
-    # Dream: shifted logits (AR-initialised), 4-D bool mask with position ids; only AutoModel is mapped.
-    "dream": dict(mask_token_id=151666, shift_logits=True, attention="full", mask_format="bool"),
-    # SDAR / TraDo: block-causal attention, block length 4 unless the config says otherwise.
-    "sdar": dict(mask_token_id=151669, shift_logits=False, attention="block", block_size=4, mask_format="bool"),
-}
+logger = logging.getLogger(__name__)
 
 
 def load(
@@ -31,14 +26,18 @@ def load(
 ) -> DiffusionLM:
     """Load a diffusion LM from a local path or hub name.
 
-    - a directory saved by `DiffusionLM.save_pretrained` (has `dlm_rl.json`): weights, tokenizer, conventions;
-    - a LLaDA, Dream or SDAR checkpoint (needs `trust_remote_code=True`): the family's conventions;
+    - a directory saved by `DiffusionLM.save_pretrained` (has `dlm_rl.json`): weights, tokenizer, conventions; a
+      saved LoRA adapter loads on the base model its `adapter_config.json` names;
+    - a published LLaDA, Dream, SDAR / TraDo or LLaDA2 checkpoint: its weights on transformers' own class (Llama,
+      Qwen2, Qwen3, or dlm-rl's LLaDA2 MoE) with the family's conventions; its remote code is never run;
+    - another checkpoint with custom code, with `trust_remote_code=True`: its own code, behind a transformers-5
+      compatibility layer; `overrides` must then give what its config does not (at least the mask token id);
     - anything else is refused with advice: an AR model becomes a diffusion LM through `from_causal_lm`.
     `overrides` (mask_token_id, shift_logits, attention, block_size, mask_format) replace what was found.
     """
     path = str(path)
     saved = os.path.join(path, CONVENTIONS_FILE)
-    if os.path.isfile(saved):
+    if os.path.isfile(saved) and os.path.isfile(os.path.join(path, "config.json")):
         with open(saved) as f:
             conventions = {**json.load(f), **overrides}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
@@ -47,37 +46,100 @@ def load(
 
     adapter_only = not os.path.isfile(os.path.join(path, "config.json"))
     if adapter_only and os.path.isfile(os.path.join(path, "adapter_config.json")):
-        raise ValueError(
-            f"{path} holds a LoRA adapter only: load its base model with dlm_rl.models.load(BASE), then attach the "
-            f"adapter with peft.PeftModel.from_pretrained(dlm.model, {path!r})"
-        )
-    # The raw config first: an unknown remote-code model_type makes AutoConfig fail before we can explain.
-    model_type = str(PretrainedConfig.get_config_dict(path)[0].get("model_type", ""))
+        return _load_adapter(path, trust_remote_code, dtype, device_map, overrides)
+    # The raw config first: a remote-code model_type makes AutoConfig fail before we can explain.
+    raw = PretrainedConfig.get_config_dict(path)[0]
+    model_type = str(raw.get("model_type", ""))
     family = FAMILIES.get(model_type.lower())
-    if family is None:
+    if family is not None:
+        return _load_native(path, raw, family, dtype, device_map, overrides)
+    if not trust_remote_code:
         raise ValueError(
             f"{path}: model_type {model_type!r} is not a known diffusion LM family ({', '.join(FAMILIES)}) "
-            f"and has no {CONVENTIONS_FILE}. To run an autoregressive model as a diffusion LM, convert it with "
-            "dlm_rl.models.from_causal_lm(model, tokenizer) (A2D)."
+            f"and has no {CONVENTIONS_FILE}. A checkpoint with its own modeling code loads with "
+            "trust_remote_code=True and its conventions as keywords (mask_token_id=..., shift_logits=...); an "
+            "autoregressive model becomes a diffusion LM with dlm_rl.models.from_causal_lm(model, tokenizer) (A2D)."
         )
-    if not trust_remote_code:
-        raise ValueError(f"{path} is a {model_type} checkpoint with custom code: pass trust_remote_code=True")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
-    conventions = {**family, **_config_conventions(config), **overrides}
-    auto = AutoModel if model_type.lower() == "dream" else AutoModelForCausalLM
-    model = auto.from_pretrained(path, trust_remote_code=True, dtype=dtype, device_map=device_map)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    return _load_remote(path, raw, dtype, device_map, overrides)
+
+
+def _load_adapter(path: str, trust_remote_code: bool, dtype, device_map, overrides: dict) -> DiffusionLM:
+    """A saved LoRA adapter on the base model its adapter_config.json names (loaded as `load` loads it)."""
+    from peft import PeftConfig, PeftModel
+
+    base = PeftConfig.from_pretrained(path).base_model_name_or_path
+    if not base or not (os.path.isdir(base) or "/" in base):
+        raise ValueError(
+            f"{path} holds a LoRA adapter whose base model {base!r} cannot be found: load the base with "
+            f"dlm_rl.models.load(BASE), then attach the adapter with peft.PeftModel.from_pretrained(dlm.model, {path!r})"
+        )
+    saved = os.path.join(path, CONVENTIONS_FILE)
+    if os.path.isfile(saved):
+        with open(saved) as f:
+            overrides = {**json.load(f), **overrides}
+    dlm = load(base, trust_remote_code=trust_remote_code, dtype=dtype, device_map=device_map, **overrides)
+    dlm.model = PeftModel.from_pretrained(dlm.model, path)
+    return dlm
+
+
+def _load_native(path: str, raw: dict, family: Family, dtype, device_map, overrides: dict) -> DiffusionLM:
+    """A published checkpoint's weights, renamed as the family says, in transformers' own class."""
+    config = family.native_config(raw)
+    model, info = family.model_class.from_pretrained(
+        path,
+        config=config,
+        key_mapping=family.key_mapping or None,
+        dtype=dtype,
+        device_map=device_map,
+        output_loading_info=True,
+    )
+    problems = {key: sorted(info[key]) for key in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[key]}
+    if problems:
+        raise ValueError(f"{path}: the {family.model_type} checkpoint's tensors do not fit "
+                         f"{family.model_class.__name__}: {problems}")
+    # Saves write the native names: transformers would otherwise undo the renaming when the model is saved.
+    model._weight_conversions = []
+    tokenizer = _tokenizer(path, family, config)
+    conventions = {**family.conventions(raw, tokenizer), **overrides}
+    _name_mask_token(tokenizer, conventions["mask_token_id"])
     return DiffusionLM(model, Conventions(**conventions), tokenizer)
 
 
-def _config_conventions(config) -> dict:
-    """Values a checkpoint's own config states (fine-tuned SDAR configs carry mask_token_id and block_size)."""
-    found = {}
-    if getattr(config, "mask_token_id", None) is not None:
-        found["mask_token_id"] = config.mask_token_id
-    if config.model_type.lower() == "sdar" and getattr(config, "block_size", None):
-        found["block_size"] = config.block_size
-    return found
+def _tokenizer(path: str, family: Family, config):
+    """The checkpoint's tokenizer without its remote code: AutoTokenizer (given the native config, so that the
+    checkpoint's own config is not read again), or the family's transformers class when the tokenizer config names a
+    class that only the checkpoint's own code defines."""
+    try:
+        return AutoTokenizer.from_pretrained(path, config=config, trust_remote_code=False)
+    except (ValueError, OSError, AttributeError) as error:
+        logger.info("AutoTokenizer cannot read %s without remote code (%s); using %s", path, error,
+                    family.tokenizer_class)
+    return getattr(transformers, family.tokenizer_class).from_pretrained(path)
+
+
+def _name_mask_token(tokenizer, mask_token_id: int) -> None:
+    """Give the tokenizer the mask token the config names when its own files declare none (LLaDA's)."""
+    if tokenizer is not None and tokenizer.mask_token is None and mask_token_id < len(tokenizer):
+        token = tokenizer.convert_ids_to_tokens(mask_token_id)
+        if token is not None:
+            tokenizer.mask_token = token
+
+
+def _load_remote(path: str, raw: dict, dtype, device_map, overrides: dict) -> DiffusionLM:
+    """A checkpoint with its own modeling code, run behind the transformers-5 compatibility layer."""
+    from dlm_rl.models.remote_code import load_remote_model
+
+    conventions = dict(overrides)
+    if "mask_token_id" not in conventions:
+        if raw.get("mask_token_id") is None:
+            raise ValueError(f"{path}: its config states no mask_token_id; pass mask_token_id=... to load()")
+        conventions["mask_token_id"] = raw["mask_token_id"]
+    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    auto_map = getattr(config, "auto_map", None) or {}
+    auto_class = AutoModelForCausalLM if "AutoModelForCausalLM" in auto_map else AutoModel
+    model = load_remote_model(path, auto_class=auto_class, dtype=dtype, device_map=device_map)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    return DiffusionLM(model, Conventions(**conventions), tokenizer)
 
 
 def from_causal_lm(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from peft import LoraConfig, get_peft_model
 from torch import nn
@@ -29,20 +29,30 @@ class LoraArguments:
     """Adapter scale numerator (scale = alpha / r)."""
     lora_dropout: float = 0.0
     """Dropout on the adapter input."""
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
-    """Module names to adapt (Llama/Qwen names by default)."""
+    lora_target_modules: list[str] | None = None
+    """Module names to adapt; by default the family's attention and MLP projections (`default_lora_targets`)."""
+
+
+# Every attention and MLP projection, by the backbone's model_type; Llama / Qwen names (LLaDA, Dream and SDAR load
+# on those classes) for every other one.
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_TARGETS = {"llada2_moe": ["query_key_value", "dense", "gate_proj", "up_proj", "down_proj"]}
+
+
+def default_lora_targets(model: nn.Module) -> list[str]:
+    """The LoRA targets used when a config names none: the family's attention and MLP projections."""
+    return list(DEFAULT_TARGETS.get(getattr(model.config, "model_type", None), LLAMA_TARGETS))
 
 
 def add_lora(dlm: DiffusionLM, args: LoraArguments) -> DiffusionLM:
     """Wrap the backbone in a PEFT LoRA model in place, after checking the target names (`lora_targets`)."""
-    excluded = lora_targets(dlm.model, args.lora_target_modules)
+    targets = list(args.lora_target_modules or default_lora_targets(dlm.model))
+    excluded = lora_targets(dlm.model, targets)
     config = LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
-        target_modules=list(args.lora_target_modules),
+        target_modules=targets,
         exclude_modules=excluded or None,
         bias="none",
     )

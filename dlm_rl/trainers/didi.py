@@ -155,7 +155,7 @@ def run(config: DiDiConfig) -> dict:
     """Distil; returns the final metrics line (also the last line of metrics.jsonl)."""
     from dlm_rl.data.collate import DiffusionCollator
     from dlm_rl.models.lora import add_lora
-    from dlm_rl.models.resolve import resolve_model
+    from dlm_rl.model_spec import resolve_model
     from dlm_rl.testbed import training_rows
     from dlm_rl.trainers.online import PromptStream
 

@@ -188,7 +188,7 @@ class SkipNonFinite(TrainerCallback):
 def run(config: MDMConfig) -> str:
     """Train as the config says and save the result to config.output_dir; returns that path."""
     from dlm_rl.models.lora import add_lora
-    from dlm_rl.models.resolve import resolve_model
+    from dlm_rl.model_spec import resolve_model
     from dlm_rl.testbed import training_rows
 
     if config.resume is None:

@@ -162,7 +162,7 @@ def rollout_share(engine, rows: list[dict], config: OnlineArguments, sampler) ->
 def rollout_policy(config: OnlineArguments):
     """The policy as a rollout actor builds it: the trainer's model with its LoRA structure, not yet its weights."""
     from dlm_rl.models.lora import add_lora
-    from dlm_rl.models.resolve import resolve_model
+    from dlm_rl.model_spec import resolve_model
 
     model = resolve_model(config.model, trust_remote_code=config.trust_remote_code)
     if config.use_lora:

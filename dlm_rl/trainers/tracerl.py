@@ -119,7 +119,7 @@ class TraceRLConfig(OnlineArguments):
 
 def run(config: TraceRLConfig) -> dict:
     """Train; returns the final metrics line (also the last line of metrics.jsonl)."""
-    from dlm_rl.models.resolve import resolve_model
+    from dlm_rl.model_spec import resolve_model
     from dlm_rl.reward_functions import Rewards
 
     train, held_out_rows, scorer, task_length = load_task(config)

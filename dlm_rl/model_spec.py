@@ -1,4 +1,5 @@
-"""Turn the `model:` field of a recipe into a DiffusionLM."""
+"""Turn the `model:` field of a recipe into a DiffusionLM. It stands above `dlm_rl.models` (it resolves
+`testbed:NAME` through the testbed, which trains with the MDM trainer), so loading a model never imports a trainer."""
 
 from __future__ import annotations
 

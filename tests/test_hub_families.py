@@ -1,0 +1,230 @@
+"""Published dLLM checkpoints (LLaDA, Dream, SDAR / TraDo) in their hub on-disk format load on transformers' own
+classes without their remote code, compute what the published model computes, and go through every sampler mode,
+exact replay, a LoRA training step, saving and reloading."""
+
+from __future__ import annotations
+
+import ast
+import json
+import pathlib
+
+import pytest
+import torch
+
+from dlm_rl.models import load
+from dlm_rl.models.lora import LoraArguments, add_lora
+from dlm_rl.rl.rows import response_log_probs
+from dlm_rl.rl.trace import model_trace_rows
+from dlm_rl.sampling.config import SamplerConfig
+from dlm_rl.sampling.sampler import generate
+from hub_checkpoints import SPECIALS, reference_logits, write_checkpoint
+
+FAMILIES = ["llada", "dream", "sdar"]
+NATIVE = {"llada": "LlamaForCausalLM", "dream": "Qwen2ForCausalLM", "sdar": "Qwen3ForCausalLM"}
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """family -> (checkpoint directory, its tensors under their published names, in float32)."""
+    root = tmp_path_factory.mktemp("hub")
+    return {family: (root / family, write_checkpoint(family, root / family)) for family in FAMILIES}
+
+
+def _load(hub, family, **kwargs):
+    return load(hub[family][0], dtype=kwargs.pop("dtype", torch.float32), **kwargs).eval()
+
+
+def _prompts(model, rows=((5, 6, 7, 8, 9), (40, 41, 42))):
+    width = max(len(r) for r in rows)
+    pad = model.tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+# --- load: class, conventions, tokenizer ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loads_on_the_native_class_with_the_familys_conventions(hub, family):
+    model = _load(hub, family)
+    assert type(model.model).__name__ == NATIVE[family]
+    expected = {"llada": (126336, False, "full", None), "dream": (151666, True, "full", None),
+                "sdar": (151669, False, "block", 4)}[family]
+    assert (model.mask_token_id, model.shift_logits, model.attention, model.block_size) == expected
+    tokenizer = model.tokenizer
+    mask_token = {"llada": "<|mdm_mask|>", "dream": "<|mask|>", "sdar": "<|MASK|>"}[family]
+    assert tokenizer.mask_token == mask_token and tokenizer.mask_token_id == model.mask_token_id
+    assert tokenizer.eos_token_id == SPECIALS[family]["<|endoftext|>"]
+    assert tokenizer.convert_tokens_to_ids(mask_token) == model.mask_token_id
+    assert tokenizer.decode(tokenizer("12+3=", add_special_tokens=False)["input_ids"]) == "12+3="
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_equal_the_published_forward(hub, family):
+    """The mapped model's logits equal the published architecture's, computed from the checkpoint's own tensors
+    by name (a swapped rename, a missing bias or qk-norm, a wrong RoPE base or logit shift would all fail)."""
+    path, tensors = hub[family]
+    model = _load(hub, family)
+    ids = torch.randint(0, 1000, (2, 13), generator=torch.Generator().manual_seed(1))
+    ids[:, -4:] = model.mask_token_id
+    length = ids.shape[1]
+    if family == "sdar":  # block-causal from position 0
+        pos = torch.arange(length)
+        allowed = (pos[None, :] // 4 <= pos[:, None] // 4).expand(2, -1, -1)
+    else:
+        allowed = torch.ones(2, length, length, dtype=torch.bool)
+    expected = reference_logits(family, tensors, ids, allowed)
+    if family == "dream":  # hidden state i-1 predicts token i
+        expected = torch.cat([expected[:, :1], expected[:, :-1]], 1)
+    with torch.no_grad():
+        logits = model(ids).logits
+    keep = torch.arange(logits.shape[-1]) != model.mask_token_id
+    assert (logits[..., keep] - expected[..., keep]).abs().max() <= 1e-4
+    assert logits[..., model.mask_token_id].isneginf().all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_remote_code_runs(hub, family, tmp_path):
+    """The checkpoints' auto_map names modeling files that are not there: loading never looks for them."""
+    config = json.loads((hub[family][0] / "config.json").read_text())
+    assert config["auto_map"] and not list(hub[family][0].glob("*.py"))
+    _load(hub, family, trust_remote_code=True)  # the flag changes nothing for a known family
+
+
+def test_llada_context_is_its_max_sequence_length(hub):
+    model = _load(hub, "llada")
+    assert model.config.max_position_embeddings == 64
+    ids, mask = _prompts(model)
+    with pytest.raises(ValueError, match="exceeds the model's context of 64 positions"):
+        generate(model, ids, mask, SamplerConfig(gen_length=64))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"alibi": True}, "alibi=True"),
+    ({"block_type": "sequential"}, "block_type='sequential'"),
+    ({"include_bias": True}, "include_bias=True"),
+])
+def test_llada_options_the_llama_class_lacks_are_refused(tmp_path, change, message):
+    write_checkpoint("llada", tmp_path, **change)
+    with pytest.raises(ValueError, match=message):
+        load(tmp_path)
+
+
+def test_a_missing_tensor_is_an_error_not_a_random_init(hub, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path, _ = hub["dream"]
+    for name in ("config.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        (tmp_path / name).write_bytes((path / name).read_bytes())
+    tensors = load_file(path / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"do not fit Qwen2ForCausalLM.*model.layers.1.mlp.up_proj.weight"):
+        load(tmp_path)
+
+
+# --- sampling ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("decoding", [dict(steps=8), dict(threshold=0.5), dict(factor=1.0)])
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+def test_every_sampler_mode_runs(hub, family, decoding, cache):
+    model = _load(hub, family)
+    ids, mask = _prompts(model)
+    config = SamplerConfig(gen_length=8, block_length=4, temperature=1.0, cache=cache, **decoding)
+    trajectory = generate(model, ids, mask, config, torch.Generator().manual_seed(0))
+    assert trajectory.response_ids.shape == (2, 8)
+    assert (trajectory.response_ids != model.mask_token_id).all()
+    assert trajectory.log_probs[trajectory.sampled].isfinite().all()
+
+
+@pytest.mark.parametrize("decoding", [dict(steps=12), dict(threshold=0.3)])
+def test_block_model_caches_equal_uncached_sampling(hub, decoding):
+    model = _load(hub, "sdar")
+    ids, mask = _prompts(model)
+    runs = {cache: generate(model, ids, mask, SamplerConfig(gen_length=12, temperature=1.0, cache=cache, **decoding),
+                            torch.Generator().manual_seed(0)) for cache in ("none", "prefix", "dual")}
+    for cache in ("prefix", "dual"):
+        assert torch.equal(runs[cache].response_ids, runs["none"].response_ids), cache
+        assert torch.equal(runs[cache].step_map, runs["none"].step_map), cache
+        torch.testing.assert_close(runs[cache].log_probs, runs["none"].log_probs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_rows_replay_the_samplers_log_probs(hub, family):
+    model = _load(hub, family)
+    ids, mask = _prompts(model)
+    config = SamplerConfig(gen_length=8, block_length=4, temperature=1.0, threshold=0.3)
+    trajectory = generate(model, ids, mask, config, torch.Generator().manual_seed(2))
+    rows = model_trace_rows(trajectory, model)
+    with torch.no_grad():
+        replayed = response_log_probs(model, rows)
+    recorded = trajectory.log_probs[rows.sample]
+    assert rows.targets.sum() == trajectory.sampled.sum()
+    assert (replayed - recorded)[rows.targets].abs().max() <= 1e-5
+
+
+# --- training, saving, dtypes -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_step_save_and_reload(hub, family, tmp_path):
+    """Default LoRA targets exist, a training-mode forward gives logits and gradients, an update changes the
+    logits, and both the adapter and the merged full weights reload with load() alone."""
+    model = add_lora(_load(hub, family), LoraArguments(use_lora=True, lora_r=4)).train()
+    adapted = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in model.named_parameters() if "lora_A" in name}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    ids, mask = _prompts(model)
+    logits = model(ids, mask).logits
+    assert logits.requires_grad
+    logits[..., :1000].logsumexp(-1).mean().backward()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        after = model(ids, mask).logits
+    assert not torch.allclose(after[..., :1000], logits.detach()[..., :1000])
+
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = load(tmp_path / "adapter", dtype=torch.float32).eval()
+    assert reloaded.conventions == model.conventions
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids, mask).logits, after, atol=1e-5, rtol=0)
+
+    merged = type(model)(model.model.merge_and_unload(), model.conventions, model.tokenizer)
+    merged.save_pretrained(tmp_path / "full")
+    full = load(tmp_path / "full").eval()
+    assert type(full.model).__name__ == NATIVE[family]
+    with torch.no_grad():
+        torch.testing.assert_close(full(ids, mask).logits, after, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_forward_and_sampling(hub, family):
+    model = _load(hub, family, dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    ids, mask = _prompts(model)
+    trajectory = generate(model, ids, mask, SamplerConfig(gen_length=8, block_length=4, threshold=0.5, cache="dual"),
+                          torch.Generator().manual_seed(0))
+    assert (trajectory.response_ids != model.mask_token_id).all()
+    with torch.no_grad():
+        bf16 = model(ids, mask).logits.float()
+        fp32 = _load(hub, family)(ids, mask).logits
+    keep = torch.arange(fp32.shape[-1]) != model.mask_token_id
+    assert (bf16[..., keep] - fp32[..., keep]).abs().max() < 0.5
+
+
+def test_the_model_layer_imports_nothing_above_it():
+    """dlm_rl.models stands below everything: loading a model never imports a trainer, the testbed, the sampler or
+    the evaluation harness."""
+    above = ("dlm_rl.testbed", "dlm_rl.trainers", "dlm_rl.sampling", "dlm_rl.evaluation", "dlm_rl.rl",
+             "dlm_rl.rollout", "dlm_rl.model_spec")
+    root = pathlib.Path(__file__).parents[1] / "dlm_rl" / "models"
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) else (
+                [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            for name in names:
+                assert not (name or "").startswith(above), f"{path.name} imports {name}"
