@@ -1,4 +1,5 @@
-"""Command line: `dlm-rl train RECIPE.yaml [--key value ...]`, `dlm-rl sample`, `dlm-rl eval`, `dlm-rl plot`."""
+"""Command line: `dlm-rl train RECIPE.yaml [--key value ...]`, `dlm-rl sample`, `dlm-rl eval`, `dlm-rl plot`,
+`dlm-rl convert`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import asdict
 
 from dlm_rl.sampling.config import CACHES, ORDERINGS
 
@@ -71,6 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     plot.add_argument("run_dir", help="a tracerl, vrpo or didi run's output_dir")
     plot.add_argument("--output", help="the PNG to write (default RUN_DIR/curves.png)")
 
+    convert = commands.add_parser(
+        "convert", help="write a checkpoint as a dlm-rl directory",
+        description="Load a model as `dlm-rl train` would (a published LLaDA / Dream / SDAR / LLaDA2 checkpoint, a "
+        "testbed name, ...) and write it to OUT as a dlm-rl directory: the native model's weights and config, the "
+        "tokenizer and dlm_rl.json with the diffusion conventions. OUT loads with dlm_rl.models.load(OUT).",
+    )
+    convert.add_argument("model", help="the checkpoint to convert (a path, hub name, testbed:NAME, ...)")
+    convert.add_argument("output", help="the directory to write; must not exist or be empty")
+    convert.add_argument("--trust-remote-code", action="store_true")
+    convert.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                         help="weights' dtype (default: as stored)")
+
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.command != "train" and rest:
@@ -86,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             _sample(args)
         elif args.command == "plot":
             _plot(args)
+        elif args.command == "convert":
+            _convert(args)
         else:
             _eval(args)
     except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as error:
@@ -134,6 +150,17 @@ def _sampler_arguments(parser: argparse.ArgumentParser) -> None:
 def _sampler_options(args) -> dict:
     names = ("block_length", "steps", "threshold", "factor", "cache", "remasking", "cfg_scale", "early_stop")
     return {name: getattr(args, name) for name in names}
+
+
+def _convert(args) -> None:
+    from dlm_rl.model_spec import resolve_model
+
+    if os.path.exists(args.output) and (not os.path.isdir(args.output) or os.listdir(args.output)):
+        raise ValueError(f"{args.output} exists and is not an empty directory; choose a new one")
+    model = resolve_model(args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
+    model.save_pretrained(args.output)
+    print(json.dumps({"model": args.model, "output": args.output, "class": type(model.model).__name__,
+                      "dtype": str(model.dtype).removeprefix("torch."), **asdict(model.conventions)}))
 
 
 def _load(args):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from dlm_rl.models.diffusion_lm import DiffusionLM
 
 
@@ -14,12 +16,31 @@ def resolve_model(
     attention: str = "full",
     block_size: int | None = None,
     trust_remote_code: bool = False,
+    dtype: str = "auto",
     tiny_hidden_size: int = 128,
     tiny_num_layers: int = 4,
     seed: int = 0,
 ) -> DiffusionLM:
     """'tiny' → a fresh tiny model; 'smollm2' → SmolLM2-135M-Instruct via A2D (offline); 'testbed:NAME' → a built
-    testbed checkpoint; anything else → `dlm_rl.models.load(spec)` (a dlm-rl directory or a dLLM checkpoint)."""
+    testbed checkpoint; anything else → `dlm_rl.models.load(spec)` (a dlm-rl directory or a dLLM checkpoint).
+    `dtype` ('auto' keeps the stored one) names the weights' torch dtype."""
+    if spec in ("tiny", "smollm2"):
+        model = _built_in(spec, attention, block_size, tiny_hidden_size, tiny_num_layers, seed)
+        return model if dtype == "auto" else model.to(getattr(torch, dtype))
+    if spec.startswith("testbed:"):
+        from dlm_rl.testbed import checkpoint
+
+        spec = checkpoint(spec.removeprefix("testbed:"))
+    if not os.path.exists(spec) and "/" not in spec:
+        raise ValueError(
+            f"model {spec!r} is neither 'tiny', 'smollm2', 'testbed:NAME', an existing path nor a hub name"
+        )
+    from dlm_rl.models.loading import load
+
+    return load(spec, trust_remote_code=trust_remote_code, dtype=dtype)
+
+
+def _built_in(spec, attention, block_size, tiny_hidden_size, tiny_num_layers, seed) -> DiffusionLM:
     if spec == "tiny":
         from dlm_rl.models.tiny import tiny_model
 
@@ -31,18 +52,6 @@ def resolve_model(
             block_size=block_size,
             seed=seed,
         )
-    if spec == "smollm2":
-        from dlm_rl.models.assets import smollm2
+    from dlm_rl.models.assets import smollm2
 
-        return smollm2(attention=attention, block_size=block_size)
-    if spec.startswith("testbed:"):
-        from dlm_rl.testbed import checkpoint
-
-        spec = checkpoint(spec.removeprefix("testbed:"))
-    if not os.path.exists(spec) and "/" not in spec:
-        raise ValueError(
-            f"model {spec!r} is neither 'tiny', 'smollm2', 'testbed:NAME', an existing path nor a hub name"
-        )
-    from dlm_rl.models.loading import load
-
-    return load(spec, trust_remote_code=trust_remote_code)
+    return smollm2(attention=attention, block_size=block_size)

@@ -19,8 +19,12 @@ from dlm_rl.sampling.config import SamplerConfig
 from dlm_rl.sampling.sampler import generate
 from hub_checkpoints import SPECIALS, reference_logits, write_checkpoint
 
-FAMILIES = ["llada", "dream", "sdar"]
-NATIVE = {"llada": "LlamaForCausalLM", "dream": "Qwen2ForCausalLM", "sdar": "Qwen3ForCausalLM"}
+FAMILIES = ["llada", "dream", "sdar", "llada2"]
+NATIVE = {"llada": "LlamaForCausalLM", "dream": "Qwen2ForCausalLM", "sdar": "Qwen3ForCausalLM",
+          "llada2": "LLaDA2MoeForCausalLM"}
+PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+LORA_TARGETS = {"llada": PROJECTIONS, "dream": PROJECTIONS, "sdar": PROJECTIONS,
+                "llada2": {"query_key_value", "dense", "gate_proj", "up_proj", "down_proj"}}
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +36,18 @@ def hub(tmp_path_factory):
 
 def _load(hub, family, **kwargs):
     return load(hub[family][0], dtype=kwargs.pop("dtype", torch.float32), **kwargs).eval()
+
+
+def _small_blocks(hub, family, **kwargs):
+    """The model with LLaDA2's 32-token attention blocks cut to SDAR's 4: the same code path, and sampling a
+    157k-token vocabulary over 32-token blocks takes about a second a step on one CPU thread."""
+    return _load(hub, family, **({"block_size": 4} if family == "llada2" else {}), **kwargs)
+
+
+def _canvas(model) -> dict:
+    """The shortest canvas of whole decoding blocks: blocks of 4, or the model's own attention block."""
+    block = model.block_size or 4
+    return dict(gen_length=max(8, block), block_length=block)
 
 
 def _prompts(model, rows=((5, 6, 7, 8, 9), (40, 41, 42))):
@@ -50,14 +66,17 @@ def test_loads_on_the_native_class_with_the_familys_conventions(hub, family):
     model = _load(hub, family)
     assert type(model.model).__name__ == NATIVE[family]
     expected = {"llada": (126336, False, "full", None), "dream": (151666, True, "full", None),
-                "sdar": (151669, False, "block", 4)}[family]
+                "sdar": (151669, False, "block", 4), "llada2": (156895, False, "block", 32)}[family]
     assert (model.mask_token_id, model.shift_logits, model.attention, model.block_size) == expected
     tokenizer = model.tokenizer
-    mask_token = {"llada": "<|mdm_mask|>", "dream": "<|mask|>", "sdar": "<|MASK|>"}[family]
+    mask_token = {"llada": "<|mdm_mask|>", "dream": "<|mask|>", "sdar": "<|MASK|>", "llada2": "<|mask|>"}[family]
     assert tokenizer.mask_token == mask_token and tokenizer.mask_token_id == model.mask_token_id
     assert tokenizer.eos_token_id == SPECIALS[family]["<|endoftext|>"]
     assert tokenizer.convert_tokens_to_ids(mask_token) == model.mask_token_id
     assert tokenizer.decode(tokenizer("12+3=", add_special_tokens=False)["input_ids"]) == "12+3="
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "1+1="}], add_generation_prompt=True,
+                                         tokenize=False)
+    assert "1+1=" in chat and "assistant" in chat.lower()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -66,12 +85,12 @@ def test_logits_equal_the_published_forward(hub, family):
     by name (a swapped rename, a missing bias or qk-norm, a wrong RoPE base or logit shift would all fail)."""
     path, tensors = hub[family]
     model = _load(hub, family)
-    ids = torch.randint(0, 1000, (2, 13), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 1000, (2, 40), generator=torch.Generator().manual_seed(1))
     ids[:, -4:] = model.mask_token_id
     length = ids.shape[1]
-    if family == "sdar":  # block-causal from position 0
+    if model.attention == "block":  # block-causal from position 0
         pos = torch.arange(length)
-        allowed = (pos[None, :] // 4 <= pos[:, None] // 4).expand(2, -1, -1)
+        allowed = (pos[None, :] // model.block_size <= pos[:, None] // model.block_size).expand(2, -1, -1)
     else:
         allowed = torch.ones(2, length, length, dtype=torch.bool)
     expected = reference_logits(family, tensors, ids, allowed)
@@ -92,8 +111,9 @@ def test_no_remote_code_runs(hub, family, tmp_path):
     _load(hub, family, trust_remote_code=True)  # the flag changes nothing for a known family
 
 
-def test_llada_context_is_its_max_sequence_length(hub):
-    model = _load(hub, "llada")
+def test_llada_context_is_its_max_sequence_length(tmp_path):
+    write_checkpoint("llada", tmp_path, max_sequence_length=64)
+    model = load(tmp_path)
     assert model.config.max_position_embeddings == 64
     ids, mask = _prompts(model)
     with pytest.raises(ValueError, match="exceeds the model's context of 64 positions"):
@@ -131,20 +151,22 @@ def test_a_missing_tensor_is_an_error_not_a_random_init(hub, tmp_path):
 @pytest.mark.parametrize("decoding", [dict(steps=8), dict(threshold=0.5), dict(factor=1.0)])
 @pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
 def test_every_sampler_mode_runs(hub, family, decoding, cache):
-    model = _load(hub, family)
+    model = _small_blocks(hub, family)
     ids, mask = _prompts(model)
-    config = SamplerConfig(gen_length=8, block_length=4, temperature=1.0, cache=cache, **decoding)
+    config = SamplerConfig(**_canvas(model), temperature=1.0, cache=cache, **decoding)
     trajectory = generate(model, ids, mask, config, torch.Generator().manual_seed(0))
-    assert trajectory.response_ids.shape == (2, 8)
+    assert trajectory.response_ids.shape == (2, config.gen_length)
     assert (trajectory.response_ids != model.mask_token_id).all()
     assert trajectory.log_probs[trajectory.sampled].isfinite().all()
 
 
+@pytest.mark.parametrize("family", ["sdar", "llada2"])
 @pytest.mark.parametrize("decoding", [dict(steps=12), dict(threshold=0.3)])
-def test_block_model_caches_equal_uncached_sampling(hub, decoding):
-    model = _load(hub, "sdar")
+def test_block_model_caches_equal_uncached_sampling(hub, family, decoding):
+    model = _small_blocks(hub, family)
     ids, mask = _prompts(model)
-    runs = {cache: generate(model, ids, mask, SamplerConfig(gen_length=12, temperature=1.0, cache=cache, **decoding),
+    length = 3 * model.block_size if model.block_size < 8 else 2 * model.block_size  # several blocks
+    runs = {cache: generate(model, ids, mask, SamplerConfig(gen_length=length, temperature=1.0, cache=cache, **decoding),
                             torch.Generator().manual_seed(0)) for cache in ("none", "prefix", "dual")}
     for cache in ("prefix", "dual"):
         assert torch.equal(runs[cache].response_ids, runs["none"].response_ids), cache
@@ -154,9 +176,9 @@ def test_block_model_caches_equal_uncached_sampling(hub, decoding):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_rows_replay_the_samplers_log_probs(hub, family):
-    model = _load(hub, family)
+    model = _small_blocks(hub, family)
     ids, mask = _prompts(model)
-    config = SamplerConfig(gen_length=8, block_length=4, temperature=1.0, threshold=0.3)
+    config = SamplerConfig(**_canvas(model), temperature=1.0, threshold=0.3)
     trajectory = generate(model, ids, mask, config, torch.Generator().manual_seed(2))
     rows = model_trace_rows(trajectory, model)
     with torch.no_grad():
@@ -173,9 +195,9 @@ def test_training_rows_replay_the_samplers_log_probs(hub, family):
 def test_lora_step_save_and_reload(hub, family, tmp_path):
     """Default LoRA targets exist, a training-mode forward gives logits and gradients, an update changes the
     logits, and both the adapter and the merged full weights reload with load() alone."""
-    model = add_lora(_load(hub, family), LoraArguments(use_lora=True, lora_r=4)).train()
+    model = add_lora(_small_blocks(hub, family), LoraArguments(use_lora=True, lora_r=4)).train()
     adapted = {name.split(".lora_A")[0].rsplit(".", 1)[-1] for name, _ in model.named_parameters() if "lora_A" in name}
-    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert adapted == LORA_TARGETS[family]
     ids, mask = _prompts(model)
     logits = model(ids, mask).logits
     assert logits.requires_grad
@@ -203,15 +225,15 @@ def test_lora_step_save_and_reload(hub, family, tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bfloat16_forward_and_sampling(hub, family):
-    model = _load(hub, family, dtype=torch.bfloat16)
+    model = _small_blocks(hub, family, dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16
     ids, mask = _prompts(model)
-    trajectory = generate(model, ids, mask, SamplerConfig(gen_length=8, block_length=4, threshold=0.5, cache="dual"),
+    trajectory = generate(model, ids, mask, SamplerConfig(**_canvas(model), threshold=0.5, cache="dual"),
                           torch.Generator().manual_seed(0))
     assert (trajectory.response_ids != model.mask_token_id).all()
     with torch.no_grad():
         bf16 = model(ids, mask).logits.float()
-        fp32 = _load(hub, family)(ids, mask).logits
+        fp32 = _small_blocks(hub, family)(ids, mask).logits
     keep = torch.arange(fp32.shape[-1]) != model.mask_token_id
     assert (bf16[..., keep] - fp32[..., keep]).abs().max() < 0.5
 
@@ -228,3 +250,32 @@ def test_the_model_layer_imports_nothing_above_it():
                 [a.name for a in node.names] if isinstance(node, ast.Import) else [])
             for name in names:
                 assert not (name or "").startswith(above), f"{path.name} imports {name}"
+
+
+# --- the command line takes hub-format directories ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_convert_writes_a_dlm_rl_directory_with_the_same_logits(hub, family, tmp_path, capsys):
+    from dlm_rl.cli import main
+
+    out = tmp_path / "converted"
+    assert main(["convert", str(hub[family][0]), str(out), "--dtype", "float32"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["class"] == NATIVE[family] and report["dtype"] == "float32"
+    assert json.loads((out / "dlm_rl.json").read_text())["mask_token_id"] == report["mask_token_id"]
+    assert json.loads((out / "config.json").read_text())["model_type"] in ("llama", "qwen2", "qwen3", "llada2_moe")
+    converted, original = load(out).eval(), _load(hub, family)
+    assert converted.conventions == original.conventions
+    ids, mask = _prompts(original)
+    with torch.no_grad():
+        assert torch.equal(converted(ids, mask).logits, original(ids, mask).logits)
+    assert main(["convert", str(hub[family][0]), str(out)]) == 2  # never over an earlier conversion
+
+
+def test_sample_takes_a_hub_directory(hub, capsys):
+    from dlm_rl.cli import main
+
+    assert main(["sample", "--model", str(hub["sdar"][0]), "--prompt", "1+2=", "--gen-length", "8",
+                 "--threshold", "0.5", "--cache", "prefix"]) == 0
+    assert capsys.readouterr().out.strip()

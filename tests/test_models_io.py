@@ -64,7 +64,7 @@ def test_load_overrides_replace_saved_conventions(tmp_path):
 
 
 def test_family_table_names_every_published_family():
-    assert sorted(FAMILIES) == ["dream", "llada", "sdar"]
+    assert sorted(FAMILIES) == ["dream", "llada", "llada2_moe", "sdar"]
 
 
 def test_unknown_custom_code_model_without_trust_is_refused(tmp_path):

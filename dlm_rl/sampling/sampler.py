@@ -190,13 +190,16 @@ class _BlockForward:
         self.end = hi if model.attention == "block" else columns  # nothing right of a block is visible to it
         # With shifted logits token i is read from hidden state i-1: feed one column before the block.
         self.feed_from = lo - 1 if model.shift_logits and lo > 0 else lo
+        # Nothing left of the block (a block model's first block) and nothing right of it: no columns to cache.
+        nothing_cached = self.feed_from == 0 and (decoder.cache_mode == "prefix" or self.end == hi)
+        self.mode = "none" if nothing_cached else decoder.cache_mode
         self.cache = None
         self.cached_cols = None
         device = decoder.x.device
         self.arange = lambda a, b: torch.arange(a, b, device=device)
 
     def __call__(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mode, lo, hi, end, start = self.decoder.cache_mode, self.lo, self.hi, self.end, self.feed_from
+        mode, lo, hi, end, start = self.mode, self.lo, self.hi, self.end, self.feed_from
         if mode == "none":
             logits, policy = self._run(rows, self.arange(0, end))
             return logits[:, lo:hi], policy[:, lo:hi]
