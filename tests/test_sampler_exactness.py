@@ -112,6 +112,21 @@ def test_block_attention_caches_give_the_uncached_tokens(shift, temperature, dec
         torch.testing.assert_close(runs[cache].log_probs, runs["none"].log_probs, atol=1e-5, rtol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_block_model_caches_when_the_response_starts_in_the_first_block(cache):
+    """Short prompts inside a block model's first block leave nothing to cache at that block; rows that finish
+    early then leave the batch (an empty cache once kept its old batch size there and the next step crashed)."""
+    model = tiny_model(seed=0, num_layers=2, attention="block", block_size=8).eval()
+    ids, mask = _batch(model, ["1+2=", "5", "7*8"])
+    runs = {}
+    for mode in ("none", cache):
+        config = SamplerConfig(gen_length=16, temperature=1.0, threshold=0.3, cache=mode)
+        runs[mode] = generate(model, ids, mask, config, torch.Generator().manual_seed(3))
+    assert len(set(runs["none"].block_offset.tolist())) > 1  # rows hold different numbers of masks in block 0
+    assert torch.equal(runs[cache].response_ids, runs["none"].response_ids)
+    torch.testing.assert_close(runs[cache].log_probs, runs["none"].log_probs, atol=1e-5, rtol=0, equal_nan=True)
+
+
 class _CacheAsPastKeyValues(torch.nn.Module):
     """A backbone whose forward takes and returns its KV cache as `past_key_values`, the name remote-code models
     (LLaDA, Dream, SDAR) and older transformers releases use; the transformers model inside calls it `cache`."""
