@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""GPU check of a 7-8B diffusion LM: sampler tokens/s (reference vs threshold vs threshold + DualCache) at
-generation lengths 256 and 512 on 64 GSM8K-format prompts, then 3 TraceRL steps with LoRA. Prints one JSON object.
+"""GPU check of a 7-8B (or MoE) diffusion LM: sampler tokens/s (reference vs threshold vs threshold + DualCache)
+at generation lengths 256 and 512 on 64 GSM8K-format prompts, then 3 TraceRL steps with LoRA. Prints one JSON
+object.
 
     python scripts/gpu_check.py --model /models/LLaDA-8B-Instruct
     python scripts/gpu_check.py --model /models/Dream-v0-Instruct-7B --prompts gsm8k_test.jsonl
 
 Inputs:
-  --model      a LLaDA-8B-Instruct or Dream-7B-Instruct checkpoint directory (or hub id, if the hub is reachable);
-               its modelling code is trusted (`trust_remote_code`), as these checkpoints require.
+  --model      a LLaDA / LLaDA 1.5, Dream, SDAR / TraDo or LLaDA2 checkpoint directory as the hub delivers it (or
+               a hub id, if the hub is reachable), loaded on transformers' own classes without its remote code; or
+               a dlm-rl directory. Another model with custom code needs --trust-remote-code.
   --prompts    a GSM8K-format jsonl (`question` and `answer` ending in '#### N', or `prompt` and `answer`); the
                default is reasoning-gym's offline `gsm_symbolic` generator (GSM8K-style problems), so no hub is
                needed.
@@ -34,13 +36,16 @@ SAMPLERS = {
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="LLaDA-8B-Instruct or Dream-7B-Instruct checkpoint path")
+    parser.add_argument("--model", required=True, help="a LLaDA, Dream, SDAR or LLaDA2 checkpoint directory")
+    parser.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own modeling code")
     parser.add_argument("--prompts", help="GSM8K-format jsonl (default: reasoning-gym gsm_symbolic, offline)")
     parser.add_argument("--n", type=int, default=64, help="prompts for the sampler timing")
     parser.add_argument("--gen_lengths", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--block_length", type=int, default=32)
     parser.add_argument("--batch_size", type=int, default=16, help="prompts sampled together")
     parser.add_argument("--tracerl_steps", type=int, default=3)
+    parser.add_argument("--tracerl_task", default="reasoning_gym:gsm_symbolic",
+                        help="the TraceRL steps' task (a testbed task or reasoning_gym:NAME)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpu_smoke_test", action="store_true",
                         help="run on CPU anyway (for the test suite, with a small model such as 'smollm2')")
@@ -91,7 +96,7 @@ def _time_samplers(args, rows: list[dict], device) -> list[dict]:
     from dlm_rl.sampling.config import SamplerConfig
     from rewards.math import check
 
-    model = resolve_model(args.model, trust_remote_code=True).to(device).eval()
+    model = resolve_model(args.model, trust_remote_code=args.trust_remote_code).to(device).eval()
     prompts = [row["prompt"] for row in rows]
     results = []
     for gen_length in args.gen_lengths:
@@ -126,7 +131,7 @@ def _tracerl_steps(args, device) -> dict:
 
     with tempfile.TemporaryDirectory() as output_dir:
         config = TraceRLConfig(
-            model=args.model, trust_remote_code=True, task="reasoning_gym:gsm_symbolic", chat=True,
+            model=args.model, trust_remote_code=args.trust_remote_code, task=args.tracerl_task, chat=True,
             gen_length=min(args.gen_lengths), block_length=args.block_length, use_lora=True, lora_r=16,
             num_generations=4, prompts_per_step=4, max_steps=args.tracerl_steps, eval_size=8,
             eval_steps=args.tracerl_steps, micro_batch_rows=8, output_dir=output_dir, tensorboard=False, seed=args.seed,

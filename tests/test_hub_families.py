@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import pathlib
 
 import pytest
@@ -279,3 +280,24 @@ def test_sample_takes_a_hub_directory(hub, capsys):
     assert main(["sample", "--model", str(hub["sdar"][0]), "--prompt", "1+2=", "--gen-length", "8",
                  "--threshold", "0.5", "--cache", "prefix"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_gpu_check_runs_on_a_hub_directory_in_cpu_smoke_mode(hub, tmp_path):
+    """scripts/gpu_check.py on a hub-format checkpoint: the three samplers and a TraceRL step with LoRA."""
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "1+2=", "answer": "3"}\n{"prompt": "4+4=", "answer": "8"}\n')
+    script = pathlib.Path(__file__).parents[1] / "scripts" / "gpu_check.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--model", str(hub["sdar"][0]), "--cpu_smoke_test", "--prompts", str(prompts),
+         "--tracerl_task", "addition3", "--n", "2", "--gen_lengths", "8", "--block_length", "4", "--batch_size", "2",
+         "--tracerl_steps", "1"],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [r["sampler"] for r in report["sampler"]] == ["reference", "threshold", "threshold+dual_cache"]
+    assert all(r["nfe"] > 0 for r in report["sampler"])
+    assert report["tracerl"]["steps"] == 1 and report["tracerl"]["final"]["step"] == 1
