@@ -129,7 +129,7 @@ def test_block_model_caches_when_the_response_starts_in_the_first_block(cache):
 
 class _CacheAsPastKeyValues(torch.nn.Module):
     """A backbone whose forward takes and returns its KV cache as `past_key_values`, the name remote-code models
-    (LLaDA, Dream, SDAR) and older transformers releases use; the transformers model inside calls it `cache`."""
+    and older transformers releases use; the transformers model inside calls it `cache`."""
 
     def __init__(self, backbone):
         super().__init__()
@@ -250,13 +250,13 @@ def test_prompt_longer_than_the_context_is_an_error():
         generate(model, ids, mask, SamplerConfig(gen_length=8))
 
 
-def test_caches_refused_for_llada_remote_code_format():
+def test_caches_refused_for_the_attention_bias_mask_format():
     model = _model()
     llada_like = DiffusionLM(
         model.model, dataclasses.replace(model.conventions, mask_format="attention_bias"), model.tokenizer
     )
     ids, mask = _batch(model)
-    with pytest.raises(ValueError, match="LLaDA's remote code takes no position ids or KV cache"):
+    with pytest.raises(ValueError, match="takes its mask as attention_bias takes no position ids or KV cache"):
         generate(llada_like, ids, mask, SamplerConfig(gen_length=8, cache="prefix"))
 
 

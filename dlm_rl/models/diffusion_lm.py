@@ -31,8 +31,9 @@ class Conventions:
     shift_logits: bool = False
     attention: str = "full"
     block_size: int | None = None
-    # How the backbone takes a 4-D attention mask: "additive" float as `attention_mask` (transformers models),
-    # "bool" as `attention_mask` (Dream, SDAR remote code), "attention_bias" additive float (LLaDA remote code).
+    # How the backbone takes a 4-D attention mask: "additive" float as `attention_mask` (transformers models, and
+    # the published families, which load on them), "bool" as `attention_mask` or "attention_bias" additive float
+    # (remote-code models whose forward reads the mask that way and takes no position ids).
     mask_format: str = "additive"
 
     def __post_init__(self):
@@ -128,7 +129,7 @@ class DiffusionLM(nn.Module):
         cache_name = _cache_argument(type(_base_model(self.model)))
         if past_key_values is not None:
             kwargs[cache_name] = past_key_values
-        if self.conventions.mask_format == "attention_bias":  # LLaDA's forward takes no position ids
+        if self.conventions.mask_format == "attention_bias":  # such a forward takes no position ids
             kwargs["attention_bias"] = attention_bias
         else:
             kwargs["position_ids"] = position_ids

@@ -80,7 +80,8 @@ class _Decoder:
             self.cache_mode = "prefix"  # the block cannot see its suffix: nothing right of it is fed or cached
         if config.cache != "none" and model.conventions.mask_format == "attention_bias":
             raise ValueError(
-                "LLaDA's remote code takes no position ids or KV cache; sample it with cache='none'"
+                "a backbone that takes its mask as attention_bias takes no position ids or KV cache; sample it with "
+                "cache='none'"
             )
 
     def masked(self, rows: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
