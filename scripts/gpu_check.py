@@ -9,7 +9,7 @@ object.
 Inputs:
   --model      a LLaDA / LLaDA 1.5, Dream, SDAR / TraDo or LLaDA2 checkpoint directory as the hub delivers it (or
                a hub id, if the hub is reachable), loaded on transformers' own classes without its remote code; or
-               a dlm-rl directory. Another model with custom code needs --trust-remote-code.
+               a dlm-rl directory. Another model with custom code needs --trust_remote_code.
   --prompts    a GSM8K-format jsonl (`question` and `answer` ending in '#### N', or `prompt` and `answer`); the
                default is reasoning-gym's offline `gsm_symbolic` generator (GSM8K-style problems), so no hub is
                needed.
@@ -37,7 +37,7 @@ SAMPLERS = {
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a LLaDA, Dream, SDAR or LLaDA2 checkpoint directory")
-    parser.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own modeling code")
+    parser.add_argument("--trust_remote_code", action="store_true", help="run the checkpoint's own modeling code")
     parser.add_argument("--prompts", help="GSM8K-format jsonl (default: reasoning-gym gsm_symbolic, offline)")
     parser.add_argument("--n", type=int, default=64, help="prompts for the sampler timing")
     parser.add_argument("--gen_lengths", type=int, nargs="+", default=[256, 512])

@@ -3,7 +3,7 @@
 Each is what `snapshot_download` would give for the family, shrunk: the family's own `config.json` field names and
 special-token ids, its tensor names in `model.safetensors`, tokenizer files with the special tokens at their real
 ids (so the vocabularies are full-sized and the rest tiny), and an `auto_map` pointing at modeling files that are not
-there: a loader that tried to run remote code would fail. Weights are random; `reference_logits` computes what the
+there but files that raise when imported: a loader that ran remote code would fail. Weights are random; `reference_logits` computes what the
 family's published forward computes from these tensors, written out here from the published architecture.
 """
 
@@ -75,7 +75,7 @@ def sdar_config(block_size: int = 4) -> dict:
         "model_type": "sdar", "attention_bias": False, "attention_dropout": 0.0, "block_size": block_size,
         "bos_token_id": 151643, "eos_token_id": 151643, "fuse_cross_entropy": True, "head_dim": HIDDEN // HEADS,
         "hidden_act": "silu", "hidden_size": HIDDEN, "initializer_range": 0.02, "intermediate_size": FFN,
-        "max_position_embeddings": 32768, "max_window_layers": 28, "num_attention_heads": HEADS,
+        "mask_token_id": 151669, "max_position_embeddings": 32768, "max_window_layers": 28, "num_attention_heads": HEADS,
         "num_hidden_layers": LAYERS, "num_key_value_heads": KV_HEADS, "rms_norm_eps": 1e-06, "rope_scaling": None,
         "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
         "transformers_version": "4.52.4", "use_cache": True, "use_sliding_window": False,
@@ -223,16 +223,21 @@ def _tokenizer_config(family: str) -> dict:
     return {**config, "bos_token": None, "tokenizer_class": "Qwen2Tokenizer"}
 
 
-def write_checkpoint(family: str, path: str | os.PathLike, *, seed: int = 0, **config_changes) -> dict:
-    """Write a tiny hub-format checkpoint of `family` to `path`; returns its tensors (published names)."""
+def write_checkpoint(family: str, path: str | os.PathLike, *, seed: int = 0, shards: int = 1,
+                     **config_changes) -> dict:
+    """Write a tiny hub-format checkpoint of `family` to `path` (its tensors in `shards` files with an index, as
+    the hub stores large models); returns its tensors (published names)."""
     os.makedirs(path, exist_ok=True)
     config = {**CONFIGS[family](), **config_changes}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
+    for module in {ref.split(".")[0] for ref in config["auto_map"].values()}:  # remote code that must never run
+        with open(os.path.join(path, module + ".py"), "w") as f:
+            f.write(f"raise RuntimeError('the remote code {module}.py was run')\n")
     tensors = weights(family, seed)
     bf16 = "bfloat16" in (config.get("torch_dtype"), config.get("dtype"))
-    save_file({k: v.to(torch.bfloat16) if bf16 else v for k, v in tensors.items()},
-              os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    stored = {k: v.to(torch.bfloat16) if bf16 else v for k, v in tensors.items()}
+    _save_shards(stored, path, shards)
     tokenizer = _tokenizer(family)
     tokenizer.save(os.path.join(path, "tokenizer.json"))
     if family == "dream":  # Dream ships vocab.json and merges.txt, no tokenizer.json
@@ -243,6 +248,22 @@ def write_checkpoint(family: str, path: str | os.PathLike, *, seed: int = 0, **c
     if bf16:
         tensors = {k: v.to(torch.bfloat16).float() for k, v in tensors.items()}
     return tensors
+
+
+def _save_shards(tensors: dict, path, shards: int) -> None:
+    if shards == 1:
+        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        return
+    names = sorted(tensors)
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+             "weight_map": {}}
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = names[i::shards]
+        save_file({n: tensors[n] for n in part}, os.path.join(path, file), metadata={"format": "pt"})
+        index["weight_map"] |= {n: file for n in part}
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=2)
 
 
 # --- the published forward, from the checkpoint's own tensors ------------------------------------------------------
@@ -276,14 +297,13 @@ def reference_logits(family: str, tensors: dict, input_ids: torch.Tensor, allowe
                      head="model.transformer.ff_out.weight", layer="model.transformer.blocks.{}.",
                      attn_norm="attn_norm", ffn_norm="ff_norm", q="q_proj", k="k_proj", v="v_proj", o="attn_out",
                      gate="ff_proj", up="up_proj", down="ff_out")
-        eps, theta = config["rms_norm_eps"], config["rope_theta"]
     else:
         names = dict(emb="model.embed_tokens.weight", final="model.norm.weight",
                      head="lm_head.weight" if family == "dream" else "model.embed_tokens.weight",
                      layer="model.layers.{}.", attn_norm="input_layernorm", ffn_norm="post_attention_layernorm",
                      q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
                      gate="mlp.gate_proj", up="mlp.up_proj", down="mlp.down_proj")
-        eps, theta = config["rms_norm_eps"], config["rope_theta"]
+    eps, theta = config["rms_norm_eps"], config["rope_theta"]
     w = tensors
     positions = torch.arange(length).expand(batch, -1)
     h = w[names["emb"]][input_ids]  # [B, L, H]
@@ -301,11 +321,7 @@ def reference_logits(family: str, tensors: dict, input_ids: torch.Tensor, allowe
             q = _rms(q, w[p + "self_attn.q_norm.weight"], eps)
             k = _rms(k, w[p + "self_attn.k_norm.weight"], eps)
         q, k = _rope(q, positions, theta), _rope(k, positions, theta)
-        groups = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)  # [B, h, L, L]
-        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-        attn = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, length, -1)
+        attn = _attend(q, k, v, allowed).transpose(1, 2).reshape(batch, length, -1)
         h = h + proj(attn, names["o"])
         x = _rms(h, w[p + names["ffn_norm"] + ".weight"], eps)
         h = h + proj(torch.nn.functional.silu(proj(x, names["gate"])) * proj(x, names["up"]), names["down"])

@@ -105,11 +105,32 @@ def test_logits_equal_the_published_forward(hub, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_no_remote_code_runs(hub, family, tmp_path):
-    """The checkpoints' auto_map names modeling files that are not there: loading never looks for them."""
+def test_no_remote_code_runs(hub, family):
+    """The checkpoints hold the modeling files their auto_map names, each raising when imported: loading (and so
+    every test here) never runs them."""
     config = json.loads((hub[family][0] / "config.json").read_text())
-    assert config["auto_map"] and not list(hub[family][0].glob("*.py"))
+    files = sorted(p.name for p in hub[family][0].glob("*.py"))
+    assert files and all(ref.split(".")[0] + ".py" in files for ref in config["auto_map"].values())
     _load(hub, family, trust_remote_code=True)  # the flag changes nothing for a known family
+
+
+def test_a_sharded_checkpoint_loads_as_one_file_does(hub, tmp_path):
+    write_checkpoint("llada", tmp_path, shards=3)
+    assert (tmp_path / "model.safetensors.index.json").exists() and not (tmp_path / "model.safetensors").exists()
+    ids = torch.randint(0, 1000, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path, dtype=torch.float32)(ids).logits, _load(hub, "llada")(ids).logits)
+
+
+def test_llada_eos_row_trains_and_its_special_ids_are_its_own(hub):
+    """LLaDA's pad id is its EOS: on Llama it must not become the embedding's padding_idx (a row that never gets a
+    gradient, though EOS is sampled and fed back in every response); its bos is the tokenizer's, not Llama's 1."""
+    model = _load(hub, "llada")
+    assert model.config.pad_token_id is None and model.config.bos_token_id is None
+    assert model.config.eos_token_id == 126081 and model.tokenizer.pad_token_id == 126081
+    eos = model.tokenizer.eos_token_id
+    model(torch.tensor([[5, eos, 7, eos]])).logits[..., :1000].sum().backward()
+    assert model.model.get_input_embeddings().weight.grad[eos].abs().sum() > 0
 
 
 def test_llada_context_is_its_max_sequence_length(tmp_path):
@@ -132,6 +153,12 @@ def test_llada_options_the_llama_class_lacks_are_refused(tmp_path, change, messa
         load(tmp_path)
 
 
+def test_llada2_options_its_model_does_not_compute_are_refused(tmp_path):
+    write_checkpoint("llada2", tmp_path, norm_head=True)
+    with pytest.raises(ValueError, match="norm_head=True"):
+        load(tmp_path)
+
+
 def test_a_missing_tensor_is_an_error_not_a_random_init(hub, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -142,6 +169,17 @@ def test_a_missing_tensor_is_an_error_not_a_random_init(hub, tmp_path):
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"do not fit Qwen2ForCausalLM.*model.layers.1.mlp.up_proj.weight"):
+        load(tmp_path)
+
+
+def test_a_dlm_rl_directory_missing_a_tensor_is_an_error(hub, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _load(hub, "sdar").save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.0.self_attn.k_norm.weight"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"do not fit Qwen3ForCausalLM.*model.layers.0.self_attn.k_norm.weight"):
         load(tmp_path)
 
 
@@ -216,12 +254,28 @@ def test_lora_step_save_and_reload(hub, family, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids, mask).logits, after, atol=1e-5, rtol=0)
 
+    with pytest.raises(ValueError, match="already carries a LoRA adapter"):
+        add_lora(reloaded, LoraArguments(use_lora=True, lora_r=4))
     merged = type(model)(model.model.merge_and_unload(), model.conventions, model.tokenizer)
     merged.save_pretrained(tmp_path / "full")
     full = load(tmp_path / "full").eval()
     assert type(full.model).__name__ == NATIVE[family]
     with torch.no_grad():
         torch.testing.assert_close(full(ids, mask).logits, after, atol=1e-5, rtol=0)
+
+
+def test_an_adapter_that_does_not_fit_its_base_is_an_error(hub, tmp_path):
+    """PEFT only warns when adapter tensors match no module (e.g. saved under LLaDA's old module names) and leaves
+    the bare base model; load() refuses."""
+    from safetensors.torch import load_file, save_file
+
+    model = add_lora(_load(hub, "llada"), LoraArguments(use_lora=True, lora_r=4, lora_target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    save_file({k.replace("self_attn.q_proj", "attn_out"): v for k, v in tensors.items()},
+              tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="the adapter does not fit its base"):
+        load(tmp_path)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -266,12 +320,27 @@ def test_convert_writes_a_dlm_rl_directory_with_the_same_logits(hub, family, tmp
     assert report["class"] == NATIVE[family] and report["dtype"] == "float32"
     assert json.loads((out / "dlm_rl.json").read_text())["mask_token_id"] == report["mask_token_id"]
     assert json.loads((out / "config.json").read_text())["model_type"] in ("llama", "qwen2", "qwen3", "llada2_moe")
+    from safetensors import safe_open
+
+    names = set(safe_open(out / "model.safetensors", "pt").keys())
+    assert not any(name.startswith("model.transformer.") for name in names)  # LLaDA's are written as Llama's
     converted, original = load(out).eval(), _load(hub, family)
     assert converted.conventions == original.conventions
     ids, mask = _prompts(original)
     with torch.no_grad():
         assert torch.equal(converted(ids, mask).logits, original(ids, mask).logits)
     assert main(["convert", str(hub[family][0]), str(out)]) == 2  # never over an earlier conversion
+
+
+def test_eval_takes_a_hub_directory(hub, tmp_path, capsys):
+    from dlm_rl.cli import main
+
+    assert main(["eval", "--model", str(hub["dream"][0]), "--dataset", "addition3", "--n", "2", "--samples", "1",
+                 "--gen-length", "8", "--block-length", "4", "--threshold", "0.5",
+                 "--output-dir", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "metrics.json").read_text())["n"] == 2
+    lines = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and all(line["nfe"] > 0 for line in lines)  # 2 problems: greedy and 1 sample each
 
 
 def test_sample_takes_a_hub_directory(hub, capsys):

@@ -21,6 +21,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.dynamic_module_utils import HF_MODULES_CACHE, get_class_from_dynamic_module
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from dlm_rl.data.tokenizer import char_tokenizer
+from dlm_rl.models import load
 from dlm_rl.models.remote_code import load_remote_model
 
 CONFIGURATION = '''
@@ -32,7 +34,7 @@ class TinyConfig(PretrainedConfig):
 
     def __init__(self, vocab_size=32, hidden_size=16, num_attention_heads=2, max_position_embeddings=64,
                  rope_theta=10000.0, rope_style="own", rotary_base=None, rope_tables=None, rope_persistent=False,
-                 call_post_init=True, tie_word_embeddings=False, **kwargs):
+                 call_post_init=True, tie_word_embeddings=False, scale_buffer=False, **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_attention_heads = num_attention_heads
@@ -44,6 +46,7 @@ class TinyConfig(PretrainedConfig):
         self.rope_persistent = rope_persistent
         self.call_post_init = call_post_init
         self.tie_word_embeddings = tie_word_embeddings
+        self.scale_buffer = scale_buffer  # a non-persistent buffer that is not a rotary one
         super().__init__(**kwargs)
 '''
 
@@ -116,9 +119,11 @@ class TinyModel(nn.Module):
         self.out = nn.Linear(config.hidden_size, config.hidden_size)
         rebuildable = config.rope_tables == "rebuildable"
         self.rotary_emb = (TinyRebuildableRotaryEmbedding if rebuildable else TinyRotaryEmbedding)(config)
+        if config.scale_buffer:
+            self.register_buffer("scale", torch.full((1,), 2.0), persistent=False)
 
     def forward(self, input_ids):
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids) * (self.scale if hasattr(self, "scale") else 1.0)
         b, n, h = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
         cos, sin = self.rotary_emb(torch.arange(n).expand(b, n))
@@ -299,3 +304,35 @@ def test_shims_are_removed_after_the_load(tmp_path):
     with pytest.raises(OSError):  # a load that fails inside the shims removes them too
         load_remote_model(path, auto_class=AutoModelForCausalLM)
     assert absent()
+
+
+def test_other_unverifiable_buffers_are_refused(tmp_path):
+    """transformers 5 leaves every non-persistent buffer uninitialised when the model's own _init_weights does not
+    fill it; one the layer cannot check (not a rotary buffer) makes the load an error, never silently wrong."""
+    path, reference = _checkpoint(tmp_path, scale_buffer=True)
+    plain = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    assert not torch.equal(plain.model.scale, reference.model.scale)
+    with pytest.raises(ValueError, match=r"non-persistent buffers \['model.scale'\].*cannot verify"):
+        load_remote_model(path, auto_class=AutoModelForCausalLM)
+
+
+def test_a_remote_code_model_runs_saves_and_reloads_through_load(tmp_path):
+    """load(trust_remote_code=True) gives a DiffusionLM whose save (transformers-4 tied-weight list included) loads
+    again with load() and the flag, and not without it."""
+    path, reference = _checkpoint(tmp_path, loss_kwargs=True, rope_style="lookup", call_post_init=False,
+                                  tie_word_embeddings=True)
+    char_tokenizer().save_pretrained(path)
+    with pytest.raises(ValueError, match="pass mask_token_id"):
+        load(path, trust_remote_code=True)
+    model = load(path, trust_remote_code=True, mask_token_id=2).eval()
+    with torch.no_grad():
+        logits = model(IDS).logits
+        expected = _logits(reference)
+    assert (logits[..., 3:] - expected[..., 3:]).abs().max() <= 1e-6 and logits[..., 2].isneginf().all()
+    model.save_pretrained(tmp_path / "saved")
+    with pytest.raises(ValueError, match="pass trust_remote_code=True"):
+        load(tmp_path / "saved")
+    again = load(tmp_path / "saved", trust_remote_code=True).eval()
+    assert again.conventions == model.conventions
+    with torch.no_grad():
+        assert torch.equal(again(IDS).logits, logits)

@@ -8,7 +8,7 @@ import os
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from dlm_rl.models.diffusion_lm import CONVENTIONS_FILE, Conventions, DiffusionLM
 from dlm_rl.models.families import FAMILIES, Family
@@ -40,7 +40,12 @@ def load(
     if os.path.isfile(saved) and os.path.isfile(os.path.join(path, "config.json")):
         with open(saved) as f:
             conventions = {**json.load(f), **overrides}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
+        if PretrainedConfig.get_config_dict(path)[0].get("auto_map"):  # saved from a model with its own code
+            return _load_remote(path, dtype, device_map, conventions, trust_remote_code)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, device_map=device_map, output_loading_info=True
+        )
+        _check_loading_info(info, path, type(model).__name__)
         tokenizer = AutoTokenizer.from_pretrained(path)
         return DiffusionLM(model, Conventions(**conventions), tokenizer)
 
@@ -60,12 +65,23 @@ def load(
             "trust_remote_code=True and its conventions as keywords (mask_token_id=..., shift_logits=...); an "
             "autoregressive model becomes a diffusion LM with dlm_rl.models.from_causal_lm(model, tokenizer) (A2D)."
         )
-    return _load_remote(path, raw, dtype, device_map, overrides)
+    if "mask_token_id" not in overrides and raw.get("mask_token_id") is None:
+        raise ValueError(f"{path}: its config states no mask_token_id; pass mask_token_id=... to load()")
+    return _load_remote(path, dtype, device_map, {"mask_token_id": raw.get("mask_token_id"), **overrides}, True)
+
+
+def _check_loading_info(info: dict, path: str, class_name: str) -> None:
+    """A tensor the class lacks, or one it has that the checkpoint does not fill, is an error: transformers would
+    only warn and leave the missing one randomly initialised."""
+    problems = {key: sorted(info[key]) for key in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[key]}
+    if problems:
+        raise ValueError(f"{path}: the checkpoint's tensors do not fit {class_name}: {problems}")
 
 
 def _load_adapter(path: str, trust_remote_code: bool, dtype, device_map, overrides: dict) -> DiffusionLM:
     """A saved LoRA adapter on the base model its adapter_config.json names (loaded as `load` loads it)."""
-    from peft import PeftConfig, PeftModel
+    from peft import PeftConfig, PeftModel, get_peft_model_state_dict
+    from peft.utils import load_peft_weights
 
     base = PeftConfig.from_pretrained(path).base_model_name_or_path
     if not base or not (os.path.isdir(base) or "/" in base):
@@ -79,12 +95,23 @@ def _load_adapter(path: str, trust_remote_code: bool, dtype, device_map, overrid
             overrides = {**json.load(f), **overrides}
     dlm = load(base, trust_remote_code=trust_remote_code, dtype=dtype, device_map=device_map, **overrides)
     dlm.model = PeftModel.from_pretrained(dlm.model, path)
+    # PEFT only warns about adapter tensors that match no module (e.g. an adapter saved under other module names),
+    # which would leave the bare base model: every saved tensor must have been loaded.
+    saved_keys, loaded_keys = set(load_peft_weights(path)), set(get_peft_model_state_dict(dlm.model))
+    if saved_keys != loaded_keys:
+        raise ValueError(
+            f"{path}: the adapter does not fit its base {base}: saved but not loaded {sorted(saved_keys - loaded_keys)[:5]}"
+            f", expected but not saved {sorted(loaded_keys - saved_keys)[:5]}"
+        )
     return dlm
 
 
 def _load_native(path: str, raw: dict, family: Family, dtype, device_map, overrides: dict) -> DiffusionLM:
     """A published checkpoint's weights, renamed as the family says, in transformers' own class."""
-    config = family.native_config(raw)
+    try:
+        config = family.native_config(raw)
+    except KeyError as error:
+        raise ValueError(f"{path}: the {family.model_type} config.json lacks the field {error}") from None
     model, info = family.model_class.from_pretrained(
         path,
         config=config,
@@ -93,11 +120,9 @@ def _load_native(path: str, raw: dict, family: Family, dtype, device_map, overri
         device_map=device_map,
         output_loading_info=True,
     )
-    problems = {key: sorted(info[key]) for key in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[key]}
-    if problems:
-        raise ValueError(f"{path}: the {family.model_type} checkpoint's tensors do not fit "
-                         f"{family.model_class.__name__}: {problems}")
-    # Saves write the native names: transformers would otherwise undo the renaming when the model is saved.
+    _check_loading_info(info, path, family.model_class.__name__)
+    # Saves write the native names: transformers (5.25: core_model_loading.revert_weight_conversion) would otherwise
+    # undo the renaming it recorded in this private attribute when the model is saved (tested by the convert test).
     model._weight_conversions = []
     tokenizer = _tokenizer(path, family, config)
     conventions = {**family.conventions(raw, tokenizer), **overrides}
@@ -111,7 +136,7 @@ def _tokenizer(path: str, family: Family, config):
     class that only the checkpoint's own code defines."""
     try:
         return AutoTokenizer.from_pretrained(path, config=config, trust_remote_code=False)
-    except (ValueError, OSError, AttributeError) as error:
+    except ValueError as error:  # "contains custom code which must be executed"
         logger.info("AutoTokenizer cannot read %s without remote code (%s); using %s", path, error,
                     family.tokenizer_class)
     return getattr(transformers, family.tokenizer_class).from_pretrained(path)
@@ -125,17 +150,13 @@ def _name_mask_token(tokenizer, mask_token_id: int) -> None:
             tokenizer.mask_token = token
 
 
-def _load_remote(path: str, raw: dict, dtype, device_map, overrides: dict) -> DiffusionLM:
+def _load_remote(path: str, dtype, device_map, conventions: dict, trust_remote_code: bool) -> DiffusionLM:
     """A checkpoint with its own modeling code, run behind the transformers-5 compatibility layer."""
     from dlm_rl.models.remote_code import load_remote_model
 
-    conventions = dict(overrides)
-    if "mask_token_id" not in conventions:
-        if raw.get("mask_token_id") is None:
-            raise ValueError(f"{path}: its config states no mask_token_id; pass mask_token_id=... to load()")
-        conventions["mask_token_id"] = raw["mask_token_id"]
-    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
-    auto_map = getattr(config, "auto_map", None) or {}
+    if not trust_remote_code:
+        raise ValueError(f"{path} holds a model with its own modeling code: pass trust_remote_code=True to run it")
+    auto_map = PretrainedConfig.get_config_dict(path)[0].get("auto_map") or {}
     auto_class = AutoModelForCausalLM if "AutoModelForCausalLM" in auto_map else AutoModel
     model = load_remote_model(path, auto_class=auto_class, dtype=dtype, device_map=device_map)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)

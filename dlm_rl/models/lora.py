@@ -46,6 +46,12 @@ def default_lora_targets(model: nn.Module) -> list[str]:
 
 def add_lora(dlm: DiffusionLM, args: LoraArguments) -> DiffusionLM:
     """Wrap the backbone in a PEFT LoRA model in place, after checking the target names (`lora_targets`)."""
+    if hasattr(dlm.model, "peft_config"):
+        raise ValueError(
+            f"the model already carries a LoRA adapter ({type(dlm.model).__name__}, e.g. a saved adapter directory); "
+            "to train that adapter further, attach it to the base model with peft.PeftModel.from_pretrained(dlm.model, "
+            "ADAPTER, is_trainable=True); to add a new one on top, merge it first: dlm.model = dlm.model.merge_and_unload()"
+        )
     targets = list(args.lora_target_modules or default_lora_targets(dlm.model))
     excluded = lora_targets(dlm.model, targets)
     config = LoraConfig(

@@ -32,7 +32,41 @@ def load_remote_model(
     with _shims():
         model = auto_class.from_pretrained(path, trust_remote_code=True, dtype=dtype, device_map=device_map)
     _check_rotary(model, str(path))
+    _refuse_unverifiable_buffers(model, str(path))
+    _tied_keys_as_dict(model)
     return model
+
+
+def _tied_keys_as_dict(model: PreTrainedModel) -> None:
+    """transformers 5 saves by reading `_tied_weights_keys` as a {tied: source} dict; a transformers-4 list makes
+    `save_pretrained` fail ('list' object has no attribute 'keys'). Each module holding the list gets the dict."""
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and isinstance(module._tied_weights_keys, list):
+            module._tied_weights_keys = _tied_weights(module)
+
+
+ROTARY_BUFFERS = ("inv_freq", "original_inv_freq")
+
+
+def _refuse_unverifiable_buffers(model: PreTrainedModel, path: str) -> None:
+    """transformers 5 refills every non-persistent buffer with uninitialised memory unless the model's
+    `_init_weights` fills it. When the model overrides `_init_weights`, buffers this layer cannot check (anything
+    but the rotary ones `_check_rotary` verified) may hold garbage: the load is refused, naming them."""
+    if type(model)._init_weights is PreTrainedModel._init_weights:
+        return
+    unchecked = [
+        f"{name}.{buffer}" if name else buffer
+        for name, module in model.named_modules()
+        for buffer in module._non_persistent_buffers_set
+        if buffer not in ROTARY_BUFFERS and not (module._buffers.get("inv_freq") is not None
+                                                 and buffer.lstrip("_").startswith(("cos", "sin")))
+    ]
+    if unchecked:
+        raise ValueError(
+            f"{path}: its model overrides _init_weights and keeps non-persistent buffers {sorted(unchecked)}, which "
+            "transformers 5 leaves uninitialised after loading and dlm-rl cannot verify; port the model to a native "
+            "transformers class"
+        )
 
 
 @contextlib.contextmanager

@@ -31,8 +31,8 @@ def require(raw: dict, model_type: str, **expected) -> None:
         allowed = allowed if isinstance(allowed, tuple) else (allowed,)
         if value not in allowed:
             raise ValueError(
-                f"{model_type} checkpoint sets {key}={value!r}; dlm-rl's native loader supports {key} in {allowed}. "
-                "Load it with trust_remote_code=True and its own code instead"
+                f"{model_type} checkpoint sets {key}={value!r}; dlm-rl loads this family on a transformers class that "
+                f"computes only {key} in {allowed}, so it would give other logits than the checkpoint's own code"
             )
 
 

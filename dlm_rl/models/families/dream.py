@@ -31,7 +31,7 @@ def native_config(raw: dict) -> Qwen2Config:
 
 def conventions(raw: dict, tokenizer) -> dict:
     # Dream was initialised from an AR model: hidden state i-1 predicts token i.
-    return dict(mask_token_id=raw.get("mask_token_id", MASK_TOKEN_ID), shift_logits=True, attention="full")
+    return dict(mask_token_id=raw.get("mask_token_id") or MASK_TOKEN_ID, shift_logits=True, attention="full")
 
 
 DREAM = Family("dream", Qwen2ForCausalLM, native_config, conventions, tokenizer_class="Qwen2Tokenizer")

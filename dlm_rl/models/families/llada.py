@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dlm_rl.models.families.base import Family, dtype_of, require, token_ids
+from dlm_rl.models.families.base import Family, dtype_of, require
 
 MASK_TOKEN_ID = 126336  # <|mdm_mask|>; LLaDA's config states it, its tokenizer declares no mask token
 
@@ -62,13 +62,17 @@ def native_config(raw: dict) -> LlamaConfig:
         tie_word_embeddings=bool(raw.get("weight_tying", True)),
         attention_bias=False,
         mlp_bias=False,
-        **token_ids(raw),
+        bos_token_id=raw.get("bos_token_id"),  # LLaDA's config states none (the tokenizer's is 126080)
+        eos_token_id=raw.get("eos_token_id"),
+        # Not its pad id (126081, also EOS): Llama would make that embedding row a padding_idx that never trains;
+        # LLaDA's embedding has none. Padding is the tokenizer's.
+        pad_token_id=None,
         **dtype_of(raw),
     )
 
 
 def conventions(raw: dict, tokenizer) -> dict:
-    return dict(mask_token_id=raw.get("mask_token_id", MASK_TOKEN_ID), shift_logits=False, attention="full")
+    return dict(mask_token_id=raw.get("mask_token_id") or MASK_TOKEN_ID, shift_logits=False, attention="full")
 
 
 LLADA = Family("llada", LlamaForCausalLM, native_config, conventions, KEY_MAPPING)

@@ -21,7 +21,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 
-from dlm_rl.models.families.base import Family
+from dlm_rl.models.families.base import Family, require
 
 
 class LLaDA2MoeConfig(PreTrainedConfig):
@@ -29,7 +29,8 @@ class LLaDA2MoeConfig(PreTrainedConfig):
 
     `rope_theta`, `rope_scaling` and `partial_rotary_factor` (default 0.5) are folded into `rope_parameters`, as in
     every transformers 5 config. Published fields the model does not read (dropouts other than attention's,
-    `norm_head`, sliding-window settings, `rotary_dim`, `router_dtype`, ...) are kept as plain attributes.
+    `norm_head`, sliding-window settings, `rotary_dim`, `router_dtype`, ...) are kept as plain attributes; loading a
+    checkpoint refuses `norm_head` and sliding windows when they are switched on (`native_config`).
     `num_key_value_heads=0` (the published default) means one key/value head per query head.
     """
 
@@ -397,6 +398,9 @@ BLOCK_SIZE = 32  # LLaDA2.0 is trained and sampled in blocks of 32 tokens
 
 
 def native_config(raw: dict) -> LLaDA2MoeConfig:
+    # Options other ports of this architecture implement and this model does not: refused, never ignored.
+    require(raw, "llada2_moe", norm_head=(False, None), use_sliding_window=(False, None),
+            output_router_logits=(False, None))
     fields = {k: v for k, v in raw.items() if k not in ("auto_map", "architectures", "model_type")}
     return LLaDA2MoeConfig(**fields)
 
