@@ -249,7 +249,7 @@ def test_silent_rope_corruption_is_repaired(tmp_path, caplog):
     path, reference = _checkpoint(tmp_path)  # only the _init_weights override: transformers 5 loads it, wrongly
     plain = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
     assert not torch.allclose(plain.model.rotary_emb.inv_freq, reference.model.rotary_emb.inv_freq)
-    assert (_logits(plain) - _logits(reference)).abs().max() > 0.1
+    assert not torch.allclose(_logits(plain), _logits(reference), atol=0.1)  # garbage, maybe NaN, is not close
     with caplog.at_level(logging.WARNING, logger="dlm_rl.models.remote_code"):
         loaded = load_remote_model(path, auto_class=AutoModelForCausalLM)
     assert "rebuilt the rotary buffers of model.rotary_emb" in caplog.text
