@@ -1,5 +1,19 @@
 """Math accuracy: the completion's final answer checked against a gold answer with math-verify.
 
+The final answer is the last `\\boxed{...}` (an earlier boxed answer, corrected later, does not count), else what
+follows the last `####` (GSM8K), else the last non-empty line. A final answer that offers alternatives scores 0 when
+the gold is one value: values joined by "or" / "and" (also as `\\text{ or }`), `\\vee`, `\\lor`, `\\cup`; several
+values in one box (`3, 4`, `3;4`, `3\\text{,}4`, `\\{3, 4\\}`, `3 \\quad 4`); `\\pm` / `\\mp`; `x = 5 \\text{ or }
+x = -5`; a box joined to another value or box by such a word or a comma (`\\boxed{3} or \\boxed{4}`). A gold of
+several values (a set, tuple or interval such as `3, 4`, `\\{3, 4\\}`, `(1, 2]`, or `\\pm 5`) is left to math-verify,
+which matches the same set in any order and any of these spellings. `1,000` (a comma before exactly three digits)
+is one number.
+
+Units and percentages are math-verify's (measured with math-verify 0.9, docs/rewards.md): units are dropped, not
+converted: `5 cm`, `5\\text{ cm}`, `5\\,\\mathrm{kg}` and `5 m` all match a gold `5` or `5 cm`, and `500 cm` does not
+match `5 m`. A percent sign makes both readings right: `50\\%` matches a gold `0.5` and a gold `50`, and a gold `50\\%`
+is matched by `0.5`, `\\frac{1}{2}` and `50`; `50 \\text{ percent}` matches `50` only.
+
 math-verify bounds its own time with `signal.alarm`, which raises off the main thread (thread pools, threaded
 Ray actors) and silently turns rewards into 0. Its timeouts are therefore disabled and every check runs in a
 worker process instead: a fresh `python -m rewards.math` (the caller's script is never re-run in it), ready
@@ -25,9 +39,20 @@ logger = logging.getLogger(__name__)
 
 TIMEOUT = 5.0  # seconds per check, wall clock
 STARTUP_TIMEOUT = 300.0  # seconds for a worker to import math-verify
-# Several candidate values in the final answer ("3 or 4", "3, 4"): listing the right one among others earns nothing.
-# A comma needs a space after it, so that 1,000 stays one number; gold answers with commas (tuples, sets) skip this.
-_CANDIDATE_LIST = re.compile(r"\d\s*(?:,\s|;|\bor\b|\band\b)\s*\$?-?\d")
+# Alternatives in a final answer ("3 or 4", "3, 4", "\pm 5"): listing the right value among others earns nothing.
+_CONNECTIVE = r"(?:(?<![A-Za-z\\])(?:or|and)(?![A-Za-z])|\\(?:vee|lor|wedge|land|cup)(?![A-Za-z])|[∨∧∪])"
+_SEPARATOR = r"(?:,(?!\d{3}(?!\d))|;|\\q?quad(?![A-Za-z])|\\\\|&)"  # 1,000 is one number
+_PLUS_MINUS = r"(?:\\(?:pm|mp)(?![A-Za-z])|[±∓])"
+_VARIABLE = r"(?:[a-z](?:_\{?\w+\}?)?\s*=\s*)?"  # `x = `, `x_2 = `
+# What an alternative starts with: `-5`, `x = 5`, `\frac`, `(1`, after an optional "maybe".
+_VALUE = rf"(?:(?:maybe|perhaps|possibly|probably|rather|even)\s+)?{_VARIABLE}[-+]?\s*(?:\d|\\[A-Za-z]|\()"
+_JOIN = rf"\s*[,(]?\s*(?:{_CONNECTIVE}|{_SEPARATOR})\s*"  # `, or`, ` or `, ` (or `, `;`
+_ALTERNATIVES = re.compile(f"{_CONNECTIVE}|{_SEPARATOR}|{_PLUS_MINUS}", re.IGNORECASE)  # inside one answer (a box)
+_JOINED = re.compile(rf"[\d)}}\]]{_JOIN}{_VALUE}|{_PLUS_MINUS}\s*{_VALUE}", re.IGNORECASE)  # on an answer line
+_JOINED_BEFORE = re.compile(rf"[\d)}}\]]{_JOIN}{_VARIABLE}$", re.IGNORECASE)
+_JOINED_AFTER = re.compile(rf"(?:{_JOIN}{_VALUE}|\s*{_PLUS_MINUS}\s*{_VALUE})", re.IGNORECASE)
+_SPACING = re.compile(r"(?<!\\)\\[,;:! ]")  # \, \; \: \! and "\ " are spaces, not separators
+_WRAPPED = re.compile(r"\\(?:text\w*|math\w*|mbox|hbox|operatorname|emph)\s*\{([^{}]*)\}")
 WORKERS = 2
 
 
@@ -63,7 +88,7 @@ def check(gold: str, completion: str) -> float:
     from math_verify import parse, verify
 
     predicted = final_answer(completion)
-    if predicted is None or ("," not in gold and _CANDIDATE_LIST.search(predicted)):
+    if predicted is None or (hedged(completion) and not _ALTERNATIVES.search(_plain(_as_latex(gold)))):
         return 0.0
     gold_parsed = parse(_as_latex(gold), parsing_timeout=None)
     # boxed / #### / $..$ answers are one expression; a plain last line is searched by math-verify's extractors
@@ -72,6 +97,38 @@ def check(gold: str, completion: str) -> float:
     if not gold_parsed or not predicted_parsed:
         return 0.0
     return float(verify(gold_parsed, predicted_parsed, timeout_seconds=None))
+
+
+def hedged(text: str) -> bool:
+    """Whether the final answer offers alternatives: within the last box, joined to it on its line, or (with no
+    box) anywhere on the `####` line or the last line; see the module docstring."""
+    boxed = _last_boxed(text)
+    if boxed is None:
+        if "####" in text:
+            line = text.rsplit("####", 1)[1].strip().split("\n", 1)[0]
+        else:
+            line = next((line for line in reversed(text.splitlines()) if line.strip()), "")
+        return bool(_JOINED.search(_plain(line)))
+    start = text.rfind("\\boxed{")
+    before = text[:start].rsplit("\n", 1)[-1]
+    after = text[start + len("\\boxed{") + len(boxed) + 1 :].split("\n", 1)[0]
+    previous = _last_boxed(before)
+    return bool(
+        _ALTERNATIVES.search(_plain(boxed))
+        or _JOINED_BEFORE.search(_plain(before.replace("\\boxed", "")))  # `3 or \boxed{4}`
+        or _JOINED_AFTER.match(_plain(after))  # `\boxed{3} or 4`
+        or (previous is not None and before.rstrip(" $").endswith(previous + "}"))  # `\boxed{3}\boxed{4}`
+    )
+
+
+def _plain(latex: str) -> str:
+    """`latex` with `\\text{...}`-like wrappers opened (words keep spaces around them), `{,}` as a comma, spacing
+    (`\\,`, `\\;`), `$` and `*` as spaces, so that `3\\text{ or }4`, `3\\text{,}4` and `$3$ or $4$` read as `3 or 4`,
+    `3,4`, `3 or 4`, and `5\\,\\text{cm}` as `5 cm`."""
+    for _ in range(3):  # nested wrappers: \text{\textbf{or}}
+        latex = _WRAPPED.sub(lambda m: f" {m[1]} " if re.search("[A-Za-z]", m[1]) else m[1], latex)
+    latex = _SPACING.sub(" ", latex)
+    return latex.replace("{,}", ",").replace("$", " ").replace("*", " ")  # `**3** or **4**`: Markdown bold
 
 
 def _as_latex(answer: str) -> str:

@@ -43,6 +43,9 @@ CASES = [
     ("3", "The answer is 3 or 4", 0.0),
     ("4", "The answer is 3 or 4", 0.0),
     ("3", "\\boxed{3 \\text{ or } 4}", 0.0),
+    ("3", "\\boxed{3 \\vee 4}", 0.0),  # hedges that math-verify alone already refused
+    ("5", "\\boxed{\\pm 5}", 0.0),
+    ("5", "\\boxed{x = 5 \\text{ or } x = -5}", 0.0),
     ("7", "first \\boxed{7}, but actually \\boxed{8}", 0.0),  # the final answer is judged
     ("8", "first \\boxed{7}, but actually \\boxed{8}", 1.0),
     ("42", "The answer is 42.", 1.0),  # a plain last line
@@ -65,6 +68,99 @@ def test_math_cases():
     wrong = [(g, c, e, s) for (g, c, e), s in zip(CASES, scores) if s != e]
     assert not wrong, wrong
     assert len(CASES) >= 40
+
+
+# Final answers that offer alternatives, each scored 1.0 before hedges were refused (math-verify took one of the values
+# and the gold was that one). Gold answers are one value.
+HEDGES = {
+    "or": [
+        ("4", "The answer is $3$ or $4$"), ("4", "The answer is $3$ or $4$."), ("4", "$3$ or $4$"),
+        ("4", "Final answer: 3 or $4$"), ("4", "The answer is $3$ or $x = 4$"), ("4", "\\boxed{3} or \\boxed{4}"),
+        ("4", "either 3 or \\boxed{4}"), ("4", "either $3$ or $\\boxed{4}$"), ("4", "It is $3$, or $\\boxed{4}$"),
+        ("3", "\\boxed{3} or 4"), ("3", "\\boxed{3} or maybe 4"), ("3", "\\boxed{3}, or possibly 4"),
+        ("4", "The answer is $3$ and $4$"), ("4", "\\boxed{3} and \\boxed{4}"), ("4", "**3** or **4**"),
+        ("4", "The answer is $3$ (or $4$)"), ("3", "\\boxed{3} (or 4)"),
+    ],
+    "vee": [
+        ("4", "\\boxed{3 \\vee 4}"), ("4", "\\boxed{x = 3 \\vee x = 4}"), ("4", "\\boxed{3 ∨ 4}"),
+        ("4", "The answer is $3 \\vee 4$"), ("4", "#### 3 \\vee 4"), ("4", "\\boxed{3 \\cup 4}"),
+        ("4", "\\boxed{3 \\wedge 4}"),
+    ],
+    "lor": [
+        ("4", "\\boxed{3 \\lor 4}"), ("4", "\\boxed{x=3 \\lor x=4}"), ("4", "$3 \\lor 4$"),
+        ("4", "The answer is $x = 3 \\lor x = 4$."),
+    ],
+    "several values": [
+        ("3", "\\boxed{3\\text{,}4}"), ("4", "\\boxed{3 \\text{, } 4}"), ("4", "\\boxed{3 \\\\ 4}"),
+        ("4", "\\boxed{3 \\& 4}"),
+        ("4", "\\boxed{3}, \\boxed{4}"), ("4", "\\boxed{3}; \\boxed{4}"), ("4", "\\boxed{3}\\boxed{4}"),
+        ("4", "The answer is $3$, $4$"), ("4", "$3$; $4$"), ("4", "$x = 3$, $x = 4$"), ("4", "#### 3 \\text{,} 4"),
+        ("-5", "x_1 = 5, x_2 = -5"), ("-5", "$x_1 = 5$, $x_2 = -5$"),
+    ],
+    "pm": [
+        ("5", "\\boxed{5 \\pm 0}"), ("5", "\\boxed{5\\pm0}"), ("5", "\\boxed{5 ± 0}"), ("5", "\\boxed{5 \\mp 0}"),
+        ("5", "\\boxed{x = 5 \\pm 0}"), ("5", "\\boxed{5} \\pm 1"), ("5", "The answer is $5 \\pm 0$"),
+        ("5", "#### 5 \\pm 0"), ("5", "x = \\pm 5"),
+    ],
+    "x = 5 or x = -5": [
+        ("-5", "x = 5 or x = -5"), ("-5", "x = 5 \\text{ or } x = -5"), ("-5", "So $x = 5$ or $x = -5$."),
+        ("-5", "The solutions are $x=5$ or $x=-5$"), ("-5", "$x=5$ \\text{ or } $x=-5$"),
+        ("-5", "\\boxed{x = 5} \\text{ or } \\boxed{x = -5}"), ("-5", "x = 5 \\text{ or } \\boxed{x = -5}"),
+        ("-5", "$x = 5 \\text{ or } \\boxed{x = -5}$"), ("-5", "\\boxed{x = 5 \\lor x = -5}"),
+        ("-5", "\\boxed{x = 5 \\vee x = -5}"),
+    ],
+}
+
+
+@pytest.mark.parametrize("gold, completion", [pytest.param(*case, id=f"{kind}: {case[1]}")
+                                              for kind, cases in HEDGES.items() for case in cases])
+def test_a_final_answer_that_offers_alternatives_scores_zero(gold, completion):
+    assert accuracy(None, [completion], answer=[gold]) == [0.0]
+
+
+def test_a_hedge_in_a_chat_completion_scores_zero():
+    chat = [[{"role": "assistant", "content": "\\boxed{3 \\vee 4}"}], [{"role": "assistant", "content": "\\boxed{4}"}]]
+    assert accuracy(None, chat, answer=["4", "4"]) == [0.0, 1.0]
+
+
+# Answers that must keep scoring 1.0 beside the hedge rule: one value in any form, a set when the gold is that set,
+# a correction after an earlier wrong box, thousands separators, words that contain "or" / "and".
+CONTROLS = [
+    ("4", "\\boxed{4}"), ("4", "The answer is 4."), ("4", "#### 4"), ("5", "x = 5"), ("5", "\\boxed{x = 5}"),
+    ("5", "So $x = 5$."), ("3, 4", "\\boxed{3, 4}"), ("3, 4", "\\boxed{\\{4, 3\\}}"), ("\\{3, 4\\}", "\\boxed{4, 3}"),
+    ("3, 4", "\\boxed{x = 3 \\text{ or } x = 4}"), ("5, -5", "\\boxed{\\pm 5}"), ("\\pm 5", "\\boxed{\\pm 5}"),
+    ("(1, 2]", "\\boxed{(1, 2]}"), ("(3, 4)", "\\boxed{(3,4)}"), ("-5", "\\boxed{-5}"), ("-12", "#### -12"),
+    ("-5", "x = -5"), ("\\frac{3}{4}", "\\boxed{\\frac{3}{4}}"), ("-\\frac{1}{2}", "\\boxed{-\\frac{1}{2}}"),
+    ("0.75", "The answer is $\\frac{3}{4}$."), ("8", "first \\boxed{7}, but actually \\boxed{8}"),
+    ("4", "\\boxed{3} is wrong; recomputing gives \\boxed{4}."),
+    ("4", "Is it \\boxed{3}?\nNo: the answer is \\boxed{4}"),
+    ("1000", "\\boxed{1,000}"), ("12345", "\\boxed{12,345}"), ("42", "The answer is 42, since 6 \\times 7 = 42."),
+    ("42", "So, 42."), ("4", "Therefore, \\boxed{4} for n = 2."), ("6", "$\\boxed{6}$ (or, in words, six)"),
+    ("2", "Either way, the answer is $\\boxed{2}$."),
+    ("4", "We try 3 or 5 first; neither works.\nSo it is \\boxed{4}."),
+    ("4", "\\boxed{4} and we are done."), ("7", "\\boxed{7}, since 3 + 4 = 7"), ("5", "\\boxed{5\\,\\text{cm}}"),
+    ("4", "The answer is **4**."), ("5", "x_1 = 5"), ("12", "3*4 = 12"),
+]
+
+
+def test_single_answers_sets_and_corrections_still_score_one():
+    scores = accuracy(None, [c for _, c in CONTROLS], answer=[g for g, _ in CONTROLS])
+    assert [case for case, score in zip(CONTROLS, scores) if score != 1.0] == []
+
+
+@pytest.mark.parametrize(
+    "gold, completion, expected",
+    [("5", "\\boxed{5\\text{ cm}}", 1.0), ("5", "The answer is 5 cm.", 1.0), ("5", "\\boxed{5\\,\\mathrm{kg}}", 1.0),
+     ("5 cm", "\\boxed{5}", 1.0),
+     ("5\\text{ cm}", "\\boxed{5\\text{ m}}", 1.0), ("5\\text{ m}", "\\boxed{500\\text{ cm}}", 0.0),
+     ("0.5", "\\boxed{50\\%}", 1.0), ("50", "\\boxed{50\\%}", 1.0), ("50\\%", "\\boxed{0.5}", 1.0),
+     ("50\\%", "\\boxed{50}", 1.0), ("50\\%", "\\boxed{\\frac{1}{2}}", 1.0), ("0.5", "#### 50%", 1.0),
+     ("50", "\\boxed{50 \\text{ percent}}", 1.0), ("0.5", "\\boxed{50 \\text{ percent}}", 0.0),
+     ("0.5", "\\boxed{50}", 0.0)],
+)
+def test_units_are_dropped_and_a_percent_sign_matches_both_readings(gold, completion, expected):
+    """What the module docstring and docs/rewards.md say about units and percentages (math-verify's behaviour)."""
+    assert accuracy(None, [completion], answer=[gold]) == [expected]
 
 
 def test_same_results_from_a_thread_pool():
