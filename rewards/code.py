@@ -1,145 +1,40 @@
-"""Code rewards: the fraction of a sample's tests its program passes, judged inside the sandbox by a trusted
-harness in a separate process that records each passed test under a secret nonce — never by the exit code or by
-what the program prints.
+"""Code rewards: the fraction of a sample's tests its program passes.
 
 Tests come per sample as one of:
 - `tests`: a list of assert statements (`assert f(2) == 4`), one test each;
 - `tests`: a HumanEval-style program defining `check(candidate)`, with `entry_point` naming the function (0 or 1);
 - `stdio`: a list of {"input": ..., "output": ...} cases, each run as its own program (whitespace-normalised).
 The program is the last fenced Python block of the completion, or the whole completion if there is none.
+
+The program cannot reach the judge (rewards.sandbox; docs/security.md): it runs in a sandbox and answers requests
+`name(*args, **kwargs)`, sent over a pipe as plain values, with the `ascii` of each result, while a harness outside
+the sandbox holds the tests, runs each one itself against stubs that forward those calls, reads every answer with
+`ast.literal_eval` (plain values, never code) and keeps the verdicts. The program sees the arguments of its calls
+and nothing else: no test text, expected value or verdict exists in its sandbox, so printing, writing files or
+descriptors, exiting early, raising SystemExit or patching builtins changes nothing but its own answers. A program
+that dies is restarted in a fresh sandbox for the next test while its wall-clock limit lasts. stdio programs get
+their input on stdin; the harness compares their output.
+Limits: tests see return values only, not arguments mutated in place nor values that are not plain (objects,
+generators, inf and nan); a name the program defines never replaces a builtin in the tests (`def abs(x): return
+0` must not pass `abs(f(x) - y) < 1e-6`); a helper that a test calls and the program defines (HumanEval/32's
+`poly`) is the program's own, so a program may redefine it.
 """
 
 from __future__ import annotations
 
+import ast
+import builtins
+import marshal
 import os
 import re
-import secrets
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from rewards import completion_text
-from rewards.sandbox import Limits, run_python
+from rewards.sandbox import Limits, in_harness
 
 _FENCE = re.compile(r"```(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL)
-
-# The trusted harness never runs the untrusted program in its own process: a program can read its caller's frames
-# (and so any secret or open file of an in-process harness). The harness forks the child that will load the
-# program before it reads anything secret, then makes itself undumpable (no same-user process may read its memory
-# or trace it) and reads the nonce. The child loads the solution and answers calls `name(*args)` with the `repr`
-# of the result; the harness evaluates every test itself, with stubs that forward each call to the child and
-# read the answer back with `ast.literal_eval` (plain values only, never code). A passed test is recorded under
-# the nonce, which the child never sees, so exiting early, printing, or writing the results file earns nothing.
-# A child that dies is replaced by a fresh interpreter (a fork would copy the nonce) for the next test.
-# Limitation: tests see return values only, not arguments mutated in place.
-_HARNESS = """\
-import ast, ctypes, os, sys
-child_code = {"__name__": "child"}
-exec(open("child.py").read(), child_code)
-def fork_child():
-    calls_read, calls_write = os.pipe()
-    answers_read, answers_write = os.pipe()
-    if os.fork() == 0:  # the child: nothing secret exists yet
-        os.close(calls_write)
-        os.close(answers_read)
-        child_code["serve"](calls_read, answers_write)
-    os.close(calls_read)
-    os.close(answers_write)
-    return os.fdopen(calls_write, "w"), os.fdopen(answers_read, "r")
-first = fork_child()
-# An interpreter this (unprivileged) user may execute for replacement children; ours may not be one.
-python = next(p for p in (os.readlink("/proc/self/exe"), sys.executable, "/usr/bin/python3", "/usr/local/bin/python3")
-              if os.access(p, os.X_OK))
-ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 0
-nonce = sys.stdin.readline().strip()
-tests = ast.literal_eval(open("tests.txt").read())
-results = open("results.txt", "w")
-class Gone(Exception):
-    pass
-class Child:
-    def __init__(self, pipes=None):
-        if pipes is None:
-            import subprocess  # only now: importing it costs every sample time
-            process = subprocess.Popen([python, "-I", "child.py"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       stderr=subprocess.DEVNULL, text=True)
-            pipes = process.stdin, process.stdout
-        self.calls, self.answers = pipes
-        self.alive = True
-    def ask(self, message):
-        if not self.alive:
-            raise Gone()
-        try:
-            self.calls.write(repr(message) + "\\n")
-            self.calls.flush()
-            line = self.answers.readline(1 << 22)
-        except OSError:
-            line = ""
-        if not line.endswith("\\n"):
-            self.alive = False
-            raise Gone()
-        kind, text = ast.literal_eval(line)
-        if kind != "value":
-            raise RuntimeError(text)
-        return ast.literal_eval(text)
-child = Child(first)
-def namespace():
-    global child
-    if not child.alive:
-        child = Child()
-    names = child.ask(("names",))
-    def stub(name):
-        return lambda *args, **kwargs: child.ask(("call", name, args, kwargs))
-    return {name: stub(name) for name in names if isinstance(name, str)}
-def passes(source, run=None):
-    try:
-        space = namespace()
-        exec(compile(source, "test", "exec"), space)
-        if run is not None:
-            space["check"](space[run])
-        return True
-    except BaseException:
-        return False
-for i, test in enumerate(tests["asserts"]):
-    if passes(test):
-        results.write(nonce + " " + str(i) + "\\n")
-        results.flush()
-if tests["check"] is not None and passes(tests["check"], tests["entry_point"]):
-    results.write(nonce + " check\\n")
-    results.flush()
-"""
-
-# The child: loads the untrusted solution (its own prints and reads go to /dev/null) and answers calls.
-_CHILD = """\
-import ast, itertools, os, sys
-def serve(calls_fd, answers_fd):
-    calls, answers = os.fdopen(calls_fd, "r"), os.fdopen(answers_fd, "w")
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    sys.stdin, sys.stdout, sys.stderr = open(os.devnull), open(os.devnull, "w"), open(os.devnull, "w")
-    first = calls.readline()  # the harness asks only once it is undumpable and holds the nonce: no race
-    space = {"__name__": "solution"}
-    try:
-        exec(compile(open("solution.py").read(), "solution.py", "exec"), space)
-    except BaseException:
-        space = {}
-    for line in itertools.chain([first], calls):
-        if not line:
-            break
-        message = ast.literal_eval(line)
-        try:
-            if message[0] == "names":
-                value = [n for n, v in space.items() if callable(v) and not n.startswith("__")]
-            else:
-                _, name, args, kwargs = message
-                value = space[name](*args, **kwargs)
-            reply = ("value", repr(value))
-        except BaseException as error:
-            reply = ("error", type(error).__name__)
-        answers.write(repr(reply) + "\\n")
-        answers.flush()
-    os._exit(0)
-if __name__ == "__main__":
-    serve(os.dup(0), os.dup(1))
-"""
+_ANSWER_BYTES = 1 << 22  # longest answer line read from a program
 
 
 def extract_code(completion: str) -> str:
@@ -159,7 +54,7 @@ def pass_rate(prompts, completions, tests=None, entry_point=None, stdio=None, **
     jobs = [
         (extract_code(completion_text(c)), t, e, s) for c, t, e, s in zip(completions, tests, entry_point, stdio)
     ]
-    # Twice the cores: much of a sandbox's start-up is waiting on the kernel (namespaces), not computing.
+    # Twice the cores: much of a sandbox's life is waiting on the kernel and on pipes, not computing.
     with ThreadPoolExecutor(max_workers=2 * (os.cpu_count() or 1)) as pool:
         return list(pool.map(lambda job: score(*job), jobs))
 
@@ -167,31 +62,137 @@ def pass_rate(prompts, completions, tests=None, entry_point=None, stdio=None, **
 def score(code: str, tests=None, entry_point: str | None = None, stdio=None, limits: Limits = Limits()) -> float | None:
     """One program against its tests (see the module docstring)."""
     if stdio:
-        passed = [_stdio_case(code, case, limits) for case in stdio]
-        return sum(passed) / len(passed)
-    if not tests:
+        job = {"stdio": [(case["input"], str(case["output"])) for case in stdio]}
+    elif not tests:
         return None
-    if isinstance(tests, str):
+    elif isinstance(tests, str):
         if entry_point is None:
             raise ValueError("a check(candidate) program needs its entry_point")
-        spec = {"asserts": [], "check": tests, "entry_point": entry_point}
-        wanted = {"check"}
+        job = {"check": tests, "entry_point": entry_point}
     else:
-        spec = {"asserts": list(tests), "check": None, "entry_point": entry_point}
-        wanted = {str(i) for i in range(len(tests))}
-    nonce = secrets.token_hex(16)
-    outcome = run_python(
-        _HARNESS,
-        stdin=nonce + "\n",
-        files={"solution.py": code, "child.py": _CHILD, "tests.txt": repr(spec)},
-        read_back=("results.txt",),
-        limits=limits,
-    )
-    lines = outcome.files.get("results.txt", "").splitlines()
-    passed = {line.split(" ", 1)[1] for line in lines if line.startswith(nonce + " ")} & wanted
-    return len(passed) / len(wanted)
+        job = {"asserts": list(tests)}
+    verdicts = in_harness("rewards.code:_judge", (code, job), limits, runs=len(stdio) if stdio else 1)
+    if verdicts is None:  # the harness overran its time: nothing passed
+        return 0.0
+    return sum(verdicts) / len(verdicts)
 
 
-def _stdio_case(code: str, case: dict, limits: Limits) -> bool:
-    outcome = run_python(code, stdin=case["input"], limits=limits)
-    return outcome.returncode == 0 and outcome.stdout.split() == str(case["output"]).split()
+# ---- in the harness ------------------------------------------------------------------------------------------
+
+
+def _judge(request, limits: Limits, start) -> list[bool]:
+    """Harness entry: the verdict of each test of the job."""
+    code, job = request
+    if "stdio" in job:
+        return [_stdio_case(start, code, stdin, expected, limits) for stdin, expected in job["stdio"]]
+    program = _Program(start, code, time.monotonic() + limits.seconds)
+    try:
+        if "check" in job:
+            return [program.passes(job["check"], job["entry_point"])]
+        return [program.passes(test) for test in job["asserts"]]
+    finally:
+        program.close()
+
+
+def _stdio_case(start, code: str, stdin: str, expected: str, limits: Limits) -> bool:
+    sandbox = start(_MAIN, code, time.monotonic() + limits.seconds)
+    try:
+        output = sandbox.exchange(stdin.encode(), limits.output_bytes, to_end=True)
+    finally:
+        status = sandbox.close(wait=True)
+    return status == 0 and output is not None and output.decode(errors="replace").split() == expected.split()
+
+
+class _Gone(BaseException):
+    """The program's sandbox ended, overran its time or broke the protocol (a BaseException: tests that catch
+    Exception around a call must not go on as if it had answered)."""
+
+
+class _Program:
+    """The program loaded in a sandbox, answering calls; started again for the next test after it ends, while
+    its wall clock lasts."""
+
+    def __init__(self, start, code: str, deadline: float):
+        self.start, self.code, self.deadline = start, code, deadline
+        self.sandbox, self.names, self.sequence = None, [], 0
+
+    def passes(self, test: str, entry_point: str | None = None) -> bool:
+        try:
+            space = {"__name__": "test", **self._stubs(entry_point)}
+            exec(compile(test, "test", "exec", dont_inherit=True), space)
+            if entry_point is not None:
+                space["check"](space[entry_point])
+            return True
+        except BaseException:
+            return False
+
+    def close(self) -> None:
+        if self.sandbox is not None:
+            self.sandbox.close()
+            self.sandbox = None
+
+    def _stubs(self, entry_point: str | None) -> dict:
+        """A stub per function the program defines, except those that would replace a builtin the tests use."""
+        if self.sandbox is None:
+            if time.monotonic() >= self.deadline:
+                raise _Gone()
+            self.sandbox = self.start(_SERVER, self.code, self.deadline)
+            self.names = [n for n in self._ask(("names",)) if isinstance(n, str)]
+        allowed = [n for n in self.names if n == entry_point or not hasattr(builtins, n)]
+        return {name: self._stub(name) for name in allowed}
+
+    def _stub(self, name: str):
+        return lambda *args, **kwargs: self._ask(("call", name, args, kwargs))
+
+    def _ask(self, message: tuple):
+        """Send one request; its answer as a plain value, or the program's exception raised here."""
+        if self.sandbox is None:
+            raise _Gone()
+        self.sequence += 1
+        request = marshal.dumps((self.sequence, message))  # ValueError for an argument that is not a plain value
+        line = self.sandbox.exchange(len(request).to_bytes(4, "big") + request, _ANSWER_BYTES)
+        try:
+            sequence, kind, text = line.decode("ascii").split(" ", 2)
+            if int(sequence) != self.sequence or kind not in ("value", "error"):
+                raise ValueError(line)
+        except (AttributeError, ValueError):  # no line, or not one of ours: it is no longer answering
+            self.close()
+            raise _Gone() from None
+        if kind == "error":
+            raised = getattr(builtins, text, None)
+            raise raised() if isinstance(raised, type) and issubclass(raised, Exception) else RuntimeError(text)
+        return ast.literal_eval(text)
+
+
+# Inside the sandbox: load the program, then answer each request, `marshal`led (plain values only) after its
+# length, ("names",) or ("call", name, args, kwargs), with a line "<n> value <ascii(result)>" or "<n> error
+# <exception name>". The channel is a private copy of stdin and stdout; the program's own are /dev/null. (No
+# `import ast` here: it would double the sandbox's start-up time.)
+_SERVER = """\
+import builtins, marshal
+calls, answers = os.fdopen(os.dup(0), "rb"), os.fdopen(os.dup(1), "wb")
+null = os.open(os.devnull, os.O_RDWR)
+for fd in (0, 1, 2):
+    os.dup2(null, fd)
+space = {"__name__": "solution", "__builtins__": builtins}
+try:
+    exec(compile(PROGRAM, "solution.py", "exec"), space)
+except BaseException:
+    space = {}
+while len(size := calls.read(4)) == 4:
+    number, message = marshal.loads(calls.read(int.from_bytes(size, "big")))
+    try:
+        if message[0] == "names":
+            value = [name for name, v in list(space.items()) if callable(v) and not name.startswith("__")]
+        else:
+            value = space[message[1]](*message[2], **message[3])
+        answer = "value " + ascii(value)
+    except BaseException as error:
+        answer = "error " + type(error).__name__
+    answers.write(f"{number} {answer}\\n".encode())
+    answers.flush()
+os._exit(0)
+"""
+
+# Inside the sandbox: the program as __main__, its stdin and stdout those of the sandbox.
+_MAIN = 'exec(compile(PROGRAM, "main.py", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})'

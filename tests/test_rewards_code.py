@@ -53,6 +53,8 @@ def test_samples_without_tests_are_not_applicable():
 
 
 SECRET = "DLM_RL_TEST_SECRET"
+# The sandbox holds no host binary (no `sleep`): a child left running is another interpreter.
+LEFT_RUNNING = "import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(1234567)'])"
 
 HOSTILE = {
     "sys.exit at import": "import sys\nsys.exit(0)\ndef f(x): return 0",
@@ -64,7 +66,7 @@ HOSTILE = {
     "sleep forever": "import time\ntime.sleep(10**6)",
     "memory bomb": "blob = bytearray(8 << 30)\ndef f(x): return x * x",
     "fork storm": "import os\nwhile True:\n    try: os.fork()\n    except OSError: pass",
-    "child left running": "import subprocess\nsubprocess.Popen(['sleep', '1234567'])\ndef f(x): return 0",
+    "child left running": f"{LEFT_RUNNING}\ndef f(x): return 0",
     "kill the parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos.kill(1, signal.SIGKILL)",
     "secret from the environment": f"import os\ndef f(x):\n    return x * x if os.environ.get('{SECRET}') else 0",
     "300 MB print": "print('x' * 300_000_000)\ndef f(x): return x + 1",
@@ -149,7 +151,7 @@ def test_hostile_programs_earn_nothing(name, monkeypatch):
 
 @isolated
 def test_a_correct_function_with_a_left_over_child_still_passes_but_leaves_nothing():
-    code = "import subprocess\nsubprocess.Popen(['sleep', '1234567'])\ndef f(x):\n    return x * x"
+    code = f"{LEFT_RUNNING}\ndef f(x):\n    return x * x"
     assert score(code, TESTS, limits=FAST) == 1.0
     assert not _stray_processes()
 
@@ -193,4 +195,4 @@ def test_no_host_file_is_written_or_deleted(tmp_path):
 
 def _stray_processes() -> list[str]:
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
-    return [line for line in ps if "sleep 1234567" in line or "dlm-rl-sandbox" in line]
+    return [line for line in ps if "sleep(1234567)" in line or "dlm-rl-sandbox" in line]
