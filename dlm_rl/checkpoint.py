@@ -4,19 +4,32 @@
   and `torch.Generator` states; the data position; the rollout engine's call counter and weight version; and the
   process's RNG states (torch CPU and CUDA, python `random`, numpy).
 - `config.json`: the config class and the run's settings, compared with the resuming run's.
+- `manifest.json`, written last: each other file's size and SHA-256. Resuming checks them before loading: `latest`
+  skips a damaged or incomplete checkpoint with a warning naming it and resumes from the newest good one; a damaged
+  checkpoint named explicitly is an error. A checkpoint without a manifest (written before manifests existed) is
+  accepted with a warning; if its state cannot be read, `latest` goes on to the one before it. Hashing costs one
+  read of each file at save and at resume: 0.5-1 GB/s on one core with SHA extensions (measured on a 2-core
+  development machine, busy and idle), so 16-32 s each way for the 16 GB state of a fully fine-tuned 8B model,
+  well under a second for a LoRA adapter's.
 
 A checkpoint is written into a hidden temporary directory and renamed into place, so a run killed mid-save leaves
-the earlier checkpoints as they were. Only the newest `save_total_limit` are kept.
+the earlier checkpoints as they were. Only the newest `save_total_limit` are kept. `write_directory` does the same
+for `final/`: an interrupt while it is written leaves the old `final/` or the new one, whole.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
 import random
 import re
 import shutil
+import signal
+import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -24,7 +37,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-STATE, CONFIG = "state.pt", "config.json"
+STATE, CONFIG, MANIFEST = "state.pt", "config.json", "manifest.json"
 NAME = re.compile(r"checkpoint-(\d+)")
 # Settings the saved state depends on: resuming with other values cannot restore it.
 STRUCTURE = ("model", "teacher", "use_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
@@ -88,6 +101,7 @@ def save_checkpoint(config, step: int, objects: dict) -> str:
     with open(os.path.join(temporary, CONFIG), "w") as f:
         json.dump({"config_class": type(config).__name__, "step": step, "config": _plain(config)}, f, indent=2)
         _sync(f)
+    _write_manifest(temporary)
     if os.path.exists(final):  # a run resumed from an earlier checkpoint reaches this step again
         _remove(final)
     os.rename(temporary, final)
@@ -110,11 +124,8 @@ def load_checkpoint(config, objects: dict) -> int:
     if config.resume is None:
         refuse_earlier_run(config.output_dir)
         return 0
-    path = resolve_resume(config.resume, config.output_dir)
-    with open(os.path.join(path, CONFIG)) as f:
-        saved = json.load(f)
+    path, saved, state = _read_good_checkpoint(config)
     _compare(saved, config, path)
-    state = torch.load(os.path.join(path, STATE), map_location="cpu", weights_only=True)
     for name, obj in objects.items():
         if name not in state:
             raise ValueError(f"checkpoint {path} has no {name!r} (it has {sorted(state)}); it was saved by another "
@@ -188,6 +199,132 @@ def resolve_resume(resume: str, output_dir: str, marker: str = STATE) -> str:
             "directory written with save_steps > 0"
         )
     return resume
+
+
+def _read_good_checkpoint(config) -> tuple[str, dict, dict]:
+    """(path, saved config, state) of the checkpoint `config.resume` names; for 'latest', of the newest one that is
+    whole, warning about each damaged one skipped."""
+    if config.resume != "latest":
+        path = config.resume
+        if not os.path.exists(os.path.join(path, MANIFEST)):  # else the manifest says what is missing
+            path = resolve_resume(path, config.output_dir)
+        saved, state, problem = _read_checkpoint(path)
+        if problem:
+            raise ValueError(f"resume: checkpoint {path} is damaged: {problem}; resume from another checkpoint "
+                             "(--resume latest picks the newest whole one)")
+        return path, saved, state
+    found = checkpoints(config.output_dir)
+    if not found:
+        resolve_resume("latest", config.output_dir)  # raises: nothing to resume
+    damaged = []
+    for path in reversed(found):
+        saved, state, problem = _read_checkpoint(path)
+        if not problem:
+            return path, saved, state
+        logger.warning("checkpoint %s is damaged (%s); trying the one before it", path, problem)
+        damaged.append(f"{path}: {problem}")
+    raise ValueError(f"resume: no whole checkpoint in output_dir {config.output_dir} (" + "; ".join(damaged)
+                     + "); drop --resume to start a new run")
+
+
+def _read_checkpoint(path: str) -> tuple[dict | None, dict | None, str | None]:
+    """(saved config, state, None), or (None, None, what is wrong) when the files fail their manifest or cannot
+    be read."""
+    problem = verify_checkpoint(path)
+    if problem is None:
+        try:
+            with open(os.path.join(path, CONFIG)) as f:
+                saved = json.load(f)
+            state = torch.load(os.path.join(path, STATE), map_location="cpu", weights_only=True)
+            return saved, state, None
+        except FileNotFoundError as error:
+            problem = f"{os.path.basename(error.filename)} is missing"
+        except Exception as error:  # a damaged file of a checkpoint without a manifest
+            problem = f"it cannot be read ({type(error).__name__}: {error})"
+    return None, None, problem
+
+
+def verify_checkpoint(path: str) -> str | None:
+    """What is wrong with checkpoint `path` by its manifest (a file missing, of another size or checksum), or None
+    when nothing is. A checkpoint without a manifest, saved before manifests existed, passes with a warning."""
+    manifest = os.path.join(path, MANIFEST)
+    if not os.path.exists(manifest):
+        logger.warning("checkpoint %s has no %s (saved by an earlier version): its files cannot be verified",
+                       path, MANIFEST)
+        return None
+    try:
+        with open(manifest) as f:
+            files = json.load(f)["files"]
+    except (ValueError, KeyError) as error:
+        return f"{MANIFEST} cannot be read ({error})"
+    for name, expected in files.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return f"{name} is missing"
+        if os.path.getsize(file) != expected["bytes"]:
+            return f"{name} has {os.path.getsize(file)} bytes, the manifest says {expected['bytes']}"
+        if _sha256(file) != expected["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def write_directory(path: str, write: Callable[[str], None]) -> None:
+    """Write directory `path` whole or not at all: `write(directory)` fills a hidden sibling, which then takes the
+    place of `path` (the old one renamed aside and deleted). An error or interrupt inside `write` leaves the old
+    `path` as it was; Ctrl-C and SIGTERM during the swap itself wait until it is done."""
+    parent, name = os.path.split(os.path.abspath(path))
+    temporary, old = os.path.join(parent, f".{name}.tmp"), os.path.join(parent, f".{name}.old")
+    shutil.rmtree(temporary, ignore_errors=True)  # left by a run killed while writing
+    try:
+        write(temporary)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    with _signals_held():
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(path):
+            os.rename(path, old)
+        os.rename(temporary, path)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT and SIGTERM (in the main thread, where Python handles them) until the block is done, then
+    deliver them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    names = [number for number in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(number) is not None]
+    previous = {number: signal.signal(number, lambda number, frame: held.append(number)) for number in names}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in held:
+            signal.raise_signal(number)
+
+
+def _write_manifest(directory: str) -> None:
+    """Record each file's size and SHA-256 in `directory`/manifest.json, written last and atomically."""
+    files = {name: {"bytes": os.path.getsize(os.path.join(directory, name)),
+                    "sha256": _sha256(os.path.join(directory, name))}
+             for name in sorted(os.listdir(directory)) if name != MANIFEST}
+    temporary = os.path.join(directory, f".{MANIFEST}.tmp")
+    with open(temporary, "w") as f:
+        json.dump({"algorithm": "sha256", "files": files}, f, indent=2)
+        _sync(f)
+    os.replace(temporary, os.path.join(directory, MANIFEST))
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _compare(saved: dict, config, path: str) -> None:

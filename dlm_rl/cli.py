@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     _model_arguments(sample)
     sample.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     sample.add_argument("--temperature", type=float, default=0.0)
-    sample.add_argument("--num-samples", type=int, default=1)
+    sample.add_argument("--num-samples", type=_positive_int, default=1)
     sample.add_argument("--trajectory", action="store_true", help="also print step_map, log-probs and NFE")
     sample.add_argument("--seed", type=int, default=0)
 
@@ -41,14 +41,15 @@ def main(argv: list[str] | None = None) -> int:
         "gsm8k | math500 | mbpp (hub), or a local .jsonl/.json/.parquet with prompt + answer or prompt + tests "
         "(or GSM8K / MATH-500 / MBPP / HumanEval columns)",
     )
-    evaluate.add_argument("--n", type=int, default=None, help="first n problems (default all; 256 from generators)")
-    evaluate.add_argument("--samples", type=int, default=8, help="completions per problem at temperature 1")
+    evaluate.add_argument("--n", type=_positive_int, default=None,
+                          help="first n problems (default all; 256 from generators)")
+    evaluate.add_argument("--samples", type=_count, default=8, help="completions per problem at temperature 1")
     evaluate.add_argument(
         "--pass-k", type=_int_list, default=None, metavar="K,K,...",
         help="pass@k to report (default 1 and --samples)",
     )
     evaluate.add_argument("--seed", type=int, default=1, help="seed of generated problems and of the T = 1 samples")
-    evaluate.add_argument("--batch-size", type=int, default=64, help="completions sampled together")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=64, help="completions sampled together")
     evaluate.add_argument("--chat", action="store_true", help="send prompts through the tokenizer's chat template")
     evaluate.add_argument(
         "--prompt-template", default=None,
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         help="also score the greedy completions: module:function or path/to/file.py:function (repeatable)",
     )
     evaluate.add_argument("--reward-weight", type=float, action="append", help="one per --reward (default 1)")
+    evaluate.add_argument("--reward-timeout", type=float, default=60.0, metavar="SECONDS",
+                          help="a custom --reward call that takes longer is abandoned (its samples get no reward)")
     for command in (sample, evaluate):
         _sampler_arguments(command)
 
@@ -124,21 +127,41 @@ def _exit_on_sigterm() -> None:
 def _int_list(text: str) -> list[int]:
     """'1,2,8' → [1, 2, 8]."""
     try:
-        return [int(k) for k in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers separated by commas, like 1,2,8; got {text!r}") from None
+        return [_positive_int(k) for k in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected positive integers separated by commas, like 1,2,8; got {text!r}") from None
+
+
+def _whole(least: int):
+    """An argparse type: a whole number of at least `least`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least:
+            raise argparse.ArgumentTypeError(f"must be a whole number of at least {least}, got {text!r}")
+        return value
+
+    return parse
+
+
+_count, _positive_int = _whole(0), _whole(1)
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="tiny | smollm2 | testbed:NAME | a saved model path")
     parser.add_argument("--trust-remote-code", action="store_true")
-    parser.add_argument("--gen-length", type=int, default=None, help="response canvas length")
+    parser.add_argument("--gen-length", type=_positive_int, default=None, help="response canvas length")
 
 
 def _sampler_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("sampler")
-    group.add_argument("--block-length", type=int, default=None)
-    group.add_argument("--steps", type=int, default=None, help="fixed schedule: total steps (default gen-length)")
+    group.add_argument("--block-length", type=_positive_int, default=None)
+    group.add_argument("--steps", type=_positive_int, default=None,
+                       help="fixed schedule: total steps (default gen-length)")
     group.add_argument("--threshold", type=float, default=None, help="Fast-dLLM confidence threshold, e.g. 0.9")
     group.add_argument("--factor", type=float, default=None, help="Fast-dLLM factor rule, e.g. 1.0")
     group.add_argument("--cache", choices=CACHES, default="none")
@@ -195,6 +218,7 @@ def _eval(args) -> None:
     from dlm_rl.data.benchmarks import load_benchmark
     from dlm_rl.eval_report import default_output_dir, write_report
     from dlm_rl.evaluation import run_evaluation
+    from dlm_rl.sampling.config import SamplerConfig
 
     benchmark = load_benchmark(args.dataset, n=args.n, seed=args.seed)
     gen_length = args.gen_length or benchmark.gen_length
@@ -207,11 +231,12 @@ def _eval(args) -> None:
         rows = rows.map(lambda row: {"prompt": args.prompt_template.replace("{prompt}", row["prompt"])})
     if args.chat:
         rows = rows.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
+    SamplerConfig(gen_length=gen_length, **_sampler_options(args))  # a bad sampler setting fails before the model loads
     rewards = None
     if args.reward:
         from dlm_rl.reward_functions import Rewards
 
-        rewards = Rewards(args.reward, args.reward_weight)
+        rewards = Rewards(args.reward, args.reward_weight, timeout=args.reward_timeout)
     elif args.reward_weight:
         raise ValueError("--reward-weight given without --reward")
     model = _load(args)

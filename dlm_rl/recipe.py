@@ -1,13 +1,19 @@
 """Recipes: a YAML file naming a trainer plus its config keys, with `--key value` overrides from the command line.
 
 Parsing reuses TRL's parser (YAML values become the dataclass defaults, then argparse reads the overrides); what
-we add is refusing unknown keys, with the nearest valid key as a suggestion.
+we add is refusing unknown keys, with the nearest valid key as a suggestion, and YAML values of the wrong type
+(argparse converts the command line, but takes YAML values as they come: `max_steps: 2.5` would stay a float).
+The config classes refuse values out of range; a learning rate of 0, which code may set on purpose (to freeze a
+policy), is refused in recipes and on the command line only.
 """
 
 from __future__ import annotations
 
 import difflib
+import enum
 import importlib
+import types
+import typing
 from dataclasses import fields
 
 import yaml
@@ -43,6 +49,7 @@ def parse_recipe(path: str, overrides: list[str] | None = None):
     unknown = [key for key in recipe if key not in valid]
     if unknown:
         raise ValueError(f"recipe {path}: " + "; ".join(_unknown_key(key, valid) for key in unknown))
+    _check_types(recipe, config_class, path)
     parser = TrlParser([config_class], allow_abbrev=False)  # a misspelt prefix must not pass silently
     parser.set_defaults_with_config(**recipe)
     overrides = list(overrides or [])
@@ -50,14 +57,74 @@ def parse_recipe(path: str, overrides: list[str] | None = None):
         i = overrides.index("--resume") + 1
         if i == len(overrides) or overrides[i].startswith("--"):
             overrides.insert(i, "latest")
-    config, rest = parser.parse_args_into_dataclasses(args=overrides, return_remaining_strings=True)
+    try:
+        config, rest = parser.parse_args_into_dataclasses(args=overrides, return_remaining_strings=True)
+    except ValueError as error:  # the config class refused a value
+        raise ValueError(f"recipe {path}: {error}") from None
     flags = [arg.lstrip("-").split("=")[0].replace("-", "_") for arg in rest if arg.startswith("--")]
     if rest:
         raise ValueError(
             f"command line: could not use {rest}. "
             + "; ".join(_unknown_key(flag, valid) for flag in flags if flag not in valid)
         )
+    for key in valid:
+        if key.endswith("learning_rate") and getattr(config, key) <= 0:
+            raise ValueError(f"recipe {path}: {key} must be positive, got {getattr(config, key)}")
     return module, config
+
+
+def _check_types(recipe: dict, config_class, path: str) -> None:
+    """Refuse a YAML value that is not of its key's type (ints pass as floats; strings argparse would convert)."""
+    hints = typing.get_type_hints(config_class)
+    for key, value in recipe.items():
+        if key == "resume":  # also takes true / false (`resume_setting`)
+            continue
+        expected = hints.get(key, typing.Any)
+        if not _fits(value, expected):
+            hint = f"; write a list: [{value}]" if isinstance(value, str) and _fits([value], expected) else ""
+            raise ValueError(f"recipe {path}: {key}: {value!r} is not {_describe(expected)}{hint}")
+
+
+def _fits(value, expected) -> bool:
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if expected is typing.Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return value in args
+    if expected is type(None):
+        return value is None
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected in (int, float):
+        if isinstance(value, str):  # argparse converts a string default: it must convert
+            try:
+                expected(value)
+            except ValueError:
+                return False
+            return True
+        return isinstance(value, int if expected is int else (int, float)) and not isinstance(value, bool)
+    if expected is str:
+        return isinstance(value, str)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(_fits(v, args[0]) for v in value if args)
+    if origin is dict or expected is dict:
+        return isinstance(value, dict)
+    if isinstance(expected, type) and issubclass(expected, enum.Enum):
+        return isinstance(value, expected) or value in {member.value for member in expected}
+    return True  # a class of its own (e.g. a parallelism config): left to the config
+
+
+def _describe(expected) -> str:
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in args)
+    if origin in (list, tuple):
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null",
+             dict: "a mapping"}
+    return names.get(expected, names.get(origin, getattr(expected, "__name__", str(expected))))
 
 
 def _unknown_key(key: str, valid: list[str]) -> str:

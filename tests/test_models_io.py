@@ -51,7 +51,7 @@ def test_save_load_round_trip(tmp_path, attention, block_size):
     tokenizer = loaded.tokenizer
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.mask_token_id) == (0, 1, 2)
     assert tokenizer("\\boxed{12}", add_special_tokens=False)["input_ids"] == [3, 5, 6, 96]
-    assert len(tokenizer) == 100
+    assert len(tokenizer) == 101 and tokenizer.unk_token_id == 100  # <|unk|>, past the model's 100 rows
 
 
 def test_load_overrides_replace_saved_conventions(tmp_path):
@@ -88,7 +88,7 @@ def test_adapter_whose_base_is_gone_is_explained(tmp_path):
 # --- A2D: from_causal_lm ----------------------------------------------------------------------------------------
 
 
-def _causal_lm(vocab=100):
+def _causal_lm(vocab=101):  # the char tokenizer's 101 tokens, <|unk|> included
     config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
     with torch.random.fork_rng():
@@ -103,28 +103,28 @@ def test_from_causal_lm_adds_missing_mask_token_and_resizes(tmp_path):
     old = model.get_input_embeddings().weight.detach().clone()
     ids, mask = _batch()
     with torch.no_grad():
-        ar = model(input_ids=ids[:1]).logits[0]  # [11, 100]: the AR model before conversion
+        ar = model(input_ids=ids[:1]).logits[0]  # [11, 101]: the AR model before conversion
     dlm = from_causal_lm(model, tokenizer, mask_token="<|new_mask|>")
-    assert tokenizer.mask_token == "<|new_mask|>" and tokenizer.mask_token_id == 100 and len(tokenizer) == 101
-    assert dlm.mask_token_id == 100
-    assert model.get_input_embeddings().num_embeddings == 101
-    assert model.get_output_embeddings().out_features == 101
-    assert torch.equal(model.get_input_embeddings().weight[:100], old)  # existing rows untouched
+    assert tokenizer.mask_token == "<|new_mask|>" and tokenizer.mask_token_id == 101 and len(tokenizer) == 102
+    assert dlm.mask_token_id == 101
+    assert model.get_input_embeddings().num_embeddings == 102
+    assert model.get_output_embeddings().out_features == 102
+    assert torch.equal(model.get_input_embeddings().weight[:101], old)  # existing rows untouched
     assert dlm.shift_logits is True and dlm.attention == "full"
     # shifted: under causal attention, position i's distribution is the AR model's output at i-1
     with torch.no_grad():
-        causal = dlm(ids[:1], attention="causal").logits[0, :, :100]  # [11, 100]
+        causal = dlm(ids[:1], attention="causal").logits[0, :, :101]  # [11, 101]
     assert (causal[1:] - ar[:-1]).abs().max() <= 1e-5
     assert (causal[1:] - ar[1:]).abs().max() > 1e-3  # the shift is not a no-op
-    ids[:, -4:] = 100
-    logits = _logits(dlm, ids, mask)  # [2, 11, 101]
-    assert logits.shape == (2, 11, 101)
-    assert (logits[..., 100] == float("-inf")).all() and torch.isfinite(logits[..., :100]).all()
+    ids[:, -4:] = 101
+    logits = _logits(dlm, ids, mask)  # [2, 11, 102]
+    assert logits.shape == (2, 11, 102)
+    assert (logits[..., 101] == float("-inf")).all() and torch.isfinite(logits[..., :101]).all()
 
     # the A2D model round-trips with its conventions
     dlm.save_pretrained(tmp_path)
     loaded = load(tmp_path).eval()
-    assert loaded.conventions == dlm.conventions and loaded.mask_token_id == 100
+    assert loaded.conventions == dlm.conventions and loaded.mask_token_id == 101
     assert torch.equal(_logits(loaded, ids, mask), logits)
 
 
@@ -134,8 +134,8 @@ def test_from_causal_lm_reuses_mask_token_already_in_vocabulary():
     model = _causal_lm()
     old = model.get_input_embeddings().weight.detach().clone()
     dlm = from_causal_lm(model, tokenizer)  # default `<|mask|>` is id 2 of the vocabulary
-    assert dlm.mask_token_id == 2 and tokenizer.mask_token == MASK and len(tokenizer) == 100
-    assert model.get_input_embeddings().num_embeddings == 100
+    assert dlm.mask_token_id == 2 and tokenizer.mask_token == MASK and len(tokenizer) == 101
+    assert model.get_input_embeddings().num_embeddings == 101
     assert torch.equal(model.get_input_embeddings().weight, old)
     assert dlm.shift_logits is True
 
@@ -143,14 +143,14 @@ def test_from_causal_lm_reuses_mask_token_already_in_vocabulary():
 def test_from_causal_lm_keeps_the_tokenizers_own_mask_token():
     tokenizer = char_tokenizer()  # has `<|mask|>` (id 2) as its mask token
     dlm = from_causal_lm(_causal_lm(), tokenizer, mask_token="<|other|>", attention="block", block_size=4)
-    assert dlm.mask_token_id == 2 and len(tokenizer) == 100
+    assert dlm.mask_token_id == 2 and len(tokenizer) == 101
     assert (dlm.attention, dlm.block_size) == ("block", 4)
 
 
 def test_from_causal_lm_with_larger_model_vocabulary_does_not_shrink():
     tokenizer = char_tokenizer()
     tokenizer.mask_token = None
-    model = _causal_lm(vocab=128)  # padded vocabulary, as in Qwen: the new id 100 already has a row
+    model = _causal_lm(vocab=128)  # padded vocabulary, as in Qwen: the new id 101 already has a row
     dlm = from_causal_lm(model, tokenizer, mask_token="<|new_mask|>")
-    assert dlm.mask_token_id == 100
+    assert dlm.mask_token_id == 101
     assert model.get_input_embeddings().num_embeddings == 128

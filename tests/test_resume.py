@@ -56,7 +56,7 @@ def _kill_resume_and_compare(tmp_path, run, config_class, **settings):
     child.join(timeout=120)
     assert child.exitcode == -signal.SIGKILL, f"the run was not killed (exit code {child.exitcode})"
     assert [m["step"] for m in _metrics(tmp_path / "run")] == list(range(K + 2))  # step K + 1 logged, not saved
-    assert sorted(os.listdir(tmp_path / "run" / f"checkpoint-{K}")) == ["config.json", "state.pt"]
+    assert sorted(os.listdir(tmp_path / "run" / f"checkpoint-{K}")) == ["config.json", "manifest.json", "state.pt"]
 
     run(config_class(output_dir=str(tmp_path / "run"), save_steps=K, resume="latest", **settings))
     run(config_class(output_dir=str(tmp_path / "uninterrupted"), **settings))

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 from datasets import Dataset
 
+from dlm_rl.data.files import is_prompt, load_rows
+
 DEFAULT_SIZE = 256  # problems drawn from a generator (testbed task, reasoning-gym) when no n is given
 # name: (hub path, config, split, format)
 HUB = {
@@ -122,6 +124,10 @@ def to_benchmark(name: str, dataset: Dataset, layout: str | None = None, n: int 
     rows = [{**row, **mapping(row, i)} for i, row in enumerate(dataset)]
     if not rows:
         raise ValueError(f"{name}: the dataset has no rows")
+    for i, row in enumerate(rows):
+        if not is_prompt(row["prompt"]):
+            raise ValueError(f"{name}: row {i}: prompt {row['prompt']!r} (type {type(row['prompt']).__name__}) is "
+                             "not text or a list of chat messages")
     return Benchmark(name, Dataset.from_list(rows), scorer)
 
 
@@ -155,8 +161,6 @@ def load_benchmark(spec: str, *, n: int | None = None, seed: int = 1) -> Benchma
     if spec in HUB:
         return to_benchmark(spec, _from_hub(spec), HUB[spec][3], n)
     if os.path.exists(spec) or spec.lower().endswith(FILE_EXTENSIONS):
-        from dlm_rl.data.files import load_rows
-
         return to_benchmark(spec, load_rows(spec), None, n)
     raise ValueError(
         f"unknown dataset {spec!r}: give a testbed task {sorted(TASKS)}, 'humaneval', {sorted(HUB)}, "

@@ -11,11 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
+from dlm_rl.data.tokenizer import model_ids
+
 
 def encode_prompt(tokenizer, prompt) -> list[int]:
     """Token ids of a prompt given as text, or as chat messages (the chat template with a generation prompt)."""
     if isinstance(prompt, str):
-        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return model_ids(tokenizer, prompt, tokenizer(prompt, add_special_tokens=False)["input_ids"])
     if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt):
         if tokenizer.chat_template is None:
             raise ValueError("prompt is a list of chat messages but the tokenizer has no chat template")
@@ -30,7 +32,8 @@ def encode_completion(tokenizer, completion) -> list[int]:
         completion = completion[0]["content"]
     if not isinstance(completion, str):
         raise TypeError(f"a completion must be a string or one chat message, got {type(completion).__name__}")
-    return tokenizer(completion, add_special_tokens=False)["input_ids"]
+    return model_ids(tokenizer, completion, tokenizer(completion, add_special_tokens=False)["input_ids"],
+                     "completion")
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dlm_rl.data.tokenizer import char_tokenizer
+from dlm_rl.data.tokenizer import EMBEDDED, char_tokenizer
 from dlm_rl.models.diffusion_lm import Conventions, DiffusionLM
 
 
@@ -23,7 +23,7 @@ def tiny_model(
     """A freshly initialised tiny LlamaForCausalLM with the character tokenizer, run as a diffusion LM."""
     tokenizer = char_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=len(EMBEDDED),  # not <|unk|>: the testbed checkpoints embed ids 0-99
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,

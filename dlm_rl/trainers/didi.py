@@ -30,7 +30,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from dlm_rl import distributed
-from dlm_rl.checkpoint import CheckpointArguments, checkpoint_due, save_checkpoint, start_run
+from dlm_rl.checkpoint import CheckpointArguments, checkpoint_due, save_checkpoint, start_run, write_directory
 from dlm_rl.guards import NonFiniteArguments, NonFiniteLoss
 from dlm_rl.models.lora import LoraArguments
 from dlm_rl.rl.didi import (
@@ -45,6 +45,7 @@ from dlm_rl.rl.didi import (
     save_discriminator,
     time_weight,
 )
+from dlm_rl.trainers.online import require_positive, require_range
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +150,16 @@ class DiDiConfig(CheckpointArguments, LoraArguments, NonFiniteArguments):
                              "alone; set one above 0")
         if self.conditional_kl_coef < 0 or self.conditional_folds < 1:
             raise ValueError("need conditional_kl_coef >= 0 and conditional_folds >= 1")
+        require_positive(self, "max_steps", "train_size", "gen_length", "eval_steps", "eval_samples", "eval_nfe")
+        require_range(self, learning_rate=(0, None), discriminator_learning_rate=(0, None), weight_decay=(0, None),
+                      discriminator_warmup_steps=(0, None), kl_coef=(0, None), entropy_coef=(0, None),
+                      label_smoothing=(0, 0.5))
+        if self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
+        if self.dataset_path is not None:
+            from dlm_rl.data.files import refuse_empty_file
+
+            refuse_empty_file(self.dataset_path, "dataset_path")
 
 
 def run(config: DiDiConfig) -> dict:
@@ -219,8 +230,12 @@ def run(config: DiDiConfig) -> dict:
     finally:
         if main:
             final = ema.module if ema is not None else student
-            final.save_pretrained(os.path.join(config.output_dir, "final"))
-            save_discriminator(discriminator, os.path.join(config.output_dir, "final"))
+
+            def write_final(directory: str) -> None:
+                final.save_pretrained(directory)
+                save_discriminator(discriminator, directory)
+
+            write_directory(os.path.join(config.output_dir, "final"), write_final)
             log.close(curve=("reward", "discriminator_loss", "eval/validity"))
     return line
 

@@ -24,6 +24,7 @@ from dlm_rl.diffusion.noise import FORMS
 from dlm_rl.diffusion.schedules import SCHEDULES
 from dlm_rl.guards import NonFiniteArguments, NonFiniteLoss
 from dlm_rl.models.lora import LoraArguments
+from dlm_rl.trainers.online import require_positive
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,18 @@ class MDMConfig(LoraArguments, NonFiniteArguments, TrainingArguments):
             raise ValueError(f"noise_schedule must be one of {SCHEDULES}, got {self.noise_schedule!r}")
         if (self.task is None) == (self.dataset_path is None):
             raise ValueError("set exactly one of `task` (a testbed task) and `dataset_path`")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps must be a positive number of steps, or -1 to train num_train_epochs epochs; "
+                             f"got {self.max_steps}")
+        require_positive(self, "train_size", "response_length", "tiny_hidden_size", "tiny_num_layers")
+        if self.learning_rate < 0:
+            raise ValueError(f"learning_rate must not be negative, got {self.learning_rate}")
+        if not 0 < self.t_min < 1:
+            raise ValueError(f"t_min must be in (0, 1), got {self.t_min}")
+        if self.dataset_path is not None:
+            from dlm_rl.data.files import refuse_empty_file
+
+            refuse_empty_file(self.dataset_path, "dataset_path")
         self.resume = resume_setting(self.resume or self.resume_from_checkpoint)
         if self.load_best_model_at_end:
             raise ValueError("load_best_model_at_end is not supported: MDM SFT runs no evaluation to pick a best model")

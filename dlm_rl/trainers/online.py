@@ -40,6 +40,11 @@ class OnlineArguments(CheckpointArguments, LoraArguments, NonFiniteArguments):
     """Rewards as 'module:function' or 'path/to/file.py:function'."""
     reward_weights: list[float] | None = None
     """One weight per reward (default 1 each)."""
+    reward_timeout: float = 60.0
+    """Seconds a custom reward may take per call; a call that takes longer is abandoned and its samples get no reward
+    (they are left out of the update)."""
+    max_reward_failures: int = 3
+    """The run stops when a reward fails (times out, or raises on every sample) this many calls in a row."""
     constant_reward_patience: int = 5
     """Warn when a reward gives every completion of a step the same score this many steps in a row (0: off)."""
     constant_reward_error: bool = False
@@ -83,14 +88,46 @@ class OnlineArguments(CheckpointArguments, LoraArguments, NonFiniteArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.reward_funcs, str) or not self.reward_funcs:
+            raise ValueError(f"reward_funcs must be a non-empty list of 'module:function' references, got "
+                             f"{self.reward_funcs!r}")
+        require_positive(self, "max_steps", "prompts_per_step", "eval_steps", "train_size", "eval_size",
+                         "gen_length", "block_length")
+        require_range(self, learning_rate=(0, None), weight_decay=(0, None), temperature=(0, None),
+                      constant_reward_patience=(0, None))
+        if self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
+        if self.threshold is not None and not 0 < self.threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1] or null (one token per step), got {self.threshold}")
         if self.num_generations < 2:
             raise ValueError("num_generations must be at least 2: a prompt's samples are compared with each other")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"{len(self.reward_funcs)} reward_funcs but {len(self.reward_weights)} reward_weights")
+        if not 0 < self.reward_timeout < math.inf:
+            raise ValueError(f"reward_timeout must be a positive number of seconds, got {self.reward_timeout!r}")
+        if self.max_reward_failures < 1:
+            raise ValueError(f"max_reward_failures must be at least 1, got {self.max_reward_failures!r}")
         if self.rollout_actors < 0:
             raise ValueError(f"rollout_actors must be 0 (generate in this process) or more, got {self.rollout_actors}")
         if self.task.startswith("reasoning_gym:") and self.gen_length is None:
             raise ValueError(f"task {self.task!r} needs gen_length (testbed tasks know their response length)")
+
+
+def require_positive(config, *names: str) -> None:
+    """Refuse a setting among `names` that is not a whole number of at least 1 (None passes: "not set")."""
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+
+
+def require_range(config, **bounds: tuple[float | None, float | None]) -> None:
+    """Refuse a number outside its closed range `name=(low, high)` (None: unbounded on that side)."""
+    for name, (low, high) in bounds.items():
+        value = getattr(config, name)
+        if (low is not None and value < low) or (high is not None and value > high):
+            allowed = f"at least {low}" if high is None else f"in [{low}, {high}]"
+            raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
 def load_task(config: OnlineArguments) -> tuple[list[dict], object, str, int | None]:

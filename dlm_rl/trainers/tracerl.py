@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dlm_rl import distributed
-from dlm_rl.checkpoint import checkpoint_due, save_checkpoint
+from dlm_rl.checkpoint import checkpoint_due, save_checkpoint, write_directory
 from dlm_rl.guards import NonFiniteLoss, RolloutGuards
 from dlm_rl.models.lora import add_lora
 from dlm_rl.rl.advantages import group_advantages
@@ -44,6 +44,8 @@ from dlm_rl.trainers.online import (
     gather_rollout,
     held_out_metrics,
     load_task,
+    require_positive,
+    require_range,
     reward_metrics,
     rollout_engine,
     rollout_share,
@@ -115,6 +117,8 @@ class TraceRLConfig(OnlineArguments):
             raise ValueError("kl_reference: 'reference' needs use_lora (the reference is the disabled adapter)")
         if self.micro_batch_rows < 1:
             raise ValueError(f"micro_batch_rows must be at least 1, got {self.micro_batch_rows}")
+        require_positive(self, "inner_epochs", "shrink")
+        require_range(self, epsilon=(0, None), beta=(0, None), gamma=(0, 1), lam=(0, 1), value_clip=(0, None))
 
 
 def run(config: TraceRLConfig) -> dict:
@@ -125,7 +129,8 @@ def run(config: TraceRLConfig) -> dict:
     train, held_out_rows, scorer, task_length = load_task(config)
     prompts = PromptStream(train, config.prompts_per_step, config.seed)
     torch.manual_seed(config.seed)
-    rewards = Rewards(config.reward_funcs, config.reward_weights)  # bad references fail before any work
+    rewards = Rewards(config.reward_funcs, config.reward_weights, timeout=config.reward_timeout,
+                      max_failures=config.max_reward_failures)  # bad references fail before any work
     device = distributed.setup()
     main = distributed.is_main()
     model = resolve_model(config.model, trust_remote_code=config.trust_remote_code).to(device)
@@ -190,9 +195,12 @@ def run(config: TraceRLConfig) -> dict:
         if engine is not None:
             engine.close()
         if main:
-            model.save_pretrained(os.path.join(config.output_dir, "final"))
-            if value is not None:
-                torch.save(value.state_dict(), os.path.join(config.output_dir, "final", "value_model.pt"))
+            def write_final(directory: str) -> None:
+                model.save_pretrained(directory)
+                if value is not None:
+                    torch.save(value.state_dict(), os.path.join(directory, "value_model.pt"))
+
+            write_directory(os.path.join(config.output_dir, "final"), write_final)
             log.close()
     return line
 
@@ -228,14 +236,19 @@ class Learner:
         epochs = [[] for _ in range(config.inner_epochs)]  # per epoch: one dict per trajectory that trains
         kept_samples = total_samples = 0
         for trajectory in trajectories:
-            rewards = torch.tensor(trajectory.rewards["total"], dtype=torch.float64)
+            total = trajectory.rewards["total"]
+            scored = torch.tensor([r is not None for r in total], dtype=torch.bool)  # None: a reward timed out
+            rewards = torch.tensor([0.0 if r is None else r for r in total], dtype=torch.float64)
             truncated = torch.tensor([reason == "length" for reason in trajectory.finish_reason])
             rewards = rewards - config.truncation_penalty * truncated
             total_samples += len(rewards)
-            if self.value is None:
-                advantages, keep = group_advantages(rewards, torch.tensor(trajectory.prompt_index))
+            if self.value is None:  # unscored samples take no part in their group's statistics
+                advantages = torch.zeros(len(rewards), dtype=torch.float64)
+                keep = torch.zeros(len(rewards), dtype=torch.bool)
+                groups = torch.tensor(trajectory.prompt_index)
+                advantages[scored], keep[scored] = group_advantages(rewards[scored], groups[scored])
             else:
-                advantages, keep = None, torch.ones(len(rewards), dtype=torch.bool)
+                advantages, keep = None, scored
             if not keep.any():
                 continue
             kept_samples += int(keep.sum())

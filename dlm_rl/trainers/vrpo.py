@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dlm_rl import distributed
-from dlm_rl.checkpoint import checkpoint_due, save_checkpoint
+from dlm_rl.checkpoint import checkpoint_due, save_checkpoint, write_directory
 from dlm_rl.guards import NonFiniteLoss, RolloutGuards
 from dlm_rl.models.lora import add_lora
 from dlm_rl.rl.vrpo import PreferenceEstimator, collate_pairs, fitting_pairs, vrpo_loss
@@ -34,6 +34,7 @@ from dlm_rl.trainers.online import (
     gather_rollout,
     held_out_metrics,
     load_task,
+    require_range,
     reward_metrics,
     rollout_engine,
     rollout_share,
@@ -53,7 +54,8 @@ class VRPOConfig(OnlineArguments):
     are built on-policy from rollouts scored by `reward_funcs`. Conversational pairs whose prompt is the shared
     first turns of `chosen` and `rejected` (no or a plain-text `prompt` column) have it split off."""
     dataset_split: str = "train"
-    """The split of `dataset` to train on (e.g. `train_prefs` for HuggingFaceH4/ultrafeedback_binarized)."""
+    """The split of a hub `dataset` to train on (e.g. `train_prefs` for HuggingFaceH4/ultrafeedback_binarized); a
+    local file is read whole."""
     beta: float = 0.2
     """Preference temperature β of the score ŝ."""
     n_t: int = 8
@@ -88,18 +90,28 @@ class VRPOConfig(OnlineArguments):
             raise ValueError(f"draws_per_graph must be at least 1 or None, got {self.draws_per_graph}")
         if self.micro_batch_pairs < 1:
             raise ValueError(f"micro_batch_pairs must be at least 1, got {self.micro_batch_pairs}")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be positive (β = 0 makes every score 0: nothing to learn), got {self.beta}")
+        require_range(self, min_margin=(0, None))
+        if self.dataset is not None and self.dataset.endswith((".json", ".jsonl")):
+            from dlm_rl.data.files import refuse_empty_file
+
+            refuse_empty_file(self.dataset, "dataset")
 
 
 def on_policy_pairs(trajectories, min_margin: float) -> tuple[dict, dict, dict]:
     """(chosen, rejected, counts): each prompt's best and worst sample as token-id batches, and how many prompts
-    were dropped as ties (all rewards equal) or below the margin."""
+    were dropped as ties (all rewards equal) or below the margin. Samples without a reward (None: a reward timed
+    out) are left out."""
     chosen, rejected = [], []
     counts = {"pairs": 0, "ties_dropped": 0, "below_margin": 0}
     for t in trajectories:
-        totals = torch.tensor(t.rewards["total"], dtype=torch.float64)
+        totals = torch.tensor([float("nan") if r is None else r for r in t.rewards["total"]], dtype=torch.float64)
         groups = torch.tensor(t.prompt_index)
         for group in torch.unique(groups).tolist():
-            members = (groups == group).nonzero()[:, 0]
+            members = ((groups == group) & ~totals.isnan()).nonzero()[:, 0]
+            if len(members) < 2:
+                continue
             values = totals[members]
             best, worst = members[values.argmax()], members[values.argmin()]
             margin = float(values.max() - values.min())
@@ -148,7 +160,8 @@ def run(config: VRPOConfig) -> dict:
 
     train, held_out_rows, scorer, task_length = load_task(config)
     torch.manual_seed(config.seed)
-    rewards = Rewards(config.reward_funcs, config.reward_weights)
+    rewards = Rewards(config.reward_funcs, config.reward_weights, timeout=config.reward_timeout,
+                      max_failures=config.max_reward_failures)
     device = distributed.setup()
     main = distributed.is_main()
     model = resolve_model(config.model, trust_remote_code=config.trust_remote_code).to(device)
@@ -222,7 +235,7 @@ def run(config: VRPOConfig) -> dict:
         if engine is not None:
             engine.close()
         if main:
-            model.save_pretrained(os.path.join(config.output_dir, "final"))
+            write_directory(os.path.join(config.output_dir, "final"), model.save_pretrained)
             log.close(curve=("reward/total", "eval/greedy_accuracy", "implicit_accuracy"))
     return line
 
@@ -262,9 +275,10 @@ def load_pairs(name: str, split: str, tokenizer, response_length: int) -> list[d
     from trl.data_utils import is_conversational, maybe_extract_prompt
 
     from dlm_rl.data.collate import require_columns
+    from dlm_rl.data.files import load_rows
 
     if name.endswith((".json", ".jsonl")):
-        dataset = load_dataset("json", data_files=name, split=split)
+        dataset = load_rows(name)  # empty files, mixed types and non-text prompts are errors naming the row
     else:
         dataset = load_dataset(name, split=split)
     require_columns(dataset, ["chosen", "rejected"], f"VRPO dataset {name}")
