@@ -9,14 +9,17 @@ policy), is refused in recipes and on the command line only.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import enum
 import importlib
+import math
 import types
 import typing
 from dataclasses import fields
 
 import yaml
+from transformers import TrainingArguments
 from trl import TrlParser
 
 # trainer name -> (module, config class); each module has `run(config)`.
@@ -68,7 +71,7 @@ def parse_recipe(path: str, overrides: list[str] | None = None):
             + "; ".join(_unknown_key(flag, valid) for flag in flags if flag not in valid)
         )
     for key in valid:
-        if key.endswith("learning_rate") and getattr(config, key) <= 0:
+        if key.endswith("learning_rate") and not (math.isfinite(getattr(config, key)) and getattr(config, key) > 0):
             raise ValueError(f"recipe {path}: {key} must be positive, got {getattr(config, key)}")
     return module, config
 
@@ -76,8 +79,12 @@ def parse_recipe(path: str, overrides: list[str] | None = None):
 def _check_types(recipe: dict, config_class, path: str) -> None:
     """Refuse a YAML value that is not of its key's type (ints pass as floats; strings argparse would convert)."""
     hints = typing.get_type_hints(config_class)
+    # transformers' own TrainingArguments fields (MDM) convert their values themselves: `fsdp: true` is documented
+    # though annotated `str | None`, `resume_from_checkpoint: true` likewise.
+    theirs = {f.name for f in dataclasses.fields(TrainingArguments)} if issubclass(config_class, TrainingArguments) \
+        else set()
     for key, value in recipe.items():
-        if key == "resume":  # also takes true / false (`resume_setting`)
+        if key == "resume" or key in theirs:  # `resume` also takes true / false (`resume_setting`)
             continue
         expected = hints.get(key, typing.Any)
         if not _fits(value, expected):

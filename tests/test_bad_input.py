@@ -244,3 +244,23 @@ def test_an_existing_testbed_checkpoint_is_unchanged_for_ascii(tmp_path, monkeyp
     with caplog.at_level(logging.WARNING, logger="dlm_rl.data.tokenizer"):
         assert encode_prompt(loaded.tokenizer, "héllo") == [21, 0, 25, 25, 28]  # as before, now said
     assert "'é' in prompt 'héllo'; encoded as <|pad|>" in caplog.text
+
+
+def test_transformers_own_arguments_keep_their_own_conversions(tmp_path):
+    """MDM's TrainingArguments fields convert their values themselves: `fsdp: true` (annotated `str | None`) and
+    `resume_from_checkpoint: true` are valid recipe values, not type errors."""
+    from dlm_rl.recipe import parse_recipe
+
+    path = tmp_path / "mdm.yaml"
+    path.write_text("trainer: mdm\nmodel: tiny\ntask: addition3\nmax_steps: 1\nfsdp: true\n"
+                    "resume_from_checkpoint: true\n")
+    parse_recipe(str(path), [])
+
+
+def test_a_learning_rate_that_is_not_a_number_is_refused(tmp_path):
+    from dlm_rl.recipe import parse_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("trainer: tracerl\nmodel: tiny\ntask: addition3\nlearning_rate: .nan\n")
+    with pytest.raises(ValueError, match="learning_rate must be positive, got nan"):
+        parse_recipe(str(path), [])
