@@ -54,3 +54,25 @@ def dtype_of(raw: dict) -> dict:
     """The checkpoint's stored dtype, so that `dtype='auto'` keeps it."""
     dtype = raw.get("dtype") or raw.get("torch_dtype")
     return {"dtype": dtype} if dtype else {}
+
+
+def qwen_fields(raw: dict, model_type: str) -> dict:
+    """The config fields Qwen2 and Qwen3 share, from a Qwen-style hub config (Dream's, SDAR's); options the native
+    classes do not compute are refused."""
+    require(raw, model_type, hidden_act=("silu", None), use_sliding_window=(False, None))
+    heads = raw["num_attention_heads"]
+    return dict(
+        vocab_size=raw["vocab_size"],
+        hidden_size=raw["hidden_size"],
+        intermediate_size=raw["intermediate_size"],
+        num_hidden_layers=raw["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=raw.get("num_key_value_heads") or heads,
+        max_position_embeddings=raw.get("max_position_embeddings", 32768),
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+        rope_parameters=rope_parameters(raw),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        use_sliding_window=False,
+        **token_ids(raw),
+        **dtype_of(raw),
+    )
