@@ -89,15 +89,15 @@ def score_completions(scorer: str, completions: list[str], rows: list[dict], pro
         def batch(texts, batch_rows):
             return accuracy([r["prompt"] for r in batch_rows], texts, [r["answer"] for r in batch_rows])
     elif scorer == "rewards.code:pass_rate":
-        from rewards.code import extract_code, pass_rate
+        from rewards.code import pass_rate
 
         def batch(texts, batch_rows):
-            programs = [(r.get("code_prefix") or "") + extract_code(t) for t, r in zip(texts, batch_rows)]
             return pass_rate(
                 [r["prompt"] for r in batch_rows],
-                programs,
+                texts,
                 tests=[r["tests"] for r in batch_rows],
                 entry_point=[r.get("entry_point") for r in batch_rows],
+                code_prefix=[r.get("code_prefix") or "" for r in batch_rows],
             )
     else:
 

@@ -7,9 +7,9 @@ or a NumPy array / torch tensor with one score per completion.
 
 Custom rewards (every reference but the built-in `rewards.math`, `rewards.code` and `rewards.format`, which bound
 their own time) are imported and called in a worker process of their `Rewards`: a fresh
-`python -m dlm_rl.reward_functions` in a session of its own, which dies with the process that started it. A call
-that gives no result within `timeout` seconds is abandoned: the worker and everything it started are killed (a new
-one serves the next call), the call's samples get no reward (None in that reward's scores and in "total", so that
+`python -m dlm_rl.reward_functions` in a session of its own, which dies with the process that started it and adopts
+the processes its children leave. A call that gives no result within `timeout` seconds is abandoned: the worker and
+every process it started, in whatever session, are killed (a new one serves the next call), the call's samples get no reward (None in that reward's scores and in "total", so that
 the trainers leave them out of advantages and pairs), and a warning names the reward. A call fails when it times
 out, its worker dies, or every sample raises; after `max_failures` failed calls of one reward in a row, `RewardError`
 stops the run. `SystemExit`, `KeyboardInterrupt` and `GeneratorExit` raised by reward code (at import or in a call)
@@ -39,6 +39,8 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+
+import psutil
 
 logger = logging.getLogger(__name__)
 
@@ -343,11 +345,21 @@ class _Worker:
         return pickle.loads(_read(stdout, size, deadline))
 
     def kill(self) -> None:
-        """Kill the worker and every process it started in its session, and reap it."""
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        """Kill every process the worker started, then the worker, and reap it. The worker is a child subreaper,
+        so what its processes left behind (in sessions of their own too) stays among its descendants while it
+        lives."""
+        for _ in range(100):  # until a round finds none: a forking process left more as it died
+            try:
+                descendants = psutil.Process(self.process.pid).children(recursive=True)
+            except psutil.Error:
+                break
+            if not descendants:
+                break
+            for process in descendants:
+                try:
+                    process.kill()
+                except psutil.Error:
+                    pass
         self.process.kill()
         self.process.wait()
         self.process.stdin.close()
@@ -413,8 +425,9 @@ def _kill_all(workers: list[_Worker]) -> None:
 def _serve(parent: int) -> None:
     """The worker: imports the references it is sent, then answers (index, prompts, completions, columns) requests
     with ("ok", scores, sample errors, batch error) or ("error", message)."""
-    try:  # die with the process that started us, even while a reward spins
+    try:  # die with the process that started us, even while a reward spins; adopt what our processes leave
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
     except (AttributeError, OSError):
         pass
     if os.getppid() != parent:

@@ -4,7 +4,8 @@ Tests come per sample as one of:
 - `tests`: a list of assert statements (`assert f(2) == 4`), one test each;
 - `tests`: a HumanEval-style program defining `check(candidate)`, with `entry_point` naming the function (0 or 1);
 - `stdio`: a list of {"input": ..., "output": ...} cases, each run as its own program (whitespace-normalised).
-The program is the last fenced Python block of the completion, or the whole completion if there is none.
+The program is the row's `code_prefix` (if any) followed by the last fenced Python block of the completion, or the
+whole completion if there is none.
 
 The program cannot reach the judge (rewards.sandbox; docs/security.md): it runs in a sandbox and answers requests
 `name(*args, **kwargs)`, sent over a pipe as plain values, with the `ascii` of each result, while a harness outside
@@ -14,10 +15,12 @@ and nothing else: no test text, expected value or verdict exists in its sandbox,
 descriptors, exiting early, raising SystemExit or patching builtins changes nothing but its own answers. A program
 that dies is restarted in a fresh sandbox for the next test while its wall-clock limit lasts. stdio programs get
 their input on stdin; the harness compares their output.
-Limits: tests see return values only, not arguments mutated in place nor values that are not plain (objects,
-generators, inf and nan); a name the program defines never replaces a builtin in the tests (`def abs(x): return
-0` must not pass `abs(f(x) - y) < 1e-6`); a helper that a test calls and the program defines (HumanEval/32's
-`poly`) is the program's own, so a program may redefine it.
+A check program sees only the program's entry point: what else it calls comes from the test and the row's trusted
+`code_prefix` (HumanEval's prompt, with its helpers such as `poly` and `encode_cyclic`), run in the harness. An
+assert test calls the program's functions by name (a name that would replace a builtin excepted: `def abs(x):
+return 0` must not pass `abs(f(x) - y) < 1e-6`). Tests see return values only, not arguments mutated in place
+nor values that are not plain (objects, generators, inf and nan). A failure of the harness itself is the call's
+error, never a 0.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from rewards import completion_text
 from rewards.sandbox import Limits, in_harness
 
 _FENCE = re.compile(r"```(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL)
-_ANSWER_BYTES = 1 << 22  # longest answer line read from a program
+_ANSWER_BYTES = 1 << 16  # longest answer line read from a program (parsed outside the sandbox's limits)
 
 
 def extract_code(completion: str) -> str:
@@ -43,24 +46,30 @@ def extract_code(completion: str) -> str:
     return blocks[-1] if blocks else completion
 
 
-def pass_rate(prompts, completions, tests=None, entry_point=None, stdio=None, **columns) -> list[float | None]:
-    """Fraction of each sample's tests passed (None for a sample without tests)."""
+def pass_rate(prompts, completions, tests=None, entry_point=None, stdio=None, code_prefix=None,
+              **columns) -> list[float | None]:
+    """Fraction of each sample's tests passed (None for a sample without tests). A sample's `code_prefix` (HumanEval's
+    prompt: the function the model completes and its helpers) comes before its code."""
     count = len(completions)
     tests = tests or [None] * count
     entry_point = entry_point or [None] * count
     stdio = stdio or [None] * count
-    if not len(tests) == len(entry_point) == len(stdio) == count:
-        raise ValueError(f"pass_rate: {count} completions but tests/entry_point/stdio of other lengths")
+    code_prefix = code_prefix or [""] * count
+    if not len(tests) == len(entry_point) == len(stdio) == len(code_prefix) == count:
+        raise ValueError(f"pass_rate: {count} completions but tests/entry_point/stdio/code_prefix of other lengths")
     jobs = [
-        (extract_code(completion_text(c)), t, e, s) for c, t, e, s in zip(completions, tests, entry_point, stdio)
+        ((p or "") + extract_code(completion_text(c)), t, e, s, p or "")
+        for c, t, e, s, p in zip(completions, tests, entry_point, stdio, code_prefix)
     ]
     # Twice the cores: much of a sandbox's life is waiting on the kernel and on pipes, not computing.
     with ThreadPoolExecutor(max_workers=2 * (os.cpu_count() or 1)) as pool:
         return list(pool.map(lambda job: score(*job), jobs))
 
 
-def score(code: str, tests=None, entry_point: str | None = None, stdio=None, limits: Limits = Limits()) -> float | None:
-    """One program against its tests (see the module docstring)."""
+def score(code: str, tests=None, entry_point: str | None = None, stdio=None, trusted: str = "",
+          limits: Limits = Limits()) -> float | None:
+    """One program against its tests (see the module docstring). `trusted` (a check program's prompt) defines what
+    the tests may call besides the entry point."""
     if stdio:
         job = {"stdio": [(case["input"], str(case["output"])) for case in stdio]}
     elif not tests:
@@ -68,7 +77,7 @@ def score(code: str, tests=None, entry_point: str | None = None, stdio=None, lim
     elif isinstance(tests, str):
         if entry_point is None:
             raise ValueError("a check(candidate) program needs its entry_point")
-        job = {"check": tests, "entry_point": entry_point}
+        job = {"check": tests, "entry_point": entry_point, "trusted": trusted}
     else:
         job = {"asserts": list(tests)}
     verdicts = in_harness("rewards.code:_judge", (code, job), limits, runs=len(stdio) if stdio else 1)
@@ -88,7 +97,7 @@ def _judge(request, limits: Limits, start) -> list[bool]:
     program = _Program(start, code, time.monotonic() + limits.seconds)
     try:
         if "check" in job:
-            return [program.passes(job["check"], job["entry_point"])]
+            return [program.passes(job["check"], job["entry_point"], job["trusted"])]
         return [program.passes(test) for test in job["asserts"]]
     finally:
         program.close()
@@ -97,6 +106,8 @@ def _judge(request, limits: Limits, start) -> list[bool]:
 def _stdio_case(start, code: str, stdin: str, expected: str, limits: Limits) -> bool:
     sandbox = start(_MAIN, code, time.monotonic() + limits.seconds)
     try:
+        if not sandbox.started():
+            return False
         output = sandbox.exchange(stdin.encode(), limits.output_bytes, to_end=True)
     finally:
         status = sandbox.close(wait=True)
@@ -115,16 +126,28 @@ class _Program:
     def __init__(self, start, code: str, deadline: float):
         self.start, self.code, self.deadline = start, code, deadline
         self.sandbox, self.names, self.sequence = None, [], 0
+        self.broken: OSError | None = None  # the harness's own failure talking to the sandbox: not a verdict
 
-    def passes(self, test: str, entry_point: str | None = None) -> bool:
+    def passes(self, test: str, entry_point: str | None = None, trusted: str = "") -> bool:
+        """Whether `test` passes. A check program's entry point is the program's, all else it calls is the test's
+        own or `trusted`'s (HumanEval's `poly` and `encode_cyclic` are not the program's to redefine)."""
         try:
             space = {"__name__": "test", **self._stubs(entry_point)}
+        except _Gone:
+            return False
+        try:
+            if entry_point is not None:
+                exec(compile(trusted, "prompt", "exec", dont_inherit=True), space)
+                space[entry_point] = self._stub(entry_point)
             exec(compile(test, "test", "exec", dont_inherit=True), space)
             if entry_point is not None:
                 space["check"](space[entry_point])
-            return True
+            passed = True
         except BaseException:
-            return False
+            passed = False
+        if self.broken:
+            raise RuntimeError("the harness lost its sandbox") from self.broken
+        return passed
 
     def close(self) -> None:
         if self.sandbox is not None:
@@ -132,14 +155,21 @@ class _Program:
             self.sandbox = None
 
     def _stubs(self, entry_point: str | None) -> dict:
-        """A stub per function the program defines, except those that would replace a builtin the tests use."""
+        """A stub per function the program defines (in a check program, only its entry point), except those that
+        would replace a builtin the tests use."""
         if self.sandbox is None:
             if time.monotonic() >= self.deadline:
                 raise _Gone()
             self.sandbox = self.start(_SERVER, self.code, self.deadline)
-            self.names = [n for n in self._ask(("names",)) if isinstance(n, str)]
-        allowed = [n for n in self.names if n == entry_point or not hasattr(builtins, n)]
-        return {name: self._stub(name) for name in allowed}
+            if not self.sandbox.started():
+                self.close()
+                raise _Gone()
+            names = self._ask(("names",))
+            self.names = [n for n in names if isinstance(n, str) and n.isidentifier() and not n.startswith("__")
+                          ] if isinstance(names, list) else []
+        if entry_point is not None:
+            return {entry_point: self._stub(entry_point)}
+        return {name: self._stub(name) for name in self.names if not hasattr(builtins, name)}
 
     def _stub(self, name: str):
         return lambda *args, **kwargs: self._ask(("call", name, args, kwargs))
@@ -150,18 +180,25 @@ class _Program:
             raise _Gone()
         self.sequence += 1
         request = marshal.dumps((self.sequence, message))  # ValueError for an argument that is not a plain value
-        line = self.sandbox.exchange(len(request).to_bytes(4, "big") + request, _ANSWER_BYTES)
+        try:
+            line = self.sandbox.exchange(len(request).to_bytes(4, "big") + request, _ANSWER_BYTES)
+        except OSError as error:
+            self.broken = error
+            raise _Gone() from None
         try:
             sequence, kind, text = line.decode("ascii").split(" ", 2)
             if int(sequence) != self.sequence or kind not in ("value", "error"):
                 raise ValueError(line)
-        except (AttributeError, ValueError):  # no line, or not one of ours: it is no longer answering
+            value = ast.literal_eval(text) if kind == "value" else None
+            if time.monotonic() > self.deadline:  # parsing a hostile answer took the rest of its time
+                raise ValueError(line)
+        except Exception:  # no line, not one of ours, or no plain value: it is no longer answering
             self.close()
             raise _Gone() from None
         if kind == "error":
             raised = getattr(builtins, text, None)
             raise raised() if isinstance(raised, type) and issubclass(raised, Exception) else RuntimeError(text)
-        return ast.literal_eval(text)
+        return value
 
 
 # Inside the sandbox: load the program, then answer each request, `marshal`led (plain values only) after its

