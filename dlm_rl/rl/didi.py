@@ -1,4 +1,4 @@
-"""DiDi-Instruct's parts (arXiv 2509.25035; DESIGN.md §4.5): the discriminator, the student's rollout and its
+"""DiDi-Instruct's parts (arXiv 2509.25035): the discriminator, the student's rollout and its
 log-likelihood, the reward, grouped normalisation, the time weight ω(t) and the regularisers.
 
 The student minimises ∫ ω(t) KL(q_student(·, t) ‖ q_teacher(·, t)) dt. Its gradient has the policy-gradient form

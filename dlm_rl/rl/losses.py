@@ -1,4 +1,4 @@
-"""The PPO-clip policy loss on trace tokens, with a k3 KL penalty (DESIGN.md §4.3)."""
+"""The PPO-clip policy loss on trace tokens, with a k3 KL penalty."""
 
 from __future__ import annotations
 

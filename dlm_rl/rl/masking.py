@@ -1,4 +1,4 @@
-"""The baselines' training rows: log-probabilities from random masks instead of the visited states (DESIGN.md §4.4).
+"""The baselines' training rows: log-probabilities from random masks instead of the visited states.
 
 - diffu-GRPO (d1): one row per response, the response fully masked and each prompt token masked with p = 0.15.
 - random masking: one row per response, each response token masked with probability t ~ U(0.2, 0.8); weight 1/t.

@@ -1,4 +1,4 @@
-"""VRPO (LLaDA 1.5, arXiv 2505.19223; DESIGN.md §4.2): DPO on ELBO estimates, with the estimator's variance cut.
+"""VRPO (LLaDA 1.5, arXiv 2505.19223): DPO on ELBO estimates, with the estimator's variance cut.
 
 Score ŝ = β[(B̂_θ(y_w) − B̂_ref(y_w)) − (B̂_θ(y_l) − B̂_ref(y_l))], loss −log σ(ŝ). The three variance reducers,
 all unbiased, are options of `PreferenceEstimator`: the budget n = n_t × n_yt, its allocation (n_t timesteps,

@@ -1,4 +1,4 @@
-"""TraceRL: reinforcement learning on the policy's own decoding trajectories (arXiv 2509.06949, DESIGN.md §4.3).
+"""TraceRL: reinforcement learning on the policy's own decoding trajectories (arXiv 2509.06949).
 
 Each step: sample `num_generations` responses for `prompts_per_step` prompts with the rollout engine, score
 them with the recipe's rewards, turn rewards into group z-score advantages (groups without variance are dropped;
