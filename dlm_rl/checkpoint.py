@@ -6,20 +6,27 @@
 - `config.json`: the config class and the run's settings, compared with the resuming run's.
 - `manifest.json`, written last: each other file's size and SHA-256. Resuming checks them before loading: `latest`
   skips a damaged or incomplete checkpoint with a warning naming it and resumes from the newest good one; a damaged
-  checkpoint named explicitly is an error. A checkpoint without a manifest (written before manifests existed) is
-  accepted with a warning; if its state cannot be read, `latest` goes on to the one before it. Hashing costs one
-  read of each file at save and at resume: 0.5-1 GB/s on one core with SHA extensions (measured on a 2-core
-  development machine, busy and idle), so 16-32 s each way for the 16 GB state of a fully fine-tuned 8B model,
-  well under a second for a LoRA adapter's.
+  checkpoint named explicitly is an error. A malformed manifest (of another shape, or naming a path outside the
+  checkpoint) is damage too. A checkpoint without a manifest (written before manifests existed) is accepted with a
+  warning; if its state cannot be read, `latest` goes on to the one before it. MDM SFT's Trainer checkpoints get a
+  manifest too (`write_manifest`) and are chosen the same way (`good_checkpoint`). Hashing costs one read of each
+  file at save and at resume: 0.5-1 GB/s on one core with SHA extensions (measured on a 2-core development machine,
+  busy and idle), so 16-32 s each way for the 16 GB state of a fully fine-tuned 8B model, well under a second for a
+  LoRA adapter's.
 
 A checkpoint is written into a hidden temporary directory and renamed into place, so a run killed mid-save leaves
 the earlier checkpoints as they were. Only the newest `save_total_limit` are kept. `write_directory` does the same
-for `final/`: an interrupt while it is written leaves the old `final/` or the new one, whole.
+for `final/`: an interrupt while it is written leaves the old `final/` or the new one, whole. On Linux the two are
+exchanged in one step (`renameat2` with RENAME_EXCHANGE); where that is unavailable the old one is renamed aside
+first, and a kill between the two renames leaves it as `.final.old`, which the next `write_directory` puts back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import hashlib
 import json
 import logging
@@ -38,6 +45,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 STATE, CONFIG, MANIFEST = "state.pt", "config.json", "manifest.json"
+AT_FDCWD, RENAME_EXCHANGE = -100, 2
 NAME = re.compile(r"checkpoint-(\d+)")
 # Settings the saved state depends on: resuming with other values cannot restore it.
 STRUCTURE = ("model", "teacher", "use_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
@@ -101,7 +109,7 @@ def save_checkpoint(config, step: int, objects: dict) -> str:
     with open(os.path.join(temporary, CONFIG), "w") as f:
         json.dump({"config_class": type(config).__name__, "step": step, "config": _plain(config)}, f, indent=2)
         _sync(f)
-    _write_manifest(temporary)
+    write_manifest(temporary)
     if os.path.exists(final):  # a run resumed from an earlier checkpoint reaches this step again
         _remove(final)
     os.rename(temporary, final)
@@ -201,52 +209,73 @@ def resolve_resume(resume: str, output_dir: str, marker: str = STATE) -> str:
     return resume
 
 
+def good_checkpoint(resume: str, output_dir: str, marker: str = STATE) -> str:
+    """The checkpoint directory `resume` names, holding `marker` and matching its manifest: for 'latest', the newest
+    such one in output_dir, warning about each damaged one skipped; a damaged one named is an error."""
+
+    def check(path: str) -> tuple[str, str | None]:
+        if not os.path.exists(os.path.join(path, marker)):
+            return path, f"{marker} is missing"
+        return path, verify_checkpoint(path)
+
+    return _first_whole(resume, output_dir, marker, check)[0]
+
+
 def _read_good_checkpoint(config) -> tuple[str, dict, dict]:
     """(path, saved config, state) of the checkpoint `config.resume` names; for 'latest', of the newest one that is
     whole, warning about each damaged one skipped."""
-    if config.resume != "latest":
-        path = config.resume
+    path, (saved, state) = _first_whole(config.resume, config.output_dir, STATE, _read_checkpoint)
+    return path, saved, state
+
+
+def _first_whole(resume: str, output_dir: str, marker: str, read: Callable[[str], tuple]) -> tuple[str, object]:
+    """(path, what `read` found there) for the checkpoint `resume` names, `read(path)` giving (what it found, None)
+    or (None, what is wrong); for 'latest', for the newest one in output_dir that `read` finds whole, warning about
+    each damaged one skipped. A damaged checkpoint named is an error."""
+    if resume != "latest":
+        path = resume
         if not os.path.exists(os.path.join(path, MANIFEST)):  # else the manifest says what is missing
-            path = resolve_resume(path, config.output_dir)
-        saved, state, problem = _read_checkpoint(path)
+            path = resolve_resume(path, output_dir, marker)
+        found, problem = read(path)
         if problem:
             raise ValueError(f"resume: checkpoint {path} is damaged: {problem}; resume from another checkpoint "
                              "(--resume latest picks the newest whole one)")
-        return path, saved, state
-    found = checkpoints(config.output_dir)
-    if not found:
-        resolve_resume("latest", config.output_dir)  # raises: nothing to resume
+        return path, found
+    paths = checkpoints(output_dir)
+    if not paths:
+        resolve_resume("latest", output_dir, marker)  # raises: nothing to resume
     damaged = []
-    for path in reversed(found):
-        saved, state, problem = _read_checkpoint(path)
+    for path in reversed(paths):
+        found, problem = read(path)
         if not problem:
-            return path, saved, state
+            return path, found
         logger.warning("checkpoint %s is damaged (%s); trying the one before it", path, problem)
         damaged.append(f"{path}: {problem}")
-    raise ValueError(f"resume: no whole checkpoint in output_dir {config.output_dir} (" + "; ".join(damaged)
+    raise ValueError(f"resume: no whole checkpoint in output_dir {output_dir} (" + "; ".join(damaged)
                      + "); drop --resume to start a new run")
 
 
-def _read_checkpoint(path: str) -> tuple[dict | None, dict | None, str | None]:
-    """(saved config, state, None), or (None, None, what is wrong) when the files fail their manifest or cannot
-    be read."""
+def _read_checkpoint(path: str) -> tuple[tuple[dict, dict] | None, str | None]:
+    """((saved config, state), None), or (None, what is wrong) when the files fail their manifest or cannot be
+    read."""
     problem = verify_checkpoint(path)
     if problem is None:
         try:
             with open(os.path.join(path, CONFIG)) as f:
                 saved = json.load(f)
             state = torch.load(os.path.join(path, STATE), map_location="cpu", weights_only=True)
-            return saved, state, None
+            return (saved, state), None
         except FileNotFoundError as error:
             problem = f"{os.path.basename(error.filename)} is missing"
         except Exception as error:  # a damaged file of a checkpoint without a manifest
             problem = f"it cannot be read ({type(error).__name__}: {error})"
-    return None, None, problem
+    return None, problem
 
 
 def verify_checkpoint(path: str) -> str | None:
-    """What is wrong with checkpoint `path` by its manifest (a file missing, of another size or checksum), or None
-    when nothing is. A checkpoint without a manifest, saved before manifests existed, passes with a warning."""
+    """What is wrong with checkpoint `path` by its manifest (malformed, a file missing, of another size or checksum),
+    or None when nothing is. A checkpoint without a manifest, saved before manifests existed, passes with a
+    warning."""
     manifest = os.path.join(path, MANIFEST)
     if not os.path.exists(manifest):
         logger.warning("checkpoint %s has no %s (saved by an earlier version): its files cannot be verified",
@@ -254,10 +283,12 @@ def verify_checkpoint(path: str) -> str | None:
         return None
     try:
         with open(manifest) as f:
-            files = json.load(f)["files"]
-    except (ValueError, KeyError) as error:
+            content = json.load(f)
+    except ValueError as error:
         return f"{MANIFEST} cannot be read ({error})"
-    for name, expected in files.items():
+    if malformed := _malformed(content):
+        return f"{MANIFEST} is malformed: {malformed}"
+    for name, expected in content["files"].items():
         file = os.path.join(path, name)
         if not os.path.isfile(file):
             return f"{name} is missing"
@@ -268,12 +299,30 @@ def verify_checkpoint(path: str) -> str | None:
     return None
 
 
+def _malformed(content) -> str | None:
+    """What keeps a manifest from being `{"files": {relative path inside the checkpoint: {"bytes": int, "sha256":
+    str}}}`, or None."""
+    files = content.get("files") if isinstance(content, dict) else None
+    if not isinstance(files, dict):
+        return "it holds no 'files' mapping of names to sizes and checksums"
+    for name, entry in files.items():
+        if os.path.isabs(name) or any(part in ("", ".", "..") for part in name.split("/")):
+            return f"it names {name!r}, a path outside the checkpoint"
+        if not (isinstance(entry, dict) and type(entry.get("bytes")) is int and isinstance(entry.get("sha256"), str)):
+            return f"its entry for {name} is {entry!r}, not a size in bytes and a sha256"
+    return None
+
+
 def write_directory(path: str, write: Callable[[str], None]) -> None:
     """Write directory `path` whole or not at all: `write(directory)` fills a hidden sibling, which then takes the
-    place of `path` (the old one renamed aside and deleted). An error or interrupt inside `write` leaves the old
-    `path` as it was; Ctrl-C and SIGTERM during the swap itself wait until it is done."""
+    place of `path`, exchanged with it in one step where the system can (`_exchange`), else after the old one is
+    renamed aside. An error or interrupt inside `write` leaves the old `path` as it was; Ctrl-C and SIGTERM during
+    the swap itself wait until it is done. An old `path` a kill left renamed aside is put back first."""
     parent, name = os.path.split(os.path.abspath(path))
     temporary, old = os.path.join(parent, f".{name}.tmp"), os.path.join(parent, f".{name}.old")
+    if os.path.isdir(old) and not os.path.exists(path):
+        logger.warning("%s is missing and %s is there (a kill cut its replacement short): putting it back", path, old)
+        os.rename(old, path)
     shutil.rmtree(temporary, ignore_errors=True)  # left by a run killed while writing
     try:
         write(temporary)
@@ -281,11 +330,40 @@ def write_directory(path: str, write: Callable[[str], None]) -> None:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     with _signals_held():
+        if os.path.exists(path) and _exchange(temporary, path):
+            shutil.rmtree(temporary, ignore_errors=True)
+            return
         shutil.rmtree(old, ignore_errors=True)
         if os.path.exists(path):
             os.rename(path, old)
         os.rename(temporary, path)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(first: str, second: str) -> bool:
+    """Swap two paths in one step (Linux `renameat2` with RENAME_EXCHANGE): True when done, False where the kernel,
+    the filesystem or libc cannot."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(AT_FDCWD, os.fsencode(first), AT_FDCWD, os.fsencode(second), RENAME_EXCHANGE) == 0:
+        return True
+    number = ctypes.get_errno()
+    if number in (errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(number, os.strerror(number), first, None, second)
+
+
+@functools.cache
+def _renameat2():
+    """libc's `renameat2`, or None where libc has none (glibc before 2.28, other systems)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError, TypeError):
+        return None
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    return renameat2
 
 
 @contextlib.contextmanager
@@ -307,12 +385,13 @@ def _signals_held():
             signal.raise_signal(number)
 
 
-def _write_manifest(directory: str) -> None:
-    """Record each file's size and SHA-256 in `directory`/manifest.json, written last and atomically."""
-    files = {name: {"bytes": os.path.getsize(os.path.join(directory, name)),
-                    "sha256": _sha256(os.path.join(directory, name))}
-             for name in sorted(os.listdir(directory)) if name != MANIFEST}
+def write_manifest(directory: str) -> None:
+    """Record the size and SHA-256 of each file under `directory`, by its path relative to it, in
+    `directory`/manifest.json, written last and atomically."""
     temporary = os.path.join(directory, f".{MANIFEST}.tmp")
+    paths = sorted(os.path.join(root, name) for root, _, names in os.walk(directory) for name in names)
+    files = {os.path.relpath(file, directory): {"bytes": os.path.getsize(file), "sha256": _sha256(file)}
+             for file in paths if file not in (temporary, os.path.join(directory, MANIFEST))}
     with open(temporary, "w") as f:
         json.dump({"algorithm": "sha256", "files": files}, f, indent=2)
         _sync(f)

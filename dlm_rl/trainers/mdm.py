@@ -16,8 +16,9 @@ import torch
 from accelerate.utils import set_seed
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from dlm_rl.checkpoint import refuse_earlier_run, resolve_resume, resume_setting
+from dlm_rl.checkpoint import good_checkpoint, refuse_earlier_run, resume_setting, write_manifest
 from dlm_rl.data.collate import DiffusionCollator, require_columns
 from dlm_rl.diffusion import MCNoise, mdm_loss
 from dlm_rl.diffusion.noise import FORMS
@@ -63,7 +64,8 @@ class MDMConfig(LoraArguments, NonFiniteArguments, TrainingArguments):
     """Also train on each draw's complementary mask."""
     resume: str | None = None
     """Continue from a checkpoint the Trainer saved (save_steps): its directory, or 'latest' (or true) for the
-    newest in output_dir. The same as the Trainer's `resume_from_checkpoint`."""
+    newest whole one in output_dir (checked against its manifest). The same as the Trainer's
+    `resume_from_checkpoint`."""
     remove_unused_columns: bool = False  # the collator needs the raw text columns
     report_to: str | list[str] = field(default="none")
 
@@ -151,6 +153,15 @@ class MDMTrainer(Trainer):
             raise ValueError(f"the checkpoint does not fit the model: missing {missing}, unexpected "
                              f"{load_result.unexpected_keys}; resume with the model it was saved with")
 
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, then its manifest (`write_manifest`), once every process has written its
+        files (each its own RNG state)."""
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            write_manifest(os.path.join(self._get_output_dir(trial=trial), folder))
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Save the DiffusionLM (weights or adapter, tokenizer, conventions) so `dlm_rl.models.load` reads it. The
         Trainer's `save_model` calls this in the writing process, with the state dict it gathered when the weights
@@ -206,7 +217,7 @@ def run(config: MDMConfig) -> str:
 
     if config.resume is None:
         refuse_earlier_run(config.output_dir)
-    resume = config.resume and resolve_resume(config.resume, config.output_dir, marker=TRAINER_STATE_NAME)
+    resume = config.resume and good_checkpoint(config.resume, config.output_dir, marker=TRAINER_STATE_NAME)
     train, response_length = training_rows(config.task, config.dataset_path, config.train_size, config.seed,
                                            config.response_length)
     model = resolve_model(
