@@ -597,3 +597,45 @@ def _stray() -> list[str]:
         if sandbox.UID_BASE <= uid < sandbox.UID_BASE + sandbox.UID_POOL or b"7654321" in args:
             found.append(f"{pid} uid {uid}: {args[:80]!r}")
     return found
+
+
+# ---- found by a hostile review after the design above -----------------------------------------------------------
+
+KERNEL_MEMORY = {
+    # each held about 2 GB (semaphores) or 880 MB past RLIMIT_AS (memfd_secret) of host memory while it ran
+    "System V semaphores": "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+    "made = sum(libc.semget(0, 32000, 0o1600) >= 0 for _ in range(50))\n",
+    "memfd_secret": "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nmade = int(libc.syscall(447, 0) >= 0)\n",
+    # took the whole host's AIO quota (fs.aio-max-nr): the host's own io_setup failed
+    "AIO contexts": "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\ncontext = ctypes.c_ulong(0)\n"
+    "made = int(libc.syscall({io_setup}, 128, ctypes.byref(context)) == 0)\n",
+}
+
+
+@pytest.mark.parametrize("name", list(KERNEL_MEMORY))
+def test_kernel_memory_no_rlimit_counts_cannot_be_taken(name):
+    if os.uname().machine not in ("x86_64", "aarch64"):
+        pytest.skip("the seccomp filter covers x86_64 and aarch64")
+    io_setup = 206 if os.uname().machine == "x86_64" else 0
+    code = KERNEL_MEMORY[name].format(io_setup=io_setup) + "def f():\n    return made\n"
+    assert score(code, ["assert f() == 0"], limits=FAST) == 1.0
+
+
+def test_a_program_that_breaks_its_own_server_scores_0_and_its_neighbours_are_scored():
+    """Was a RuntimeError out of pass_rate for the whole batch: the names request raised outside the test."""
+    broken = "globals()[0] = print\ndef f(x):\n    return x * x\n"
+    patched = "import builtins\nbuiltins.callable = lambda v: 1 / 0\ndef f(x):\n    return x * x\n"
+    correct = "def f(x):\n    return x * x\n"
+    assert pass_rate(None, [broken, patched, correct], tests=[SQUARES] * 3) == [0.0, 0.0, 1.0]
+
+
+def test_stop_iteration_from_the_program_does_not_end_a_test_early():
+    """A function raising StopIteration inside the test's map() would end it silently: it was 1.0."""
+    code = "def is_even(n):\n    raise StopIteration\n"
+    tests = ["assert all(map(is_even, [2, 4, 6]))", "assert not any(map(is_even, [1, 3]))",
+             "for got, want in zip(map(is_even, [2, 3]), [True, False]):\n    assert got == want"]
+    assert score(code, tests, limits=FAST) == 0.0
+
+
+def test_an_int_longer_than_4300_digits_travels_back():
+    assert score("def f(n):\n    return 10 ** n\n", ["assert f(5000) == 10 ** 5000"], limits=FAST) == 1.0
