@@ -40,6 +40,24 @@ def resolve_model(
     return load(spec, trust_remote_code=trust_remote_code, dtype=dtype)
 
 
+def known_tokenizer(spec: str):
+    """The tokenizer of the model `spec` names when it is had without loading the model, so that data can be checked
+    first: the character tokenizer of 'tiny', the saved one of a dlm-rl directory (a built testbed checkpoint among
+    them); None for the others ('smollm2', published checkpoints). Only the character tokenizer refuses a completion
+    for its characters (`model_ids`)."""
+    if spec == "tiny":
+        from dlm_rl.data.tokenizer import char_tokenizer
+
+        return char_tokenizer()
+    if spec.startswith("testbed:"):
+        from dlm_rl.testbed import checkpoint
+
+        spec = checkpoint(spec.removeprefix("testbed:"))
+    from dlm_rl.models.loading import saved_tokenizer
+
+    return saved_tokenizer(spec)
+
+
 def _built_in(spec, attention, block_size, tiny_hidden_size, tiny_num_layers, seed) -> DiffusionLM:
     if spec == "tiny":
         from dlm_rl.models.tiny import tiny_model

@@ -70,7 +70,12 @@ def test_config_defaults_one_block_one_token_per_step():
         (dict(gen_length=8, block_length=4, steps=1), r"steps=1 must be a positive multiple of the number of blocks"),
         (dict(gen_length=8, block_length=4, steps=0), r"steps=0 must be a positive multiple"),
         (dict(gen_length=8, block_length=4, steps=5), r"steps=5 must be a positive multiple"),
-        (dict(gen_length=8, temperature=-0.5), r"temperature must be >= 0, got -0.5"),
+        (dict(gen_length=8, temperature=-0.5), r"temperature must be >= 0 and finite, got -0.5"),
+        (dict(gen_length=8, temperature=float("nan")), r"temperature must be >= 0 and finite, got nan"),
+        (dict(gen_length=8, temperature=float("inf")), r"temperature must be >= 0 and finite, got inf"),
+        (dict(gen_length=8, factor=float("nan")), r"factor must be positive and finite, got nan"),
+        (dict(gen_length=8, cfg_scale=float("nan")), r"cfg_scale must be >= 0 and finite, got nan"),
+        (dict(gen_length=8, schedule_shift=float("nan")), r"schedule_shift must be positive and finite, got nan"),
         (dict(gen_length=8, remasking="confidence"), r"remasking must be one of .*'low_confidence'.*'entropy'"),
     ],
 )

@@ -56,17 +56,7 @@ class DiffusionCollator:
     response_length: int
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        prompts = [encode_prompt(self.tokenizer, row["prompt"]) for row in rows]
-        eos = self.tokenizer.eos_token_id
-        responses = []
-        for row in rows:
-            ids = encode_completion(self.tokenizer, row["completion"])
-            if len(ids) + 1 > self.response_length:
-                raise ValueError(
-                    f"completion of {len(ids)} tokens (+1 EOS) does not fit response_length={self.response_length}: "
-                    f"{row['completion'][:60]!r}… — raise response_length"
-                )
-            responses.append(ids + [eos] * (self.response_length - len(ids)))
+        prompts, responses = zip(*(self.encode(row) for row in rows))
         prompt_ids, prompt_mask = left_pad(prompts, self.tokenizer.pad_token_id)  # [B, P]
         response_ids = torch.tensor(responses, dtype=torch.long)  # [B, R]
         input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # [B, P+R]
@@ -74,6 +64,26 @@ class DiffusionCollator:
         response_mask = torch.zeros_like(input_ids, dtype=torch.bool)
         response_mask[:, prompt_ids.shape[1] :] = True
         return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+
+    def encode(self, row: dict) -> tuple[list[int], list[int]]:
+        """(prompt ids, response ids: the completion, then EOS up to `response_length`) of one row."""
+        prompt = encode_prompt(self.tokenizer, row["prompt"])
+        ids = encode_completion(self.tokenizer, row["completion"])
+        if len(ids) + 1 > self.response_length:
+            raise ValueError(
+                f"completion of {len(ids)} tokens (+1 EOS) does not fit response_length={self.response_length}: "
+                f"{row['completion'][:60]!r}… — raise response_length"
+            )
+        return prompt, ids + [self.tokenizer.eos_token_id] * (self.response_length - len(ids))
+
+    def check(self, rows, where: str) -> None:
+        """Encode every row once, so that a row a batch would refuse (a completion the tokenizer cannot write or that
+        does not fit, a prompt it cannot read) fails before training, named by its index."""
+        for i, row in enumerate(rows):
+            try:
+                self.encode(row)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"{where}: row {i}: {error}") from None
 
 
 def require_columns(dataset, columns: list[str], where: str) -> None:

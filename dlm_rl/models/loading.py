@@ -70,6 +70,16 @@ def load(
     return _load_remote(path, dtype, device_map, {"mask_token_id": raw.get("mask_token_id"), **overrides}, True)
 
 
+def saved_tokenizer(path: str):
+    """The tokenizer `load` gives a directory saved by `DiffusionLM.save_pretrained` (without modelling code of its
+    own), read without the weights; None for any other path."""
+    if not (os.path.isfile(os.path.join(path, CONVENTIONS_FILE)) and os.path.isfile(os.path.join(path, "config.json"))):
+        return None
+    if PretrainedConfig.get_config_dict(path)[0].get("auto_map"):
+        return None
+    return AutoTokenizer.from_pretrained(path)
+
+
 def _check_loading_info(info: dict, path: str, class_name: str) -> None:
     """A tensor the class lacks, or one it has that the checkpoint does not fill, is an error: transformers would
     only warn and leave the missing one randomly initialised."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 ORDERINGS = ("low_confidence", "random", "entropy", "margin")
@@ -48,24 +49,24 @@ class SamplerConfig:
             self.steps_per_block(self.block_length)
         if self.threshold is not None and not 0 < self.threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
-        if self.factor is not None and self.factor <= 0:
-            raise ValueError(f"factor must be positive, got {self.factor}")
+        if self.factor is not None and not 0 < self.factor < math.inf:
+            raise ValueError(f"factor must be positive and finite, got {self.factor}")
         if self.threshold is not None and self.factor is not None:
             raise ValueError("set threshold or factor, not both")
         if self.parallel and self.remasking == "random":
             raise ValueError("threshold and factor decoding rank by confidence; they cannot use remasking='random'")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be >= 0 and finite, got {self.temperature}")
         if self.remasking not in ORDERINGS:
             raise ValueError(f"remasking must be one of {ORDERINGS}, got {self.remasking!r}")
         if self.cache not in CACHES:
             raise ValueError(f"cache must be one of {CACHES}, got {self.cache!r}")
-        if self.cfg_scale < 0:
-            raise ValueError(f"cfg_scale must be >= 0, got {self.cfg_scale}")
+        if not 0 <= self.cfg_scale < math.inf:
+            raise ValueError(f"cfg_scale must be >= 0 and finite, got {self.cfg_scale}")
         if self.cfg_scale and self.cache != "none":
             raise ValueError("classifier-free guidance is implemented without KV caches; set cache='none'")
-        if self.schedule_shift <= 0:
-            raise ValueError(f"schedule_shift must be positive, got {self.schedule_shift}")
+        if not 0 < self.schedule_shift < math.inf:
+            raise ValueError(f"schedule_shift must be positive and finite, got {self.schedule_shift}")
 
     @property
     def parallel(self) -> bool:

@@ -12,6 +12,7 @@ second half M candidate next states are drawn and one is picked by a softmax ove
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -48,8 +49,8 @@ def ancestral_sample(
     (gradient guidance, then `candidates`-way selection)."""
     if steps < 1 or gen_length < 1:
         raise ValueError(f"steps and gen_length must be positive, got {steps} and {gen_length}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0: argmax), got {temperature}")
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be >= 0 and finite (0: argmax), got {temperature}")
     if discriminator is not None and candidates < 1:
         raise ValueError(f"candidates must be at least 1, got {candidates}")
     batch, width = prompt_ids.shape
@@ -64,7 +65,7 @@ def ancestral_sample(
     row_forwards = torch.zeros(batch, dtype=torch.long, device=device)
     passes = 0
     for k in range(steps):
-        masked = x == mask_id  # [B, C]
+        masked = (x == mask_id) & response  # [B, C]; a prompt may hold the mask id (an unknown character)
         if not masked.any():
             break
         if stale.any():
@@ -85,7 +86,7 @@ def ancestral_sample(
             new = proposals[chosen, torch.arange(batch, device=device)]
         else:
             new = _propose(x, masked, step_logits, reveal_prob, temperature, generator)
-        stale = (new != x).any(1) & (new == mask_id).any(1)  # changed, and something left to reveal
+        stale = (new != x).any(1) & ((new == mask_id) & response).any(1)  # changed, and something left to reveal
         x = new
     return AncestralSamples(x[:, width:], float(row_forwards.double().mean()), passes)
 
@@ -114,10 +115,10 @@ def _guidance(discriminator, x, attention_mask, logits, masked, reveal_prob: flo
 
 def _select(discriminator, proposals, attention_mask, response_mask, mask_id: int, generator) -> torch.Tensor:
     """[B] index of the chosen candidate per row, drawn from the softmax of the candidates' summed D logits over
-    their masked positions."""
+    their masked response positions."""
     m, b, c = proposals.shape
     flat = proposals.reshape(m * b, c)
-    d = discriminator(flat, attention_mask.repeat(m, 1), response_mask=response_mask.repeat(m, 1),
-                      generator=generator)  # [M·B, C]
-    scores = (d * (flat == mask_id)).sum(1).view(m, b).T.double()  # [B, M]
+    response = response_mask.repeat(m, 1)
+    d = discriminator(flat, attention_mask.repeat(m, 1), response_mask=response, generator=generator)  # [M·B, C]
+    scores = (d * ((flat == mask_id) & response)).sum(1).view(m, b).T.double()  # [B, M]
     return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
