@@ -16,7 +16,7 @@ install: $(STAMP)
 # after, the curve and the generations are printed at the end).
 demo: $(STAMP)
 	$(BIN)/python scripts/build_tiny_models.py addition3-base
-	$(BIN)/dlm-rl train recipes/tracerl_tiny_addition.yaml
+	$(BIN)/dlm-rl train recipes/tracerl_tiny_addition.yaml --overwrite_output_dir true
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -49,9 +49,14 @@ AT_FDCWD, RENAME_EXCHANGE = -100, 2
 NAME = re.compile(r"checkpoint-(\d+)")
 # Settings the saved state depends on: resuming with other values cannot restore it.
 STRUCTURE = ("model", "teacher", "use_lora", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-             "value_model", "discriminator_blocks", "ema", "task", "dataset", "dataset_path", "train_size")
+             "value_model", "discriminator_blocks", "ema", "task", "dataset", "dataset_path", "dataset_name",
+             "dataset_config", "dataset_train_split", "train_size")
 # Settings a resumed run may change without changing what it computes.
-FREE = ("max_steps", "eval_steps", "save_steps", "save_total_limit", "resume", "output_dir", "tensorboard")
+FREE = ("max_steps", "eval_steps", "save_steps", "save_total_limit", "resume", "output_dir", "overwrite_output_dir",
+        "report_to", "logging_steps", "run_name", "project", "tensorboard", "push_to_hub", "hub_model_id",
+        "hub_private_repo", "hub_token")
+# What a run of the custom-loop trainers leaves in its output_dir besides its checkpoints.
+RECORDS = ("metrics.jsonl", "completions.jsonl", "tensorboard", "final", "curves.png", "curve.png")
 
 
 @dataclass
@@ -64,8 +69,13 @@ class CheckpointArguments:
     """Keep the newest this many checkpoints (None: keep all)."""
     resume: str | None = None
     """Continue a run exactly: a checkpoint directory, or 'latest' (or true) for the newest one in output_dir."""
+    overwrite_output_dir: bool = False
+    """Start a new run in an output_dir holding an earlier one by deleting that run's metrics, completions,
+    TensorBoard logs, checkpoints, final model and plot first (without it, such an output_dir is refused)."""
 
     def __post_init__(self):
+        if hasattr(super(), "__post_init__"):  # the config classes this one is mixed into
+            super().__post_init__()
         self.resume = resume_setting(self.resume)
         if self.save_steps < 0:
             raise ValueError(f"save_steps must be 0 (no checkpoints) or positive, got {self.save_steps}")
@@ -122,15 +132,14 @@ def save_checkpoint(config, step: int, objects: dict) -> str:
 
 
 def load_checkpoint(config, objects: dict) -> int:
-    """Restore `objects` and the RNG states from the checkpoint `config.resume` names; returns its step.
-    Without `resume`, returns 0, and refuses an output_dir holding another run's checkpoints."""
+    """Restore `objects` and the RNG states from the checkpoint `config.resume` names; returns its step (without
+    `resume`, 0)."""
     from dlm_rl import distributed
 
     if distributed.world_size() > 1 and (config.resume or config.save_steps):
         raise ValueError("save_steps and resume work in single-process runs only for now: a checkpoint holds one "
                          "process's RNG and generator states; run without them under torchrun / accelerate")
     if config.resume is None:
-        refuse_earlier_run(config.output_dir)
         return 0
     path, saved, state = _read_good_checkpoint(config)
     _compare(saved, config, path)
@@ -144,6 +153,31 @@ def load_checkpoint(config, objects: dict) -> int:
     return state["step"]
 
 
+def prepare_output_dir(config) -> None:
+    """Before a new run loads anything: refuse an output_dir holding an earlier run's records (`RECORDS`,
+    checkpoints), or with `overwrite_output_dir` delete them, so that nothing of the two runs is mixed. A resumed run
+    appends to them. Every process of a distributed run may do it: each tolerates what another already deleted."""
+    if config.resume is not None:
+        return
+    found = [path for name in RECORDS if os.path.lexists(path := os.path.join(config.output_dir, name))]
+    found += checkpoints(config.output_dir)
+    if not found:
+        return
+    held = ", ".join(os.path.basename(path) + "/" * os.path.isdir(path) for path in found)
+    if not config.overwrite_output_dir:
+        way = ("pass --resume latest to continue it" if checkpoints(config.output_dir)
+               else "it saved no checkpoint to --resume from")
+        raise ValueError(f"output_dir {config.output_dir} holds an earlier run ({held}): {way}; pass "
+                         "--overwrite_output_dir true to delete it and start again, or choose another output_dir")
+    logger.warning("overwrite_output_dir: deleting the earlier run in %s (%s)", config.output_dir, held)
+    for path in found:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+
+
 def start_run(config, objects: dict, main: bool):
     """(steps done before, the run's log): restore `objects` when resuming (`load_checkpoint`), and open the
     `RunLog` in the main process (None elsewhere), appending after the checkpoint's step when resuming."""
@@ -152,7 +186,8 @@ def start_run(config, objects: dict, main: bool):
     done = load_checkpoint(config, objects)
     if not main:
         return done, None
-    return done, RunLog(config.output_dir, tensorboard=config.tensorboard, resume_step=done if config.resume else None)
+    return done, RunLog(config.output_dir, config.report_to, config.logging_steps, config.run_name, config.project,
+                        config=_plain(config), resume_step=done if config.resume else None)
 
 
 def rng_states() -> dict:
@@ -424,7 +459,11 @@ def _compare(saved: dict, config, path: str) -> None:
 
 
 def _plain(config) -> dict:
-    return json.loads(json.dumps(asdict(config), default=str))
+    """The config as JSON values, without the hub token (it goes to checkpoints and trackers)."""
+    plain = json.loads(json.dumps(asdict(config), default=str))
+    if plain.get("hub_token") is not None:
+        plain["hub_token"] = "<HUB_TOKEN>"
+    return plain
 
 
 def _state_of(obj):

@@ -1,5 +1,5 @@
-"""Command line: `dlm-rl train RECIPE.yaml [--key value ...]`, `dlm-rl sample`, `dlm-rl eval`, `dlm-rl plot`,
-`dlm-rl convert`."""
+"""Command line: `dlm-rl train RECIPE.yaml [--key value ...]` (`--help` after the recipe lists its keys),
+`dlm-rl sample`, `dlm-rl eval`, `dlm-rl plot`, `dlm-rl convert`, `dlm-rl merge`."""
 
 from __future__ import annotations
 
@@ -18,8 +18,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dlm-rl", description="RL post-training for diffusion language models")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="run a recipe", description="Run a YAML recipe; --key value overrides.")
-    train.add_argument("recipe")
+    train = commands.add_parser(
+        "train", help="run a recipe", add_help=False, usage="dlm-rl train RECIPE [--key value ...] [-h]",
+        description="Run a YAML recipe: a trainer and its config keys. --key value overrides a key; a list is "
+        "--key a b or --key '[a, b]'. `dlm-rl train RECIPE --help` lists every key of the recipe's trainer with "
+        "its type, the recipe's value (else the default) and what it does.",
+    )
+    train.add_argument("recipe", nargs="?", metavar="RECIPE", help="a recipe file, e.g. recipes/tracerl_tiny_math.yaml")
+    train.add_argument("-h", "--help", action="store_true", help="show this message, or with RECIPE its keys, and exit")
 
     sample = commands.add_parser("sample", help="sample completions from a model")
     _model_arguments(sample)
@@ -88,14 +94,35 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                          help="weights' dtype (default: as stored)")
 
+    merge = commands.add_parser(
+        "merge", help="merge a LoRA adapter into its base model",
+        description="Load a saved LoRA adapter (e.g. a LoRA run's output_dir/final) on the base model its "
+        "adapter_config.json names, merge the adapter into the weights and write OUT as a full dlm-rl directory, "
+        "as `dlm-rl convert` writes one. OUT loads with dlm_rl.models.load(OUT), without PEFT.",
+    )
+    merge.add_argument("adapter", metavar="ADAPTER_DIR", help="a directory holding adapter_config.json and the "
+                       "adapter's weights")
+    merge.add_argument("output", metavar="OUT", help="the directory to write; must not exist or be empty")
+    merge.add_argument("--trust-remote-code", action="store_true", help="the base model runs its own code")
+    merge.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                       help="dtype to load the base in, merge and write (default: the base's as stored)")
+
     args, rest = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.command != "train" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "train" and args.recipe is None:
+        if args.help:
+            train.print_help()
+            return 0
+        train.error("the following arguments are required: RECIPE")
     try:
         if args.command == "train":
-            from dlm_rl.recipe import parse_recipe
+            from dlm_rl.recipe import describe_keys, parse_recipe
 
+            if args.help:
+                print(describe_keys(args.recipe))
+                return 0
             module, config = parse_recipe(args.recipe, rest)
             _exit_on_sigterm()
             module.run(config)
@@ -105,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             _plot(args)
         elif args.command == "convert":
             _convert(args)
+        elif args.command == "merge":
+            _merge(args)
         else:
             _eval(args)
     except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as error:
@@ -175,14 +204,34 @@ def _sampler_options(args) -> dict:
     return {name: getattr(args, name) for name in names}
 
 
+def _refuse_to_overwrite(path: str) -> None:
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise ValueError(f"{path} exists and is not an empty directory; choose a new one")
+
+
 def _convert(args) -> None:
     from dlm_rl.model_spec import resolve_model
 
-    if os.path.exists(args.output) and (not os.path.isdir(args.output) or os.listdir(args.output)):
-        raise ValueError(f"{args.output} exists and is not an empty directory; choose a new one")
+    _refuse_to_overwrite(args.output)
     model = resolve_model(args.model, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
     model.save_pretrained(args.output)
     print(json.dumps({"model": args.model, "output": args.output, "class": type(model.model).__name__,
+                      "dtype": str(model.dtype).removeprefix("torch."), **asdict(model.conventions)}))
+
+
+def _merge(args) -> None:
+    from dlm_rl.models import load
+
+    if not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")) or \
+            os.path.isfile(os.path.join(args.adapter, "config.json")):
+        raise ValueError(f"{args.adapter} holds no LoRA adapter on its own (adapter_config.json and the adapter's "
+                         "weights, without a full model's config.json); give the directory a LoRA run saved, "
+                         "e.g. its output_dir/final")
+    _refuse_to_overwrite(args.output)
+    model = load(args.adapter, trust_remote_code=args.trust_remote_code, dtype=args.dtype)
+    model.model = model.model.merge_and_unload()
+    model.save_pretrained(args.output)
+    print(json.dumps({"adapter": args.adapter, "output": args.output, "class": type(model.model).__name__,
                       "dtype": str(model.dtype).removeprefix("torch."), **asdict(model.conventions)}))
 
 

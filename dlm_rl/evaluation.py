@@ -114,7 +114,7 @@ def score_completions(scorer: str, completions: list[str], rows: list[dict], pro
     return [float(value) for value in scores]
 
 
-def evaluate(model, dataset, task: str, **kwargs) -> dict:
+def evaluate(model, dataset, task: str | None, **kwargs) -> dict:
     """The metrics of `run_evaluation` (same arguments), without the per-completion records."""
     return run_evaluation(model, dataset, task, **kwargs)[0]
 
@@ -122,7 +122,7 @@ def evaluate(model, dataset, task: str, **kwargs) -> dict:
 def run_evaluation(
     model,
     dataset,
-    task: str,
+    task: str | None,
     *,
     gen_length: int,
     samples: int = 8,
@@ -139,13 +139,16 @@ def run_evaluation(
     sampling time) of each run.
 
     `dataset` has a `prompt` column and what scorer `task` reads (see `score_completions`); an `id` column names the
-    problems in the records. `sampler` holds further SamplerConfig fields (threshold, cache, block_length, ...) for
+    problems in the records. With `task` None (a dataset scored by its rewards alone) there is no accuracy or pass@k:
+    only the rewards' means, and `samples` must be 0. `sampler` holds further SamplerConfig fields (threshold, cache, block_length, ...) for
     both runs. `rewards` (a `Rewards`) also scores the greedy completions, with the dataset's other columns passed
     by name: their means are reported. `truncate_prompts` keeps the last tokens of prompts too long for the model's
     context beside `gen_length` (counted in `truncated_prompts`) instead of refusing them.
     A record per completion: problem id, sample index, temperature, prompt, completion, score, correct, NFE and
     finish reason ("eos" or "length").
     """
+    if task is None and (samples or rewards is None):
+        raise ValueError("a dataset without answers or tests is evaluated by rewards alone, greedily (samples 0)")
     pass_k = sorted(set(pass_k or [1, samples])) if samples else []
     if any(not 1 <= k <= samples for k in pass_k):
         raise ValueError(f"pass@k needs 1 <= k <= samples ({samples}); got k = {pass_k}")
@@ -162,12 +165,13 @@ def run_evaluation(
         return text if progress else None
 
     greedy = _sample(model, prompts, SamplerConfig(**{**options, "temperature": 0.0}), None, label("greedy"), **common)
-    greedy_scores = score_completions(task, greedy["texts"], rows, label("scoring greedy"))
-    records = _records(rows, greedy, greedy_scores, samples=1, temperature=0.0)
-    result = {
-        "n": len(rows),
-        "greedy_accuracy": sum(s >= 1.0 for s in greedy_scores) / len(rows),
-    }
+    result = {"n": len(rows)}
+    if task is None:
+        records = _records(rows, greedy, [None] * len(rows), samples=1, temperature=0.0)
+    else:
+        greedy_scores = score_completions(task, greedy["texts"], rows, label("scoring greedy"))
+        records = _records(rows, greedy, greedy_scores, samples=1, temperature=0.0)
+        result["greedy_accuracy"] = sum(s >= 1.0 for s in greedy_scores) / len(rows)
     if samples:
         generator = torch.Generator(model.device).manual_seed(seed)
         repeated = [p for p in prompts for _ in range(samples)]
@@ -233,7 +237,8 @@ def _sample(model, prompts: list, config: SamplerConfig, generator, progress: st
     }
 
 
-def _records(rows: list[dict], run: dict, scores: list[float], *, samples: int, temperature: float) -> list[dict]:
+def _records(rows: list[dict], run: dict, scores: list[float | None], *, samples: int, temperature: float
+             ) -> list[dict]:
     """One record per completion of `run`, which holds `samples` consecutive completions per row."""
     return [
         {
@@ -243,7 +248,7 @@ def _records(rows: list[dict], run: dict, scores: list[float], *, samples: int, 
             "prompt": rows[i // samples]["prompt"],
             "completion": text,
             "score": scores[i],
-            "correct": scores[i] >= 1.0,
+            "correct": None if scores[i] is None else scores[i] >= 1.0,
             "nfe": run["nfes"][i],
             "finish_reason": run["finish"][i],
         }

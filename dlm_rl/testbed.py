@@ -47,10 +47,15 @@ TASKS = {
 }
 
 
-def training_rows(task: str | None, dataset_path: str | None, size: int, seed: int, response_length: int | None):
+def training_rows(task: str | None, dataset_path, size: int, seed: int, response_length: int | None,
+                  tokenizer=None):
     """(rows with prompt/completion, response length): `size` rows of testbed task `task`, or a local dataset file
-    (which must come with its `response_length`)."""
+    `dataset_path` or the rows it is (a Dataset or a list of dicts), which must come with its `response_length`.
+    With the model's `tokenizer`, every row is encoded once, so that one a batch would refuse fails now (before
+    the model loads), naming its row."""
+    from dlm_rl.data.collate import DiffusionCollator, require_columns
     from dlm_rl.data.files import load_rows
+    from dlm_rl.data.sources import as_dataset
 
     if task is not None:
         if task not in TASKS:
@@ -61,7 +66,14 @@ def training_rows(task: str | None, dataset_path: str | None, size: int, seed: i
         raise ValueError(
             f"dataset_path {dataset_path}: set response_length (completion + EOS tokens; gen_length in DiDi recipes)"
         )
-    return load_rows(dataset_path), response_length
+    if isinstance(dataset_path, str):
+        rows, where = load_rows(dataset_path), f"dataset file {dataset_path}"
+    else:
+        rows, where = as_dataset(dataset_path, "train_dataset"), "train_dataset"
+    require_columns(rows, ["prompt", "completion"], where)
+    if tokenizer is not None:
+        DiffusionCollator(tokenizer, response_length).check(rows, where)
+    return rows, response_length
 
 
 @dataclass(frozen=True)
@@ -166,7 +178,7 @@ def build(name: str, *, force: bool = False) -> dict:
         callbacks.append(_StopAtAccuracy(model, validation, task, spec))
     config = MDMConfig(
         output_dir=path,
-        task=spec.task,
+        dataset_name=spec.task,
         max_steps=spec.max_steps,
         per_device_train_batch_size=spec.batch_size,
         learning_rate=spec.learning_rate,

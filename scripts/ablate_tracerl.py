@@ -35,7 +35,7 @@ def one_run(method: str, seed: int, settings: dict, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     output_dir = os.path.join(settings.pop("output_root"), f"{method}-seed{seed}")
-    config = TraceRLConfig(**settings, **METHODS[method], seed=seed, output_dir=output_dir, tensorboard=False)
+    config = TraceRLConfig(**settings, **METHODS[method], seed=seed, output_dir=output_dir, report_to="none")
     start = time.perf_counter()
     last = run(config)
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:

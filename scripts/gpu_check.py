@@ -131,10 +131,10 @@ def _tracerl_steps(args, device) -> dict:
 
     with tempfile.TemporaryDirectory() as output_dir:
         config = TraceRLConfig(
-            model=args.model, trust_remote_code=args.trust_remote_code, task=args.tracerl_task, chat=True,
+            model=args.model, trust_remote_code=args.trust_remote_code, dataset_name=args.tracerl_task, chat=True,
             gen_length=min(args.gen_lengths), block_length=args.block_length, use_lora=True, lora_r=16,
             num_generations=4, prompts_per_step=4, max_steps=args.tracerl_steps, eval_size=8,
-            eval_steps=args.tracerl_steps, micro_batch_rows=8, output_dir=output_dir, tensorboard=False, seed=args.seed,
+            eval_steps=args.tracerl_steps, micro_batch_rows=8, output_dir=output_dir, report_to="none", seed=args.seed,
         )
         _synchronize(device, reset_peak=True)
         start = time.perf_counter()

@@ -60,8 +60,8 @@ def _train(model_dir: str, trainer: str, output_dir: str) -> dict:
     from dlm_rl.recipe import TRAINERS
 
     rank = 8  # no SmolLM2 weight has a dimension of 8, so a tensor with one is a LoRA matrix
-    common = dict(use_lora=True, lora_r=rank, max_steps=2, output_dir=output_dir, tensorboard=False, seed=0)
-    online = dict(model=model_dir, task="chain", chat=True, gen_length=32, block_length=16, prompts_per_step=2,
+    common = dict(use_lora=True, lora_r=rank, max_steps=2, output_dir=output_dir, report_to="none", seed=0)
+    online = dict(model=model_dir, dataset_name="chain", chat=True, gen_length=32, block_length=16, prompts_per_step=2,
                   num_generations=2, eval_size=2, eval_steps=2, **common)
     discriminator_lr = 1.234e-4  # tells the discriminator's optimiser (a teacher copy, trained in full) apart
     if trainer == "tracerl":
@@ -70,18 +70,19 @@ def _train(model_dir: str, trainer: str, output_dir: str) -> dict:
         pairs = os.path.join(output_dir, "pairs.jsonl")
         os.makedirs(output_dir, exist_ok=True)
         with open(pairs, "w") as f:
-            for q, good, bad in [("What is 2+3?", "2+3 = 5.", "It is 7."), ("Name a colour.", "Blue.", "A dog.")]:
+            for q, good, bad in [("What is 2+3?", "2+3 = 5.", "It is 7."), ("Name a colour.", "Blue.", "A dog."),
+                                 ("What is 4+4?", "4+4 = 8.", "It is 9."), ("Name a fruit.", "A pear.", "A car.")]:
                 f.write(json.dumps({"prompt": [{"role": "user", "content": q}],
                                     "chosen": [{"role": "assistant", "content": good}],
                                     "rejected": [{"role": "assistant", "content": bad}]}) + "\n")
-        fields = dict(dataset=pairs, n_t=2, micro_batch_pairs=2, **online)
+        fields = dict(n_t=2, micro_batch_pairs=2, **{**online, "dataset_name": None, "dataset_path": pairs})
     else:  # prompt-conditioned distillation on a chat-format file (short answers keep it fast)
         rows = os.path.join(output_dir, "rows.jsonl")
         os.makedirs(output_dir, exist_ok=True)
         with open(rows, "w") as f:
             for q, a in [("What is 2+3?", "2+3 = 5."), ("Name a colour.", "Blue."), ("Say hi.", "Hi there!")]:
                 f.write(json.dumps({"prompt": [{"role": "user", "content": q}], "completion": a}) + "\n")
-        fields = dict(teacher=model_dir, task=None, dataset_path=rows, gen_length=16, prompts_per_step=2, group_size=2,
+        fields = dict(teacher=model_dir, dataset_path=rows, gen_length=16, prompts_per_step=2, group_size=2,
                       discriminator_warmup_steps=0, discriminator_learning_rate=discriminator_lr, eval_steps=2,
                       eval_samples=2, eval_nfe=4, **common)
     updated_shapes = set()  # shapes of every tensor the policy's optimiser stepped with a gradient

@@ -59,6 +59,35 @@ def test_online_recipe_values_out_of_range(tmp_path, trainer, key, value, allowe
         parse_recipe(recipe(tmp_path, f"trainer: {trainer}\nmodel: tiny\ntask: addition3\n"), [f"--{key}", value])
 
 
+RECIPES = {"tracerl": TRACERL, "vrpo": "trainer: vrpo\nmodel: tiny\ntask: addition3\n",
+           "didi": "trainer: didi\nteacher: tiny\n"}
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+@pytest.mark.parametrize("trainer, key, allowed", [
+    ("tracerl", "temperature", "at least 0 and finite"),  # was: NaN passed every comparison
+    ("tracerl", "weight_decay", "at least 0 and finite"),
+    ("tracerl", "beta", "at least 0 and finite"),
+    ("tracerl", "epsilon", "at least 0 and finite"),
+    ("tracerl", "gamma", r"in \[0, 1\]"),
+    ("tracerl", "max_grad_norm", "positive and finite"),
+    ("vrpo", "beta", r"positive and finite \(β = 0 .*\)"),
+    ("vrpo", "min_margin", "at least 0 and finite"),
+    ("didi", "kl_coef", "at least 0 and finite"),
+    ("didi", "likelihood_prior", "at least 0 and finite"),
+    ("didi", "sequence_entropy_coef", "at least 0 and finite"),
+    ("didi", "conditional_kl_coef", "at least 0 and finite"),
+    ("didi", "label_smoothing", r"in \[0, 0.5\]"),
+    ("didi", "max_grad_norm", "positive and finite"),
+])
+def test_a_setting_that_is_nan_or_inf_is_refused(tmp_path, trainer, key, allowed, value):
+    message = f"{key} must be {allowed}, got {value}"
+    with pytest.raises(ValueError, match=message):
+        parse_recipe(recipe(tmp_path, f"{RECIPES[trainer]}{key}: .{value}\n"))
+    with pytest.raises(ValueError, match=message):  # the same value on the command line
+        parse_recipe(recipe(tmp_path, RECIPES[trainer]), [f"--{key}", value])
+
+
 def test_a_yaml_value_of_the_wrong_type(tmp_path):
     with pytest.raises(ValueError, match=r"max_steps: 2.5 is not an integer"):  # was: TypeError after step 0
         parse_recipe(recipe(tmp_path, TRACERL + "max_steps: 2.5\n"))
@@ -102,7 +131,7 @@ def test_learning_rate_zero_stays_possible_from_python():
     from dlm_rl.trainers.tracerl import TraceRLConfig
 
     assert TraceRLConfig(learning_rate=0.0).learning_rate == 0.0
-    with pytest.raises(ValueError, match="learning_rate must be at least 0, got -0.1"):
+    with pytest.raises(ValueError, match="learning_rate must be at least 0 and finite, got -0.1"):
         TraceRLConfig(learning_rate=-0.1)
 
 
@@ -145,6 +174,42 @@ def test_a_non_text_prompt_in_training_data_names_the_row(tmp_path):
         training_rows(None, str(path), 10, 0, 8)
 
 
+def test_a_completion_the_tokenizer_cannot_write_is_refused_before_the_model_loads(tmp_path):
+    """Was: refused once the model had loaded (VRPO), or when a batch reached the row, mid-training (DiDi; MDM reads
+    its rows through `training_rows` too)."""
+    from dlm_rl.testbed import training_rows
+    from dlm_rl.trainers import didi, vrpo
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n'
+                     '{"prompt": "1+2=", "chosen": "caf\\u00e9", "rejected": "4"}\n')
+    with pytest.raises(ValueError, match="completion 'café' holds 'é', which the tokenizer cannot represent"):
+        vrpo.run(vrpo.VRPOConfig(model="tiny", dataset_path=str(pairs), gen_length=8, eval_size=1, prompts_per_step=1,
+                                 output_dir=str(tmp_path / "vrpo")))
+    rows = tmp_path / "sft.jsonl"
+    rows.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "caf\\u00e9"}\n')
+    named = re.escape(f"dataset file {rows}: row 1: completion 'café' holds 'é'")
+    with pytest.raises(ValueError, match=named):
+        didi.run(didi.DiDiConfig(teacher="tiny", dataset_path=str(rows), gen_length=8,
+                                 output_dir=str(tmp_path / "didi")))
+    with pytest.raises(ValueError, match=named):
+        training_rows(None, str(rows), 10, 0, 8, char.char_tokenizer())
+    long = tmp_path / "long.jsonl"
+    long.write_text('{"prompt": "a", "completion": "12345678"}\n')  # 8 tokens + EOS: one past the canvas
+    with pytest.raises(ValueError, match=re.escape(f"dataset file {long}: row 0: completion of 8 tokens")):
+        training_rows(None, str(long), 10, 0, 8, char.char_tokenizer())
+
+
+def test_the_tokenizer_is_known_without_the_model_for_tiny_and_saved_directories(tmp_path):
+    from dlm_rl.model_spec import known_tokenizer
+
+    assert known_tokenizer("tiny").unk_token_id == 100
+    tiny_model(seed=0, **SMALL).save_pretrained(tmp_path)
+    saved = known_tokenizer(str(tmp_path))
+    assert saved("héllo", add_special_tokens=False)["input_ids"] == [21, 100, 25, 25, 28]
+    assert known_tokenizer("GSAI-ML/LLaDA-8B-Instruct") is None  # read when the model loads
+
+
 # --- reward files -------------------------------------------------------------------------------------------------
 
 
@@ -183,6 +248,13 @@ def test_command_line_values(argv, message, capsys):
 def test_eval_sampler_settings_are_checked_before_the_model_loads(capsys):
     assert main(["eval", "--model", "tiny", "--dataset", "addition3", "--block-length", "3"]) == 2
     assert "block_length=3 does not divide gen_length=8" in capsys.readouterr().err
+
+
+def test_sampler_settings_that_are_not_finite_numbers(capsys):
+    assert main(["sample", "--model", "tiny", "--prompt", "1+2=", "--temperature", "nan"]) == 2
+    assert "temperature must be >= 0 and finite, got nan" in capsys.readouterr().err
+    assert main(["eval", "--model", "tiny", "--dataset", "addition3", "--cfg-scale", "inf"]) == 2
+    assert "cfg_scale must be >= 0 and finite, got inf" in capsys.readouterr().err
 
 
 # --- the character tokenizer's <|unk|> ----------------------------------------------------------------------------
@@ -262,5 +334,5 @@ def test_a_learning_rate_that_is_not_a_number_is_refused(tmp_path):
 
     path = tmp_path / "r.yaml"
     path.write_text("trainer: tracerl\nmodel: tiny\ntask: addition3\nlearning_rate: .nan\n")
-    with pytest.raises(ValueError, match="learning_rate must be positive, got nan"):
+    with pytest.raises(ValueError, match="learning_rate must be at least 0 and finite, got nan"):
         parse_recipe(str(path), [])

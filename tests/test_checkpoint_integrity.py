@@ -273,7 +273,7 @@ def test_mdm_checkpoints_carry_a_manifest_and_resume_skips_a_damaged_one(tmp_pat
     from dlm_rl.trainers.mdm import run as run_mdm
 
     def config(**resume):
-        return MDMConfig(output_dir=str(tmp_path), task="addition3", train_size=32, tiny_hidden_size=32,
+        return MDMConfig(output_dir=str(tmp_path), dataset_name="addition3", train_size=32, tiny_hidden_size=32,
                          tiny_num_layers=2, max_steps=4, save_steps=2, per_device_train_batch_size=4,
                          learning_rate=1e-2, logging_steps=1, use_cpu=True, seed=3, **resume)
 

@@ -271,7 +271,7 @@ def test_command_line_override_is_honoured(tmp_path):
     assert (config.max_steps, config.learning_rate) == (2, 0.005)
     # untouched recipe values survive
     assert (config.per_device_train_batch_size, config.tiny_hidden_size, config.train_size) == (16, 32, 512)
-    assert config.output_dir == str(tmp_path / "run") and config.task == "addition3"
+    assert config.output_dir == str(tmp_path / "run") and config.dataset_name == "addition3"
     _, config = parse_recipe(_recipe(tmp_path))
     assert config.max_steps == 3
 
@@ -308,10 +308,11 @@ def test_dataset_path_without_response_length_is_refused(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "run" / "model.safetensors")
 
 
-def test_task_and_dataset_path_are_exclusive(tmp_path, capsys):
-    recipe = _recipe(tmp_path, data="task: addition3\ndataset_path: rows.jsonl")
+@pytest.mark.parametrize("name", ["dataset_name", "task"])  # task: the deprecated name
+def test_dataset_name_and_dataset_path_are_exclusive(tmp_path, capsys, name):
+    recipe = _recipe(tmp_path, data=f"{name}: addition3\ndataset_path: rows.jsonl")
     assert main(["train", recipe]) == 2
-    assert "set exactly one of `task` (a testbed task) and `dataset_path`" in capsys.readouterr().err
+    assert "set exactly one of dataset_name (a testbed task) and dataset_path" in capsys.readouterr().err
 
 
 # --- evaluation helpers -----------------------------------------------------------------------------------------

@@ -183,7 +183,7 @@ def _didi(inputs):
     student = loaded(tiny, inputs["student"])
     discriminator = Discriminator(teacher, trainable_blocks=1)
     discriminator.load_state_dict(inputs["discriminator"])
-    config = DiDiConfig(teacher="tiny", task="addition3", group_size=2, kl_coef=0.5, entropy_coef=0.1,
+    config = DiDiConfig(teacher="tiny", dataset_name="addition3", group_size=2, kl_coef=0.5, entropy_coef=0.1,
                         conditional_kl_coef=0.3, conditional_folds=1, max_grad_norm=1e9)  # one fold: the same folds
     return teacher, student, discriminator, config
 
@@ -229,7 +229,7 @@ def mdm(inputs, shard, directory, sync=True) -> tuple[dict, dict]:
         sample = staticmethod(row_noise)
 
     model, rows = tiny(), inputs["mdm_rows"]
-    args = module.MDMConfig(output_dir=directory, task="addition3", use_cpu=True, report_to="none")
+    args = module.MDMConfig(output_dir=directory, dataset_name="addition3", use_cpu=True, report_to="none")
     trainer = module.MDMTrainer(model, args, Dataset.from_list(rows), TASKS["addition3"].response_length)
     wrapped = trainer.accelerator.prepare_model(model)
 
@@ -256,7 +256,7 @@ def mdm_first_masks(inputs, directory) -> torch.Tensor:
     from dlm_rl.testbed import TASKS
     from dlm_rl.trainers import mdm as module
 
-    args = module.MDMConfig(output_dir=directory, task="addition3", use_cpu=True, report_to="none")
+    args = module.MDMConfig(output_dir=directory, dataset_name="addition3", use_cpu=True, report_to="none")
     module.MDMTrainer(tiny(), args, Dataset.from_list(inputs["mdm_rows"]), TASKS["addition3"].response_length)
     return MCNoise.sample(torch.ones(4, 32, dtype=torch.bool)).masked
 
@@ -271,7 +271,7 @@ def mdm_epoch_rows(directory) -> list[tuple]:
 
     rows = list(TASKS["addition3"].dataset("train", 16, seed=5))
     assert len({row["prompt"] for row in rows}) == 16
-    args = module.MDMConfig(output_dir=directory, task="addition3", use_cpu=True, report_to="none",
+    args = module.MDMConfig(output_dir=directory, dataset_name="addition3", use_cpu=True, report_to="none",
                             per_device_train_batch_size=2)
     trainer = module.MDMTrainer(tiny(), args, Dataset.from_list(rows), TASKS["addition3"].response_length)
     return [tuple(ids.tolist()) for batch in trainer.get_train_dataloader() for ids in batch["input_ids"]]
@@ -336,7 +336,7 @@ def test_under_torchrun_rank_0s_ray_actors_sample_every_ranks_share(tmp_path):
                                         "    return [float(sum(map(ord, c)) % 7) for c in completions]\n")
     (tmp_path / "recipe.yaml").write_text(
         "trainer: tracerl\nmodel: tiny\ntask: addition3\ntrain_size: 8\neval_size: 2\nnum_generations: 4\n"
-        "prompts_per_step: 4\nlora_r: 4\nmax_steps: 2\neval_steps: 2\ntensorboard: false\n"
+        "prompts_per_step: 4\nlora_r: 4\nmax_steps: 2\neval_steps: 2\nreport_to: none\n"
         f"learning_rate: 3.0e-3\nrollout_actors: 2\nreward_funcs: ['{tmp_path / 'reward.py'}:by_characters']\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}

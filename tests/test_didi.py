@@ -229,7 +229,7 @@ def test_student_update_divides_the_conditional_kl_by_the_revealed_tokens_and_sk
     def update(kl_coef: float) -> tuple[dict, Rollout]:
         sample = rollout(student, ids, attention, response, torch.full((4,), 0.5), 3,
                          generator=torch.Generator().manual_seed(0))
-        config = DiDiConfig(teacher="tiny", task="addition3", group_size=2, use_discriminator=False, kl_coef=kl_coef,
+        config = DiDiConfig(teacher="tiny", dataset_name="addition3", group_size=2, use_discriminator=False, kl_coef=kl_coef,
                             entropy_coef=0.0, conditional_kl_coef=1.0, conditional_folds=2)
         forwards.clear()
         line = _student_update(student, teacher, torch.optim.SGD(parameters, lr=0.0), parameters, sample,
@@ -370,8 +370,9 @@ def test_ancestral_sampling_at_temperature_zero_takes_the_argmax():
         samples = ancestral_sample(model, prompt, torch.ones(1, 2, dtype=torch.long), 8, 1, temperature=0.0,
                                    generator=torch.Generator().manual_seed(seed))
         assert samples.response_ids[0].tolist() == argmax.tolist()
-    with pytest.raises(ValueError, match="temperature"):
-        ancestral_sample(model, prompt, torch.ones(1, 2, dtype=torch.long), 8, 1, temperature=-1.0)
+    for temperature in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="temperature"):
+            ancestral_sample(model, prompt, torch.ones(1, 2, dtype=torch.long), 8, 1, temperature=temperature)
 
 
 def test_guided_sampling_uses_the_discriminator_in_both_halves():
@@ -391,6 +392,49 @@ def test_guided_sampling_uses_the_discriminator_in_both_halves():
                                discriminator=discriminator, candidates=3, generator=torch.Generator().manual_seed(0))
     assert (samples.response_ids != model.mask_token_id).all()
     assert samples.discriminator_passes == 2 + 2 * 3  # 2 guided steps, then 2 steps of 3 candidates
+
+
+def test_guided_sampling_leaves_a_prompt_position_that_holds_the_mask_id():
+    """The character tokenizer reads a character it cannot represent as the mask id: every state the model and the
+    discriminator see keeps that prompt position as it was, and the samples come back complete."""
+    from dlm_rl.sampling.guided import ancestral_sample
+
+    model = tiny()
+    mask = model.mask_token_id
+    discriminator = Discriminator(model, trainable_blocks=1)
+    torch.nn.init.normal_(discriminator.head.weight, generator=torch.Generator().manual_seed(0))
+    prompt = torch.tensor([[5, mask, 6], [7, 8, mask]])
+    embedded = discriminator.backbone.model.get_input_embeddings()(prompt)
+    states, embeddings = [], []
+    model.register_forward_pre_hook(lambda module, args: states.append(args[0][:, :3].clone()))
+    discriminator.backbone.register_forward_pre_hook(
+        lambda module, args, kwargs: embeddings.append(kwargs["inputs_embeds"][:, :3].detach().clone())
+        if kwargs.get("inputs_embeds") is not None else None, with_kwargs=True)
+    for seed in range(4):
+        samples = ancestral_sample(model, prompt, torch.ones_like(prompt), 8, 16, discriminator=discriminator,
+                                   candidates=2, generator=torch.Generator().manual_seed(seed))
+        assert (samples.response_ids != mask).all()
+    assert states and all(any(torch.equal(row, p) for p in prompt) for state in states for row in state)
+    assert embeddings and all(torch.equal(e, embedded) for e in embeddings)
+
+
+def test_candidate_selection_counts_only_masked_response_positions():
+    from dlm_rl.sampling.guided import _select
+
+    mask = 2
+    candidate = torch.tensor([5, mask, 6, 7, mask, mask])  # the prompt [5, mask, 6] holds the mask id
+    response = torch.tensor([[False, False, False, True, True, True]])
+
+    def discriminator(ids, attention_mask, *, response_mask, generator):
+        d = torch.zeros(ids.shape)
+        d[0, 1] = 100.0  # candidate 0: a high logit at the prompt's mask position
+        d[1, 4] = 50.0  # candidate 1: at a masked response position
+        return d
+
+    proposals = torch.stack([candidate, candidate])[:, None]  # [M=2, B=1, C]
+    chosen = _select(discriminator, proposals, torch.ones(1, 6, dtype=torch.long), response, mask,
+                     torch.Generator().manual_seed(0))
+    assert chosen.tolist() == [1]
 
 
 def test_eval_distill_scheduled_temperature_falls_with_the_masked_fraction():
@@ -457,9 +501,9 @@ def test_trainer_runs_starts_the_discriminator_at_log2_and_saves_the_student(tmp
     """A three-step rollout (the two-step one runs in tests/test_resume.py and tests/test_ddp.py)."""
     from dlm_rl.trainers.didi import DiDiConfig, run
 
-    config = DiDiConfig(teacher="tiny", task="addition3", train_size=64, prompts_per_step=2, group_size=2,
+    config = DiDiConfig(teacher="tiny", dataset_name="addition3", train_size=64, prompts_per_step=2, group_size=2,
                         max_steps=3, discriminator_warmup_steps=1, rollout_steps=3, eval_steps=3, eval_samples=4,
-                        eval_nfe=4, learning_rate=1e-3, tensorboard=False, output_dir=str(tmp_path))
+                        eval_nfe=4, learning_rate=1e-3, report_to="none", output_dir=str(tmp_path))
     run(config)
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines[1]["discriminator_loss"] == pytest.approx(math.log(2), abs=1e-6)  # zero head: D = 0
@@ -489,8 +533,8 @@ def test_trainer_runs_starts_the_discriminator_at_log2_and_saves_the_student(tmp
     assert line["conditional_kl"] > 0 and line["grad_norm"] > 0 and "kl" not in line
     with pytest.raises(ValueError, match="conditional_folds"):
         DiDiConfig(conditional_folds=0)
-    with pytest.raises(ValueError, match="exactly one of"):
-        DiDiConfig(task=None)
+    with pytest.raises(ValueError, match="set one of dataset_name .* not both"):
+        DiDiConfig(dataset_name="facts", dataset_path=__file__)
     with pytest.raises(ValueError, match="kl_coef"):
         DiDiConfig(use_discriminator=False, kl_coef=0.0)
     with pytest.raises(ValueError, match="rollout_steps"):

@@ -36,7 +36,7 @@ def test_unknown_command_line_key_suggests_nearest(tmp_path):
 def test_recipe_values_and_overrides(tmp_path):
     recipe = write(tmp_path, f"trainer: mdm\ntask: addition3\nmax_steps: 7\noutput_dir: {tmp_path}/out\n")
     _, config = parse_recipe(recipe, ["--learning_rate", "0.01"])
-    assert config.max_steps == 7 and config.learning_rate == 0.01 and config.task == "addition3"
+    assert config.max_steps == 7 and config.learning_rate == 0.01 and config.dataset_name == "addition3"
 
 
 def test_unknown_trainer_and_cli_exit_code(tmp_path, capsys):
@@ -48,7 +48,7 @@ def test_unknown_trainer_and_cli_exit_code(tmp_path, capsys):
 def test_missing_dataset_column(tmp_path):
     model = tiny_model()
     data = Dataset.from_dict({"prompt": ["1+2+3="], "response": ["\\boxed{6}"]})
-    config = MDMConfig(output_dir=str(tmp_path), task="addition3", use_cpu=True)
+    config = MDMConfig(output_dir=str(tmp_path), dataset_name="addition3", use_cpu=True)
     with pytest.raises(ValueError, match=r"missing column\(s\) \['completion'\]; it has \['prompt', 'response'\]"):
         MDMTrainer(model, config, data, response_length=8)
 

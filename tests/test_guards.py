@@ -16,7 +16,7 @@ from dlm_rl.models.lora import LoraArguments, add_lora
 from dlm_rl.models.tiny import tiny_model
 
 SMALL = {"model": "tiny", "task": "addition3", "train_size": 16, "eval_size": 2, "num_generations": 2,
-         "prompts_per_step": 2, "lora_r": 4, "tensorboard": False}
+         "prompts_per_step": 2, "lora_r": 4, "report_to": "none"}
 
 
 def tiny():
@@ -194,9 +194,9 @@ def test_didi_skips_nan_student_updates_counts_them_and_stops_at_the_limit(tmp_p
 
     caplog.set_level(logging.WARNING, logger="dlm_rl.guards")
     monkeypatch.setattr(didi, "time_weight", _nan_loss(didi.time_weight))  # ω(t) = NaN: the student's loss is NaN
-    config = didi.DiDiConfig(teacher="tiny", task="addition3", train_size=16, prompts_per_step=2, group_size=2,
+    config = didi.DiDiConfig(teacher="tiny", dataset_name="addition3", train_size=16, prompts_per_step=2, group_size=2,
                              max_steps=5, discriminator_warmup_steps=0, eval_steps=5, eval_samples=2, eval_nfe=2,
-                             use_lora=True, lora_r=4, ema=0.0, max_nonfinite_steps=3, tensorboard=False,
+                             use_lora=True, lora_r=4, ema=0.0, max_nonfinite_steps=3, report_to="none",
                              output_dir=str(tmp_path))
     with pytest.raises(FloatingPointError, match=r"DiDi: loss nan.* 3 non-finite updates"):
         didi.run(config)
@@ -212,7 +212,7 @@ def test_mdm_skips_nan_steps_counts_them_and_stops_at_the_limit(tmp_path, monkey
 
     caplog.set_level(logging.WARNING, logger="dlm_rl.guards")
     monkeypatch.setattr(mdm, "mdm_loss", _nan_loss(mdm.mdm_loss))
-    config = mdm.MDMConfig(task="addition3", train_size=64, max_steps=5, per_device_train_batch_size=4,
+    config = mdm.MDMConfig(dataset_name="addition3", train_size=64, max_steps=5, per_device_train_batch_size=4,
                            logging_steps=1, use_cpu=True, report_to="none", save_strategy="no", use_lora=True,
                            lora_r=4, max_nonfinite_steps=3, output_dir=str(tmp_path))
     model = add_lora(tiny(), config)

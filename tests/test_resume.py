@@ -49,7 +49,7 @@ def _killed(run, config) -> None:
 def _kill_resume_and_compare(tmp_path, run, config_class, **settings):
     """Run K + 3 steps three ways: uninterrupted; killed after step K + 1 with checkpoints every K steps; resumed
     from checkpoint-K. The resumed run's log must equal the uninterrupted one, step for step."""
-    settings = dict(max_steps=K + 3, eval_steps=100, tensorboard=False, seed=3, **settings)
+    settings = dict(max_steps=K + 3, eval_steps=100, report_to="none", seed=3, **settings)
     child = multiprocessing.get_context("fork").Process(
         target=_killed, args=(run, config_class(output_dir=str(tmp_path / "run"), save_steps=K, **settings)))
     child.start()
@@ -69,18 +69,20 @@ def _kill_resume_and_compare(tmp_path, run, config_class, **settings):
 def test_tracerl_with_a_value_model_resumes_exactly(tmp_path, reward):
     from dlm_rl.trainers.tracerl import TraceRLConfig, run
 
-    # LoRA dropout draws from the global torch RNG, so that state matters too.
-    metrics = _kill_resume_and_compare(tmp_path, run, TraceRLConfig, model="tiny", task="addition3", train_size=6,
-                                       eval_size=2, num_generations=2, prompts_per_step=2, lora_r=4, lora_dropout=0.1,
-                                       learning_rate=1e-2, value_model=True, gen_length=4, reward_funcs=[reward])
+    # LoRA dropout draws from the global torch RNG, so that state matters too; both schedules' positions too.
+    metrics = _kill_resume_and_compare(tmp_path, run, TraceRLConfig, model="tiny", dataset_name="addition3",
+                                       train_size=6, eval_size=2, num_generations=2, prompts_per_step=2, lora_r=4,
+                                       lora_dropout=0.1, learning_rate=1e-2, value_model=True, gen_length=4,
+                                       reward_funcs=[reward], lr_scheduler_type="cosine", warmup_steps=1)
     assert all("value_loss" in m for m in metrics[1:])
     assert len({m["loss"] for m in metrics[1:]}) > 1
+    assert [m["learning_rate"] for m in metrics[1:3]] == [0.0, 1e-2] and metrics[-1]["learning_rate"] < 1e-2
 
 
 def test_vrpo_on_policy_resumes_exactly(tmp_path, reward):
     from dlm_rl.trainers.vrpo import VRPOConfig, run
 
-    metrics = _kill_resume_and_compare(tmp_path, run, VRPOConfig, model="tiny", task="addition3", train_size=6,
+    metrics = _kill_resume_and_compare(tmp_path, run, VRPOConfig, model="tiny", dataset_name="addition3", train_size=6,
                                        eval_size=2, num_generations=4, prompts_per_step=2, lora_r=4,
                                        learning_rate=1e-2, n_t=2, gen_length=4, reward_funcs=[reward])
     assert all(m["pairs"] > 0 for m in metrics[1:])
@@ -89,7 +91,7 @@ def test_vrpo_on_policy_resumes_exactly(tmp_path, reward):
 def test_didi_with_its_ema_resumes_exactly(tmp_path):
     from dlm_rl.trainers.didi import DiDiConfig, run
 
-    metrics = _kill_resume_and_compare(tmp_path, run, DiDiConfig, teacher="tiny", task="addition3", train_size=8,
+    metrics = _kill_resume_and_compare(tmp_path, run, DiDiConfig, teacher="tiny", dataset_name="addition3", train_size=8,
                                        prompts_per_step=2, group_size=2, discriminator_warmup_steps=1, eval_samples=4,
                                        eval_nfe=4, learning_rate=1e-3)
     assert all("loss" in m for m in metrics[2:]) and "eval/validity" in metrics[-1]
@@ -104,7 +106,7 @@ def test_mdm_sft_resumes_from_the_trainers_checkpoint_exactly(tmp_path, use_lora
     from dlm_rl.trainers.mdm import MDMConfig, run
 
     def config(name, **resume):
-        return MDMConfig(output_dir=str(tmp_path / name), task="addition3", train_size=32, tiny_hidden_size=32,
+        return MDMConfig(output_dir=str(tmp_path / name), dataset_name="addition3", train_size=32, tiny_hidden_size=32,
                          tiny_num_layers=2, max_steps=4, save_steps=2, per_device_train_batch_size=4,
                          learning_rate=1e-2, logging_steps=1, use_lora=use_lora, lora_r=4, use_cpu=True, seed=3,
                          **resume)
@@ -149,7 +151,7 @@ def test_mdm_saves_a_state_dict_the_trainer_gathered_under_the_wrapped_models_na
     from dlm_rl.trainers.mdm import MDMConfig, MDMTrainer
 
     model = tiny_model(hidden_size=32, num_layers=2, intermediate_size=64, seed=0)
-    config = MDMConfig(output_dir=str(tmp_path / "run"), task="addition3", use_lora=use_lora, lora_r=4, use_cpu=True)
+    config = MDMConfig(output_dir=str(tmp_path / "run"), dataset_name="addition3", use_lora=use_lora, lora_r=4, use_cpu=True)
     if use_lora:
         add_lora(model, config)
     rows = Dataset.from_list(list(TASKS["addition3"].dataset("train", 4, seed=0)))
@@ -176,15 +178,15 @@ def test_resume_errors_are_clear_and_changed_settings_are_named(tmp_path, reward
     from dlm_rl.trainers.vrpo import VRPOConfig
     from dlm_rl.trainers.vrpo import run as run_vrpo
 
-    settings = dict(model="tiny", task="addition3", train_size=4, eval_size=1, num_generations=2, prompts_per_step=2,
-                    lora_r=4, gen_length=2, max_steps=1, tensorboard=False, reward_funcs=[reward])
+    settings = dict(model="tiny", dataset_name="addition3", train_size=4, eval_size=1, num_generations=2, prompts_per_step=2,
+                    lora_r=4, gen_length=2, max_steps=1, report_to="none", reward_funcs=[reward])
     out = str(tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="no checkpoint-STEP directory in output_dir"):
         run(TraceRLConfig(output_dir=out, resume="latest", **settings))
     with pytest.raises(FileNotFoundError, match="checkpoint directory .*missing does not exist"):
         run(TraceRLConfig(output_dir=out, resume=str(tmp_path / "missing"), **settings))
     run(TraceRLConfig(output_dir=out, save_steps=1, **settings))
-    with pytest.raises(ValueError, match="holds checkpoints of an earlier run.*--resume latest"):
+    with pytest.raises(ValueError, match="holds an earlier run .*checkpoint-1.*--resume latest"):
         run(TraceRLConfig(output_dir=out, **settings))
     with pytest.raises(ValueError, match="saved by a TraceRLConfig run, not a VRPOConfig run"):
         run_vrpo(VRPOConfig(output_dir=out, resume="latest", **settings))

@@ -232,7 +232,7 @@ def test_a_reward_file_that_exits_ends_a_run_with_an_error_naming_it(tmp_path, c
         recipe = tmp_path / "recipe.yaml"
         recipe.write_text(f"trainer: tracerl\nmodel: tiny\ntask: addition3\ntrain_size: 16\neval_size: 2\n"
                           f"reward_funcs: ['{path}:quits']\nlora_r: 4\nnum_generations: 2\nprompts_per_step: 2\n"
-                          f"max_steps: 1\ntensorboard: false\noutput_dir: {tmp_path / where}\n")
+                          f"max_steps: 1\nreport_to: none\noutput_dir: {tmp_path / where}\n")
         assert main(["train", str(recipe)]) == 2, where
         err = capsys.readouterr().err
         assert "dlm-rl train: error: reward " in err and "quits" in err and "SystemExit" in err, (where, err)
@@ -318,7 +318,7 @@ def test_training_with_a_reward_that_never_returns_ends_on_its_own_naming_it(tmp
         "    with open('pids', 'a') as f:\n        f.write(f'{os.getpid()}\\n')\n    while True:\n        pass\n")
     recipe = pathlib.Path(__file__).parents[1] / "recipes" / "tracerl_tiny_addition.yaml"
     small = ["--model", "tiny", "--train_size", "16", "--eval_size", "2", "--num_generations", "2",
-             "--prompts_per_step", "2", "--lora_r", "4", "--tensorboard", "false", "--output_dir", "run"]
+             "--prompts_per_step", "2", "--lora_r", "4", "--report_to", "none", "--output_dir", "run"]
     done = subprocess.run([sys.executable, "-m", "dlm_rl.cli", "train", str(recipe), "--reward_funcs", "hang.py:hang",
                            "--reward_timeout", "10", "--max_steps", "1", *small],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300,  # it used to run forever

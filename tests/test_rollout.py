@@ -272,8 +272,8 @@ def test_a_trainer_on_a_ray_actor_logs_what_it_logs_in_process(ray_cluster, tmp_
     from dlm_rl.trainers import tracerl, vrpo
 
     module, config_class = (tracerl, tracerl.TraceRLConfig) if trainer == "tracerl" else (vrpo, vrpo.VRPOConfig)
-    settings = dict(model="tiny", task="addition3", train_size=8, eval_size=2, num_generations=4, prompts_per_step=2,
-                    lora_r=4, use_lora=use_lora, max_steps=3, eval_steps=3, tensorboard=False, learning_rate=3e-3,
+    settings = dict(model="tiny", dataset_name="addition3", train_size=8, eval_size=2, num_generations=4, prompts_per_step=2,
+                    lora_r=4, use_lora=use_lora, max_steps=3, eval_steps=3, report_to="none", learning_rate=3e-3,
                     reward_funcs=[f"{__file__}:by_characters"])
     module.run(config_class(output_dir=str(tmp_path / "local"), **settings))
     module.run(config_class(output_dir=str(tmp_path / "ray"), rollout_actors=1, **settings))
@@ -289,8 +289,8 @@ def test_a_trainer_on_a_ray_actor_resumes_exactly(ray_cluster, tmp_path):
 
     from dlm_rl.trainers.tracerl import TraceRLConfig, run
 
-    settings = dict(model="tiny", task="addition3", train_size=8, eval_size=2, num_generations=4, prompts_per_step=2,
-                    lora_r=4, max_steps=3, eval_steps=3, tensorboard=False, learning_rate=3e-3, rollout_actors=1,
+    settings = dict(model="tiny", dataset_name="addition3", train_size=8, eval_size=2, num_generations=4, prompts_per_step=2,
+                    lora_r=4, max_steps=3, eval_steps=3, report_to="none", learning_rate=3e-3, rollout_actors=1,
                     save_steps=1, save_total_limit=None, reward_funcs=[f"{__file__}:by_characters"])
     run(TraceRLConfig(output_dir=str(tmp_path / "whole"), **settings))
     shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
@@ -300,14 +300,17 @@ def test_a_trainer_on_a_ray_actor_resumes_exactly(ray_cluster, tmp_path):
     assert _metrics(tmp_path / "resumed") == _metrics(tmp_path / "whole")
 
 
-def test_rollout_actors_must_not_be_negative_nor_set_without_rollouts():
+def test_rollout_actors_must_not_be_negative_nor_set_without_rollouts(tmp_path):
     from dlm_rl.trainers.tracerl import TraceRLConfig
     from dlm_rl.trainers.vrpo import VRPOConfig
 
     with pytest.raises(ValueError, match="rollout_actors must be 0"):
         TraceRLConfig(model="tiny", rollout_actors=-1)
-    with pytest.raises(ValueError, match="with a `dataset` of pairs there is nothing to sample"):
-        VRPOConfig(model="tiny", dataset="pairs.jsonl", rollout_actors=1)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(f'{{"prompt": "{i}+1=", "chosen": "{i + 1}", "rejected": "0"}}\n' for i in range(9)))
+    with pytest.raises(ValueError, match="holds preference pairs, so there is nothing to sample"):
+        VRPOConfig(model="tiny", dataset_path=str(pairs), gen_length=4, eval_size=2, prompts_per_step=2,
+                   rollout_actors=1)
 
 
 @pytest.mark.parametrize("world, prompts, actors, expected", [

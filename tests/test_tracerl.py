@@ -139,7 +139,7 @@ def test_with_lora_only_the_adapter_gets_gradients_and_the_reference_is_the_disa
 def test_every_method_trains_and_writes_tensorboard_and_a_curve(tmp_path, extra):
     from dlm_rl.trainers.tracerl import TraceRLConfig, run
 
-    config = TraceRLConfig(model="tiny", task="addition3", train_size=16, eval_size=4, num_generations=4,
+    config = TraceRLConfig(model="tiny", dataset_name="addition3", train_size=16, eval_size=4, num_generations=4,
                            prompts_per_step=2, max_steps=2, eval_steps=2, lora_r=4, learning_rate=1e-3,
                            reward_funcs=[f"{_write_reward(tmp_path)}:by_length"],  # varies within groups
                            output_dir=str(tmp_path / "run"), **extra)
@@ -154,7 +154,7 @@ def test_every_method_trains_and_writes_tensorboard_and_a_curve(tmp_path, extra)
             assert math.isfinite(m["value_loss"]) and "value_mean" in m
     assert last["step"] == 2
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
-    assert (tmp_path / "run" / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if extra.get("value_model"):
         assert (tmp_path / "run" / "final" / "value_model.pt").exists()
 
@@ -171,8 +171,8 @@ def test_a_batch_emptied_by_the_group_filter_is_skipped_and_the_run_goes_on(tmp_
 
     path = tmp_path / "constant.py"
     path.write_text("def constant(prompts, completions, **columns):\n    return [1.0] * len(completions)\n")
-    config = TraceRLConfig(model="tiny", task="addition3", train_size=8, eval_size=2, num_generations=2,
-                           prompts_per_step=2, max_steps=3, eval_steps=3, lora_r=4, tensorboard=False,
+    config = TraceRLConfig(model="tiny", dataset_name="addition3", train_size=8, eval_size=2, num_generations=2,
+                           prompts_per_step=2, max_steps=3, eval_steps=3, lora_r=4, report_to="none",
                            reward_funcs=[f"{path}:constant"], output_dir=str(tmp_path / "run"))
     last = run(config)
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -176,11 +176,11 @@ def test_the_trainer_on_a_pairs_file_starts_at_log2_and_fails_clearly_on_bad_fil
 
     from dlm_rl.trainers.vrpo import VRPOConfig, run
 
+    pairs = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i + 2)} for i in range(12)]
     data = tmp_path / "pairs.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in ROWS * 4))
-    config = VRPOConfig(model="tiny", task="addition3", dataset=str(data), eval_size=4, prompts_per_step=6,
-                        max_steps=2, eval_steps=2, lora_r=4, gen_length=4, n_t=2, tensorboard=False,
-                        output_dir=str(tmp_path / "run"))
+    data.write_text("\n".join(json.dumps(r) for r in pairs))
+    config = VRPOConfig(model="tiny", dataset_path=str(data), eval_size=4, prompts_per_step=6, max_steps=2,
+                        eval_steps=2, lora_r=4, gen_length=4, n_t=2, report_to="none", output_dir=str(tmp_path / "run"))
     run(config)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert lines[1]["loss"] == pytest.approx(math.log(2), abs=1e-6) and lines[1]["pairs"] == 6
@@ -188,13 +188,13 @@ def test_the_trainer_on_a_pairs_file_starts_at_log2_and_fails_clearly_on_bad_fil
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "1+2=", "chosen": "3"}) + "\n")
     with pytest.raises(ValueError, match=r"missing column\(s\) \['rejected'\]"):
-        run(VRPOConfig(model="tiny", dataset=str(bad), output_dir=str(tmp_path / "bad")))
+        VRPOConfig(model="tiny", dataset_path=str(bad), gen_length=4, output_dir=str(tmp_path / "bad"))
 
 
-def test_loading_pairs_splits_implicit_chat_prompts_and_drops_pairs_that_do_not_fit(tmp_path):
-    import json
+def test_loading_pairs_splits_implicit_chat_prompts_and_drops_pairs_that_do_not_fit():
+    from datasets import Dataset
 
-    from dlm_rl.trainers.vrpo import load_pairs
+    from dlm_rl.trainers.vrpo import PairData, VRPOConfig, fit_pairs, pair_rows
 
     def conversation(question, answer):
         return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
@@ -203,12 +203,14 @@ def test_loading_pairs_splits_implicit_chat_prompts_and_drops_pairs_that_do_not_
         {"prompt": "1+2=", "chosen": conversation("1+2=", "3"), "rejected": conversation("1+2=", "4")},
         {"prompt": "9+9=", "chosen": conversation("9+9=", "18"), "rejected": conversation("9+9=", "1234567")},
     ]
-    data = tmp_path / "chat.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows))
+    pairs = pair_rows(Dataset.from_list(rows), "chat")
+    assert pairs[0] == {"prompt": [{"role": "user", "content": "1+2="}],
+                        "chosen": [{"role": "assistant", "content": "3"}],
+                        "rejected": [{"role": "assistant", "content": "4"}]}
     tokenizer = tiny().tokenizer
-    pairs = load_pairs(str(data), "train", tokenizer, response_length=4)  # "1234567" + EOS does not fit
-    assert pairs == [{"prompt": [{"role": "user", "content": "1+2="}],
-                      "chosen": [{"role": "assistant", "content": "3"}],
-                      "rejected": [{"role": "assistant", "content": "4"}]}]
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+    config = VRPOConfig(prompts_per_step=1)
+    fitted = fit_pairs(PairData(pairs, pairs, "chat"), tokenizer, 4, config)  # "1234567" + EOS does not fit
+    assert fitted.train == fitted.held_out == pairs[:1]
     with pytest.raises(ValueError, match="no pair fits gen_length=1"):
-        load_pairs(str(data), "train", tokenizer, response_length=1)
+        fit_pairs(PairData(pairs, pairs, "chat"), tokenizer, 1, config)

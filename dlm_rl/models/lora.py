@@ -33,6 +33,15 @@ class LoraArguments:
     """Module names to adapt; by default the family's attention and MLP projections (`default_lora_targets`)."""
 
 
+def lora_arguments(peft_config) -> LoraArguments:
+    """The LoRA settings of a `peft.LoraConfig` (TRL's `peft_config`)."""
+    targets = peft_config.target_modules
+    return LoraArguments(use_lora=True, lora_r=peft_config.r, lora_alpha=peft_config.lora_alpha,
+                         lora_dropout=peft_config.lora_dropout,
+                         lora_target_modules=None if targets is None else [targets] if isinstance(targets, str)
+                         else sorted(targets))
+
+
 # Every attention and MLP projection, by the backbone's model_type; Llama / Qwen names (LLaDA, Dream and SDAR load
 # on those classes) for every other one.
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -30,8 +31,17 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from dlm_rl import distributed
-from dlm_rl.checkpoint import CheckpointArguments, checkpoint_due, save_checkpoint, start_run, write_directory
+from dlm_rl.checkpoint import (
+    CheckpointArguments,
+    checkpoint_due,
+    prepare_output_dir,
+    save_checkpoint,
+    start_run,
+    write_directory,
+)
+from dlm_rl.data.sources import rename_task
 from dlm_rl.guards import NonFiniteArguments, NonFiniteLoss
+from dlm_rl.hub import HubArguments, push_final
 from dlm_rl.models.lora import LoraArguments
 from dlm_rl.rl.didi import (
     Discriminator,
@@ -45,13 +55,23 @@ from dlm_rl.rl.didi import (
     save_discriminator,
     time_weight,
 )
+from dlm_rl.run_log import ReportArguments
+from dlm_rl.trainers.api import Callbacks, RLTrainer
+from dlm_rl.trainers.optimization import (
+    OptimizationArguments,
+    advance,
+    enable_gradient_checkpointing,
+    lr_scheduler,
+    scheduled,
+)
 from dlm_rl.trainers.online import require_positive, require_range
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class DiDiConfig(CheckpointArguments, LoraArguments, NonFiniteArguments):
+class DiDiConfig(CheckpointArguments, ReportArguments, HubArguments, OptimizationArguments, LoraArguments,
+                 NonFiniteArguments):
     """DiDi-Instruct settings; every field can be a recipe key."""
 
     teacher: str = "testbed:facts-teacher"
@@ -59,8 +79,10 @@ class DiDiConfig(CheckpointArguments, LoraArguments, NonFiniteArguments):
     copies of it."""
     trust_remote_code: bool = False
     """Allow a LLaDA/Dream/SDAR/MDLM checkpoint's own modelling code."""
-    task: str | None = "facts"
-    """A testbed task (dlm_rl.testbed.TASKS) giving prompts and real texts, or None to use dataset_path."""
+    dataset_name: str | None = None
+    """A testbed task (dlm_rl.testbed.TASKS) giving prompts and real texts; 'facts' when no dataset_path is set."""
+    task: str | None = None
+    """Deprecated: dataset_name (the same values)."""
     dataset_path: str | None = None
     """A local json/jsonl/parquet file or saved dataset with 'prompt' and 'completion' columns."""
     train_size: int = 50000
@@ -126,13 +148,15 @@ class DiDiConfig(CheckpointArguments, LoraArguments, NonFiniteArguments):
     eval_nfe: int = 16
     """Ancestral steps of the periodic evaluation."""
     output_dir: str = "runs/didi"
-    tensorboard: bool = True
     seed: int = 0
 
     def __post_init__(self):
         super().__post_init__()
-        if (self.task is None) == (self.dataset_path is None):
-            raise ValueError("set exactly one of `task` (a testbed task) and `dataset_path`")
+        rename_task(self)
+        if self.dataset_name is not None and self.dataset_path is not None:
+            raise ValueError("set one of dataset_name (a testbed task) and dataset_path, not both")
+        if self.dataset_name is None and self.dataset_path is None:
+            self.dataset_name = "facts"
         if not 0 < self.tau_min < self.tau_max < 1:
             raise ValueError(f"need 0 < tau_min < tau_max < 1, got {self.tau_min}, {self.tau_max}")
         if self.group_size < 1 or self.prompts_per_step < 1:
@@ -141,43 +165,50 @@ class DiDiConfig(CheckpointArguments, LoraArguments, NonFiniteArguments):
             raise ValueError("grouped normalisation needs group_size >= 2")
         if self.rollout_steps < 2:
             raise ValueError(f"rollout_steps must be at least 2, got {self.rollout_steps}")
-        if self.likelihood_prior < 0 or self.likelihood_folds < 1 or self.sequence_entropy_coef < 0:
-            raise ValueError("need likelihood_prior >= 0, likelihood_folds >= 1 and sequence_entropy_coef >= 0")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
         if not self.use_discriminator and self.kl_coef == 0 and self.conditional_kl_coef == 0:
             raise ValueError("with use_discriminator false the student learns from kl_coef and conditional_kl_coef "
                              "alone; set one above 0")
-        if self.conditional_kl_coef < 0 or self.conditional_folds < 1:
-            raise ValueError("need conditional_kl_coef >= 0 and conditional_folds >= 1")
-        require_positive(self, "max_steps", "train_size", "gen_length", "eval_steps", "eval_samples", "eval_nfe")
+        require_positive(self, "max_steps", "train_size", "gen_length", "eval_steps", "eval_samples", "eval_nfe",
+                         "likelihood_folds", "conditional_folds")
         require_range(self, learning_rate=(0, None), discriminator_learning_rate=(0, None), weight_decay=(0, None),
                       discriminator_warmup_steps=(0, None), kl_coef=(0, None), entropy_coef=(0, None),
-                      label_smoothing=(0, 0.5))
-        if self.max_grad_norm <= 0:
-            raise ValueError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
+                      label_smoothing=(0, 0.5), likelihood_prior=(0, None), sequence_entropy_coef=(0, None),
+                      conditional_kl_coef=(0, None))
+        if not 0 < self.max_grad_norm < math.inf:
+            raise ValueError(f"max_grad_norm must be positive and finite, got {self.max_grad_norm}")
         if self.dataset_path is not None:
             from dlm_rl.data.files import refuse_empty_file
 
             refuse_empty_file(self.dataset_path, "dataset_path")
 
 
-def run(config: DiDiConfig) -> dict:
-    """Distil; returns the final metrics line (also the last line of metrics.jsonl)."""
+def run(config: DiDiConfig, *, model=None, train_dataset=None, eval_dataset=None, callbacks=None) -> dict:
+    """Distil; returns the final metrics line (also the last line of metrics.jsonl). `model` (the teacher, a
+    DiffusionLM), `train_dataset` (prompt and completion rows, in place of the config's data) and `callbacks` as
+    `DiDiTrainer` takes them."""
     from dlm_rl.data.collate import DiffusionCollator
     from dlm_rl.models.lora import add_lora
-    from dlm_rl.model_spec import resolve_model
+    from dlm_rl.model_spec import known_tokenizer, resolve_model
     from dlm_rl.testbed import training_rows
     from dlm_rl.trainers.online import PromptStream
 
-    rows, gen_length = training_rows(config.task, config.dataset_path, config.train_size, config.seed,
-                                     config.gen_length)
+    prepare_output_dir(config)
+    if eval_dataset is not None:
+        raise ValueError("DiDi evaluates the student's own samples: it takes no eval_dataset")
+    source = train_dataset if train_dataset is not None else config.dataset_path
+    tokenizer = None if source is None else model.tokenizer if model is not None else known_tokenizer(config.teacher)
+    task = None if source is not None else config.dataset_name
+    rows, gen_length = training_rows(task, source, config.train_size, config.seed, config.gen_length, tokenizer)
     torch.manual_seed(config.seed)
     device = distributed.setup()
     main = distributed.is_main()
-    teacher = resolve_model(config.teacher, trust_remote_code=config.trust_remote_code).to(device)
+    teacher = (model or resolve_model(config.teacher, trust_remote_code=config.trust_remote_code)).to(device)
     teacher.requires_grad_(False).eval()
     student = copy.deepcopy(teacher).requires_grad_(True)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(student)
     if config.use_lora:
         add_lora(student, config)
     distributed.broadcast_parameters(student.parameters())  # the same LoRA initialisation on every rank
@@ -187,6 +218,7 @@ def run(config: DiDiConfig) -> dict:
     student_parameters = [p for p in student.parameters() if p.requires_grad]
     student_optimizer = torch.optim.AdamW(student_parameters, lr=config.learning_rate,
                                           weight_decay=config.weight_decay)
+    scheduler = lr_scheduler(config, student_optimizer)
     discriminator_optimizer = torch.optim.AdamW([p for p in discriminator.parameters() if p.requires_grad],
                                                 lr=config.discriminator_learning_rate)
     collate = DiffusionCollator(teacher.tokenizer, gen_length)
@@ -198,28 +230,37 @@ def run(config: DiDiConfig) -> dict:
              "nonfinite": nonfinite}
     if ema is not None:
         state["ema"] = ema
+    if scheduled(config):
+        state["scheduler"] = scheduler
     done, log = start_run(config, state, main)  # steps done before (0 for a new run)
+    events = Callbacks(callbacks, config, done)
 
     def evaluate() -> dict:
-        return _evaluate(ema.module if ema is not None else student, config, rows, gen_length, device)
+        return _evaluate(ema.module if ema is not None else student, config, rows, gen_length, device, task)
 
     line = {"step": done}
     if main and not config.resume:
         line.update(evaluate())
         log.log(line)
+    stepped = False
     try:
+        events.event("on_train_begin", model=student)
         steps = range(done + 1, config.max_steps + 1)
         for step in (bar := tqdm(steps, desc="didi", initial=done, total=config.max_steps, disable=not main)):
             start = time.perf_counter()
             rows_now = distributed.share(stream.next())
             batch = {k: v.to(device) for k, v in collate(rows_now).items()}
             line = {"step": step, **_step(student, teacher, discriminator, student_optimizer, discriminator_optimizer,
-                                          student_parameters, batch, rows_now, config, generator, nonfinite,
+                                          student_parameters, batch, rows_now, config, generator, nonfinite, task,
                                           update_student=step > config.discriminator_warmup_steps)}
+            line["learning_rate"] = advance(scheduler)
             if ema is not None and step > config.discriminator_warmup_steps:
                 ema.update_parameters(student)
             line["time/step"] = time.perf_counter() - start
+            stepped = True
             if not main:
+                if events.step_end(line):
+                    break
                 continue
             if step % config.eval_steps == 0 or step == config.max_steps:
                 line.update(evaluate())
@@ -227,8 +268,13 @@ def run(config: DiDiConfig) -> dict:
             log.log(line)
             if checkpoint_due(config, step):
                 save_checkpoint(config, step, state)
+                events.event("on_save")
+            if events.step_end(line):
+                logger.info("step %d: a callback stopped the run", step)
+                break
+        events.event("on_train_end", model=student)
     finally:
-        if main:
+        if main and stepped:
             final = ema.module if ema is not None else student
 
             def write_final(directory: str) -> None:
@@ -236,14 +282,19 @@ def run(config: DiDiConfig) -> dict:
                 save_discriminator(discriminator, directory)
 
             write_directory(os.path.join(config.output_dir, "final"), write_final)
+        if main:
             log.close(curve=("reward", "discriminator_loss", "eval/validity"))
+    if main and stepped:
+        push_final(config, os.path.join(config.output_dir, "final"))
     return line
 
 
 def _step(student, teacher, discriminator, student_optimizer, discriminator_optimizer, student_parameters, batch,
-          rows, config: DiDiConfig, generator, nonfinite: NonFiniteLoss, *, update_student: bool) -> dict:
+          rows, config: DiDiConfig, generator, nonfinite: NonFiniteLoss, task: str | None, *,
+          update_student: bool) -> dict:
     """One student update (unless still warming up the discriminator) and one discriminator update; `nonfinite`
-    skips either when its loss is NaN or inf. `rows` are the batch's dataset rows."""
+    skips either when its loss is NaN or inf. `rows` are the batch's dataset rows, of testbed task `task` (then the
+    samples' validity is logged) or of a dataset (None)."""
     group = config.group_size
     repeated = {k: v.repeat_interleave(group, 0) for k, v in batch.items()}
     response_mask, attention_mask = repeated["response_mask"], repeated["attention_mask"]
@@ -261,8 +312,8 @@ def _step(student, teacher, discriminator, student_optimizer, discriminator_opti
     reward = discriminator_reward(fake_logits.detach(), fake_masked, config.reward_clip)
     share = len(reward) / distributed.all_sum(len(reward))  # this rank's fraction of the step's rows
     line = distributed.all_sum({"reward": float(reward.mean()) * share, "tau": float(tau.mean()) * share})
-    if config.task is not None:
-        line.update(_reward_against_validity(sample.final, response_mask, reward, student.tokenizer, config.task,
+    if task is not None:
+        line.update(_reward_against_validity(sample.final, response_mask, reward, student.tokenizer, task,
                                              [row for row in rows for _ in range(group)]))
     if update_student:
         line.update(_student_update(student, teacher, student_optimizer, student_parameters, sample, reward,
@@ -354,8 +405,8 @@ def _reward_against_validity(final, response_mask, reward, tokenizer, task: str,
 
 
 @torch.no_grad()
-def _evaluate(model, config: DiDiConfig, rows, gen_length: int, device) -> dict:
-    """The student's samples at `eval_nfe` ancestral steps: validity (testbed tasks), entropy, distinct."""
+def _evaluate(model, config: DiDiConfig, rows, gen_length: int, device, task: str | None) -> dict:
+    """The student's samples at `eval_nfe` ancestral steps: validity (testbed task `task`), entropy, distinct."""
     from dlm_rl.data.collate import encode_prompt, left_pad
     from dlm_rl.judge import sample_quality
     from dlm_rl.sampling.guided import ancestral_sample
@@ -368,6 +419,17 @@ def _evaluate(model, config: DiDiConfig, rows, gen_length: int, device) -> dict:
     generator = torch.Generator(device).manual_seed(config.seed + 1)
     samples = ancestral_sample(model, prompt_ids.to(device), prompt_mask.to(device), gen_length, config.eval_nfe,
                                generator=generator)
-    scorer = TASKS[config.task].generator if config.task is not None else None
+    scorer = TASKS[task].generator if task is not None else None
     quality = sample_quality(samples.response_ids.cpu(), model.tokenizer, scorer, picked)
     return {f"eval/{name}": value for name, value in quality.items()}
+
+
+class DiDiTrainer(RLTrainer):
+    """DiDi-Instruct in TRL's shape (`dlm_rl.trainers.api`): `DiDiTrainer(model=TEACHER, args=DiDiConfig(...),
+    train_dataset=...).train()`; `model` is the teacher (a name, a path or a DiffusionLM), `train_dataset` rows of
+    `prompt` and `completion`, `peft_config` the student's adapter. Rewards come from the discriminator: it takes
+    no `reward_funcs`."""
+
+    config_class = DiDiConfig
+    run = staticmethod(run)
+    model_key = "teacher"

@@ -20,6 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from dlm_rl.checkpoint import good_checkpoint, refuse_earlier_run, resume_setting, write_manifest
 from dlm_rl.data.collate import DiffusionCollator, require_columns
+from dlm_rl.data.sources import as_dataset, rename_task
 from dlm_rl.diffusion import MCNoise, mdm_loss
 from dlm_rl.diffusion.noise import FORMS
 from dlm_rl.diffusion.schedules import SCHEDULES
@@ -46,8 +47,10 @@ class MDMConfig(LoraArguments, NonFiniteArguments, TrainingArguments):
     """Block length for attention: block."""
     trust_remote_code: bool = False
     """Allow a LLaDA/Dream/SDAR checkpoint's own modelling code."""
-    task: str | None = None
+    dataset_name: str | None = None
     """A testbed task (see dlm_rl.testbed.TASKS), or None to use dataset_path."""
+    task: str | None = None
+    """Deprecated: dataset_name (the same values)."""
     dataset_path: str | None = None
     """A local json/jsonl/parquet file or saved dataset directory with 'prompt' and 'completion' columns."""
     train_size: int = 20000
@@ -74,8 +77,9 @@ class MDMConfig(LoraArguments, NonFiniteArguments, TrainingArguments):
             raise ValueError(f"noise_form must be one of {FORMS}, got {self.noise_form!r}")
         if self.noise_schedule not in SCHEDULES:
             raise ValueError(f"noise_schedule must be one of {SCHEDULES}, got {self.noise_schedule!r}")
-        if (self.task is None) == (self.dataset_path is None):
-            raise ValueError("set exactly one of `task` (a testbed task) and `dataset_path`")
+        rename_task(self)
+        if self.dataset_name is not None and self.dataset_path is not None:
+            raise ValueError("set exactly one of dataset_name (a testbed task) and dataset_path")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"max_steps must be a positive number of steps, or -1 to train num_train_epochs epochs; "
                              f"got {self.max_steps}")
@@ -99,9 +103,24 @@ class MDMConfig(LoraArguments, NonFiniteArguments, TrainingArguments):
 
 
 class MDMTrainer(Trainer):
-    """transformers Trainer whose loss is the masked-diffusion loss of a DiffusionLM."""
+    """transformers Trainer whose loss is the masked-diffusion loss of a DiffusionLM, in TRL's shape:
+    `MDMTrainer(model, args=MDMConfig(...), train_dataset=rows).train()`. `model` is a DiffusionLM, or a name or
+    path as the `model` key takes it (then built with `args`' LoRA settings); `train_dataset` has `prompt` and
+    `completion` columns; `response_length` defaults to `args.response_length`; `peft_config` (a
+    `peft.LoraConfig`) adds an adapter; other keyword arguments go to transformers' Trainer (`callbacks`, ...)."""
 
-    def __init__(self, model, args: MDMConfig, train_dataset, response_length: int, **kwargs):
+    def __init__(self, model, args: MDMConfig, train_dataset, response_length: int | None = None, peft_config=None,
+                 **kwargs):
+        if isinstance(model, str):
+            model = build_model(args, model)
+        if peft_config is not None:
+            from dlm_rl.models.lora import add_lora, lora_arguments
+
+            add_lora(model, lora_arguments(peft_config))
+        response_length = response_length or args.response_length
+        if response_length is None:
+            raise ValueError("MDMTrainer needs response_length (completion + EOS tokens), or args.response_length")
+        train_dataset = as_dataset(train_dataset, "train_dataset")
         require_columns(train_dataset, ["prompt", "completion"], "MDMTrainer")
         collator = DiffusionCollator(model.tokenizer, response_length)
         super().__init__(model=model, args=args, train_dataset=train_dataset, data_collator=collator, **kwargs)
@@ -209,29 +228,33 @@ class SkipNonFinite(TrainerCallback):
         self.guard.skip([optimizer], grad_norm=float(norm))
 
 
-def run(config: MDMConfig) -> str:
-    """Train as the config says and save the result to config.output_dir; returns that path."""
+def build_model(config: MDMConfig, spec: str):
+    """The model `spec` names, built as `config` says (a new model's size and attention, trust_remote_code), with
+    its LoRA adapter when `config.use_lora`."""
     from dlm_rl.models.lora import add_lora
     from dlm_rl.model_spec import resolve_model
+
+    model = resolve_model(spec, attention=config.attention, block_size=config.block_size,
+                          trust_remote_code=config.trust_remote_code, tiny_hidden_size=config.tiny_hidden_size,
+                          tiny_num_layers=config.tiny_num_layers, seed=config.seed)
+    if config.use_lora:
+        add_lora(model, config)
+    return model
+
+
+def run(config: MDMConfig) -> str:
+    """Train as the config says and save the result to config.output_dir; returns that path."""
+    from dlm_rl.model_spec import known_tokenizer
     from dlm_rl.testbed import training_rows
 
+    if config.dataset_name is None and config.dataset_path is None:
+        raise ValueError("set exactly one of dataset_name (a testbed task) and dataset_path")
     if config.resume is None:
         refuse_earlier_run(config.output_dir)
     resume = config.resume and good_checkpoint(config.resume, config.output_dir, marker=TRAINER_STATE_NAME)
-    train, response_length = training_rows(config.task, config.dataset_path, config.train_size, config.seed,
-                                           config.response_length)
-    model = resolve_model(
-        config.model,
-        attention=config.attention,
-        block_size=config.block_size,
-        trust_remote_code=config.trust_remote_code,
-        tiny_hidden_size=config.tiny_hidden_size,
-        tiny_num_layers=config.tiny_num_layers,
-        seed=config.seed,
-    )
-    if config.use_lora:
-        add_lora(model, config)
-    trainer = MDMTrainer(model, config, train, response_length)
+    train, response_length = training_rows(config.dataset_name, config.dataset_path, config.train_size, config.seed,
+                                           config.response_length, known_tokenizer(config.model))
+    trainer = MDMTrainer(build_model(config, config.model), config, train, response_length)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     logger.info("saved the trained model to %s", config.output_dir)

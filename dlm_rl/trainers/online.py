@@ -13,29 +13,27 @@ import torch
 
 from dlm_rl import distributed
 from dlm_rl.checkpoint import CheckpointArguments, start_run
+from dlm_rl.data.sources import DatasetArguments, PromptData, load_prompts, rename_task
 from dlm_rl.guards import NonFiniteArguments
+from dlm_rl.hub import HubArguments
 from dlm_rl.models.lora import LoraArguments
+from dlm_rl.run_log import ReportArguments
+from dlm_rl.trainers.optimization import OptimizationArguments
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class OnlineArguments(CheckpointArguments, LoraArguments, NonFiniteArguments):
+class OnlineArguments(DatasetArguments, CheckpointArguments, ReportArguments, HubArguments, OptimizationArguments,
+                      LoraArguments, NonFiniteArguments):
     """Settings of every trainer that learns from its own rollouts; every field can be a recipe key."""
 
     model: str = "testbed:addition3-base"
     """'testbed:NAME', 'tiny', 'smollm2', a saved model path, or a LLaDA / Dream / SDAR hub name."""
     trust_remote_code: bool = False
     """Needed for LLaDA, Dream and SDAR checkpoints (their modelling code ships with the weights)."""
-    task: str = "addition3"
-    """The prompts and the columns the rewards read ('answer', 'tests'): a testbed task, or 'reasoning_gym:NAME'
-    for an offline reasoning-gym generator (then set gen_length)."""
-    chat: bool = False
-    """Send each prompt as a user chat message through the tokenizer's chat template (instruct models)."""
-    train_size: int = 4096
-    """Training prompts drawn from the task."""
-    eval_size: int = 128
-    """Held-out prompts for the greedy accuracy check."""
+    task: str | None = None
+    """Deprecated: dataset_name (the same values)."""
     reward_funcs: list[str] = field(default_factory=lambda: ["rewards.math:accuracy"])
     """Rewards as 'module:function' or 'path/to/file.py:function'."""
     reward_weights: list[float] | None = None
@@ -80,23 +78,21 @@ class OnlineArguments(CheckpointArguments, LoraArguments, NonFiniteArguments):
     eval_steps: int = 10
     """Greedy accuracy on the held-out prompts every this many steps (and before and after)."""
     output_dir: str = "runs/online"
-    """Where metrics.jsonl, TensorBoard logs, completions.jsonl, curve.png and the final model go."""
-    tensorboard: bool = True
-    """Write TensorBoard scalars to output_dir/tensorboard."""
+    """Where metrics.jsonl, TensorBoard logs, completions.jsonl, curves.png and the final model go."""
     seed: int = 0
     """Seed for prompt order, rollouts and the LoRA initialisation."""
 
     def __post_init__(self):
+        rename_task(self)
         super().__post_init__()
         if isinstance(self.reward_funcs, str) or not self.reward_funcs:
             raise ValueError(f"reward_funcs must be a non-empty list of 'module:function' references, got "
                              f"{self.reward_funcs!r}")
-        require_positive(self, "max_steps", "prompts_per_step", "eval_steps", "train_size", "eval_size",
-                         "gen_length", "block_length")
+        require_positive(self, "max_steps", "prompts_per_step", "eval_steps", "gen_length", "block_length")
         require_range(self, learning_rate=(0, None), weight_decay=(0, None), temperature=(0, None),
                       constant_reward_patience=(0, None))
-        if self.max_grad_norm <= 0:
-            raise ValueError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
+        if not 0 < self.max_grad_norm < math.inf:
+            raise ValueError(f"max_grad_norm must be positive and finite, got {self.max_grad_norm}")
         if self.threshold is not None and not 0 < self.threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1] or null (one token per step), got {self.threshold}")
         if self.num_generations < 2:
@@ -109,8 +105,10 @@ class OnlineArguments(CheckpointArguments, LoraArguments, NonFiniteArguments):
             raise ValueError(f"max_reward_failures must be at least 1, got {self.max_reward_failures!r}")
         if self.rollout_actors < 0:
             raise ValueError(f"rollout_actors must be 0 (generate in this process) or more, got {self.rollout_actors}")
-        if self.task.startswith("reasoning_gym:") and self.gen_length is None:
-            raise ValueError(f"task {self.task!r} needs gen_length (testbed tasks know their response length)")
+        if not self.generated or self.dataset_name.startswith("reasoning_gym:"):
+            if self.gen_length is None:
+                raise ValueError(f"dataset {self.dataset_path or self.dataset_name!r} needs gen_length (the response "
+                                 "canvas; only testbed tasks know theirs)")
 
 
 def require_positive(config, *names: str) -> None:
@@ -122,35 +120,18 @@ def require_positive(config, *names: str) -> None:
 
 
 def require_range(config, **bounds: tuple[float | None, float | None]) -> None:
-    """Refuse a number outside its closed range `name=(low, high)` (None: unbounded on that side)."""
+    """Refuse a number outside its closed range `name=(low, high)` (None: unbounded on that side); NaN and inf are
+    outside every range."""
     for name, (low, high) in bounds.items():
         value = getattr(config, name)
-        if (low is not None and value < low) or (high is not None and value > high):
-            allowed = f"at least {low}" if high is None else f"in [{low}, {high}]"
+        if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
+            allowed = f"at least {low} and finite" if high is None else f"in [{low}, {high}]"
             raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
-def load_task(config: OnlineArguments) -> tuple[list[dict], object, str, int | None]:
-    """(training rows, held-out dataset, the scorer's task name, the task's response length) for `config.task`."""
-    from dlm_rl.data.tasks import reasoning_gym_task
-    from dlm_rl.testbed import TASKS
-
-    if config.task.startswith("reasoning_gym:"):
-        name = config.task.removeprefix("reasoning_gym:")
-        train = reasoning_gym_task(name, config.train_size, seed=config.seed)
-        held_out = reasoning_gym_task(name, config.eval_size, seed=config.seed + 1_000_003)
-        scorer, length = "reasoning_gym", None
-    elif config.task in TASKS:
-        task = TASKS[config.task]
-        train = task.dataset("train", config.train_size, seed=config.seed)
-        held_out = task.dataset("test", config.eval_size, seed=1)
-        scorer, length = task.generator, task.response_length
-    else:
-        raise ValueError(f"unknown task {config.task!r}; choose one of {sorted(TASKS)} or 'reasoning_gym:NAME'")
-    if config.chat:
-        train, held_out = (d.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
-                           for d in (train, held_out))
-    return list(train), held_out, scorer, length
+def load_task(config: OnlineArguments, train_dataset=None, eval_dataset=None) -> PromptData:
+    """The training and held-out prompts: the given datasets, else those `config` names (`dlm_rl.data.sources`)."""
+    return load_prompts(config, config.seed, train_dataset, eval_dataset)
 
 
 def rollout_engine(config: OnlineArguments, model, rewards):
@@ -258,16 +239,30 @@ class PromptStream:
         self.permutation, self.position = list(state["permutation"]), state["position"]
 
 
-def held_out_metrics(model, rows, scorer: str, gen_length: int, block_length: int | None, rewards) -> dict:
-    """Greedy accuracy on the held-out prompts (the task's checker) and the rewards' means there."""
+def held_out_metrics(model, rows, scorer: str | None, gen_length: int, block_length: int | None, rewards) -> dict:
+    """Greedy accuracy on the held-out prompts (by the dataset's scorer, when it has one) and the rewards' means
+    there."""
     from dlm_rl.evaluation import evaluate
 
     result = evaluate(model, rows, scorer, gen_length=gen_length, samples=0, progress=False,
                       sampler={"block_length": block_length}, rewards=rewards)
     model.train()
-    logger.info("held-out greedy accuracy %.3f, rewards %s", result["greedy_accuracy"], result["rewards"])
-    return {"eval/greedy_accuracy": result["greedy_accuracy"],
-            **{f"eval/reward/{name}": value for name, value in result["rewards"].items()}}
+    metrics = {f"eval/reward/{name}": value for name, value in result["rewards"].items()}
+    if "greedy_accuracy" in result:
+        metrics["eval/greedy_accuracy"] = result["greedy_accuracy"]
+    logger.info("held-out %s", ", ".join(f"{name.removeprefix('eval/')} {value:.3f}"
+                                         for name, value in sorted(metrics.items())))
+    return metrics
+
+
+def check_prompts_fit(model, data: PromptData) -> None:
+    """Refuse conversations for a tokenizer without a chat template, before any sampling."""
+    from dlm_rl.data.sources import is_conversational
+
+    if getattr(model.tokenizer, "chat_template", None) is None and (
+            is_conversational(data.train) or is_conversational(data.held_out)):
+        raise ValueError("the prompts are conversations (chat, system_prompt, or chat-message rows) but the model's "
+                         "tokenizer has no chat template; use text prompts (prompt_template) or an instruct model")
 
 
 def reward_metrics(trajectories) -> dict:

@@ -4,7 +4,7 @@ Each step: sample `num_generations` responses for `prompts_per_step` prompts wit
 them with the recipe's rewards, turn rewards into group z-score advantages (groups without variance are dropped;
 a step left with nothing is skipped and logged), rebuild the visited states from `step_map` (`dlm_rl.rl.trace`),
 recompute the old log-probs exactly, and take `inner_epochs` PPO-clip updates. Logs go to `output_dir`
-(`dlm_rl.run_log`): metrics.jsonl, TensorBoard, completions.jsonl and curve.png.
+(`dlm_rl.run_log`): metrics.jsonl, the `report_to` trackers, completions.jsonl and curves.png.
 
 Under `torchrun` / `accelerate launch` (`dlm_rl.distributed`) every rank samples its share of the step's prompts
 with its own engine seed (or, with `rollout_actors`, rank 0's Ray actors sample every share and rank 0 sends each
@@ -28,8 +28,9 @@ import torch
 from tqdm.auto import tqdm
 
 from dlm_rl import distributed
-from dlm_rl.checkpoint import checkpoint_due, save_checkpoint, write_directory
+from dlm_rl.checkpoint import checkpoint_due, prepare_output_dir, save_checkpoint, write_directory
 from dlm_rl.guards import NonFiniteLoss, RolloutGuards
+from dlm_rl.hub import push_final
 from dlm_rl.models.lora import add_lora
 from dlm_rl.rl.advantages import group_advantages
 from dlm_rl.rl.losses import ppo_trace_loss
@@ -38,9 +39,12 @@ from dlm_rl.rl.rows import Rows, reference_log_probs, response_log_probs
 from dlm_rl.rl.trace import model_trace_rows
 from dlm_rl.rl.value import ValueModel, clipped_value_loss, trace_gae
 from dlm_rl.sampling.config import SamplerConfig
+from dlm_rl.trainers.api import Callbacks, RLTrainer
+from dlm_rl.trainers.optimization import advance, enable_gradient_checkpointing, lr_scheduler, scheduled
 from dlm_rl.trainers.online import (
     OnlineArguments,
     PromptStream,
+    check_prompts_fit,
     gather_rollout,
     held_out_metrics,
     load_task,
@@ -95,7 +99,7 @@ class TraceRLConfig(OnlineArguments):
     normaliser: str = "tokens"
     """Per-row loss normaliser: 'tokens' (trained tokens in the row) or 'length' (the response length)."""
     output_dir: str = "runs/tracerl"
-    """Where metrics.jsonl, TensorBoard logs, completions.jsonl, curve.png and the final model go."""
+    """Where metrics.jsonl, TensorBoard logs, completions.jsonl, curves.png and the final model go."""
     micro_batch_rows: int = 64
     """Rows per forward/backward pass (gradients accumulate over a rollout's rows: one optimiser step per epoch)."""
 
@@ -121,23 +125,30 @@ class TraceRLConfig(OnlineArguments):
         require_range(self, epsilon=(0, None), beta=(0, None), gamma=(0, 1), lam=(0, 1), value_clip=(0, None))
 
 
-def run(config: TraceRLConfig) -> dict:
-    """Train; returns the final metrics line (also the last line of metrics.jsonl)."""
+def run(config: TraceRLConfig, *, model=None, train_dataset=None, eval_dataset=None, callbacks=None) -> dict:
+    """Train; returns the final metrics line (also the last line of metrics.jsonl). `model` (a DiffusionLM),
+    `train_dataset`, `eval_dataset` and `callbacks` as `TraceRLTrainer` takes them."""
     from dlm_rl.model_spec import resolve_model
     from dlm_rl.reward_functions import Rewards
 
-    train, held_out_rows, scorer, task_length = load_task(config)
-    prompts = PromptStream(train, config.prompts_per_step, config.seed)
+    prepare_output_dir(config)
+    data = load_task(config, train_dataset, eval_dataset)
+    gen_length = config.gen_length or data.response_length
+    if gen_length is None:
+        raise ValueError("a train_dataset needs gen_length (the response canvas; only testbed tasks know theirs)")
+    prompts = PromptStream(data.train, config.prompts_per_step, config.seed)
     torch.manual_seed(config.seed)
     rewards = Rewards(config.reward_funcs, config.reward_weights, timeout=config.reward_timeout,
                       max_failures=config.max_reward_failures)  # bad references fail before any work
     device = distributed.setup()
     main = distributed.is_main()
-    model = resolve_model(config.model, trust_remote_code=config.trust_remote_code).to(device)
+    model = (model or resolve_model(config.model, trust_remote_code=config.trust_remote_code)).to(device)
+    check_prompts_fit(model, data)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     value = ValueModel.from_policy(model, config) if config.value_model else None  # copied before the adapter
     if config.use_lora:
         add_lora(model, config)
-    gen_length = config.gen_length or task_length
     learner = Learner(model, config, gen_length, value)
     sampler = SamplerConfig(
         gen_length=gen_length,
@@ -153,10 +164,13 @@ def run(config: TraceRLConfig) -> dict:
         state["engine"] = engine
     if value is not None:
         state.update(value_model=value, value_optimizer=learner.value_optimizer)
+    if scheduled(config):
+        state.update(zip(("scheduler", "value_scheduler"), learner.schedulers))
     done, log = start_online_run(config, state, main, engine, model)  # steps done before (0 for a new run)
+    events = Callbacks(callbacks, config, done)
 
     def held_out() -> dict:
-        return held_out_metrics(model, held_out_rows, scorer, gen_length, config.block_length, rewards)
+        return held_out_metrics(model, data.held_out, data.scorer, gen_length, config.block_length, rewards)
 
     line = {"step": done}
     if main and not config.resume:
@@ -164,7 +178,9 @@ def run(config: TraceRLConfig) -> dict:
         log.log(line)
     model.train()  # π_old is scored in training mode, with or without the held-out check before
     skipped = 0
+    stepped = False
     try:
+        events.event("on_train_begin", model=model)
         steps = range(done + 1, config.max_steps + 1)
         for step in (bar := tqdm(steps, desc=f"{config.method}", initial=done, total=config.max_steps,
                                  disable=not main)):
@@ -175,9 +191,13 @@ def run(config: TraceRLConfig) -> dict:
             rollout = gather_rollout(trajectories)
             start = time.perf_counter()
             line.update(learner.update(trajectories))
+            line["learning_rate"] = advance(*learner.schedulers)
             line["time/training"] = time.perf_counter() - start
             sync_rollout_weights(engine, model, config)
+            stepped = True
             if not main:
+                if events.step_end(line):
+                    break
                 continue
             if line.get("skipped"):
                 skipped += 1
@@ -191,17 +211,25 @@ def run(config: TraceRLConfig) -> dict:
             log.log(line)
             if checkpoint_due(config, step):
                 save_checkpoint(config, step, state)
+                events.event("on_save")
+            if events.step_end(line):
+                logger.info("step %d: a callback stopped the run", step)
+                break
+        events.event("on_train_end", model=model)
     finally:
         if engine is not None:
             engine.close()
-        if main:
+        if main and stepped:
             def write_final(directory: str) -> None:
                 model.save_pretrained(directory)
                 if value is not None:
                     torch.save(value.state_dict(), os.path.join(directory, "value_model.pt"))
 
             write_directory(os.path.join(config.output_dir, "final"), write_final)
+        if main:
             log.close()
+    if main and stepped:
+        push_final(config, os.path.join(config.output_dir, "final"))
     return line
 
 
@@ -217,6 +245,8 @@ class Learner:
             self.value_parameters = [p for p in value.parameters() if p.requires_grad]
             distributed.broadcast_parameters(self.value_parameters)
             self.value_optimizer = torch.optim.AdamW(self.value_parameters, lr=config.value_learning_rate)
+        self.schedulers = [lr_scheduler(config, optimizer) for optimizer in
+                           [self.optimizer] + ([self.value_optimizer] if value is not None else [])]
         random_rows = config.method in ("coupled", "random_masking")
         self.normaliser = gen_length if random_rows or config.normaliser == "length" else "tokens"
         self.generator = torch.Generator().manual_seed(config.seed + distributed.rank())  # the baselines' masks
@@ -357,3 +387,11 @@ class Learner:
             self.value_optimizer.step()
             metrics["value_mean"] = value_sum / counts["targets"]
         return metrics
+
+
+class TraceRLTrainer(RLTrainer):
+    """TraceRL in TRL's shape (`dlm_rl.trainers.api`): `TraceRLTrainer(model, args=TraceRLConfig(...),
+    train_dataset=..., reward_funcs=[...]).train()`."""
+
+    config_class = TraceRLConfig
+    run = staticmethod(run)

@@ -1,10 +1,16 @@
 """VRPO trainer: preference optimisation of a diffusion LM on ELBO estimates (LLaDA 1.5; `dlm_rl.rl.vrpo`).
 
-Pairs come either from a dataset with `prompt`, `chosen`, `rejected` columns (`dataset:`), or on-policy: each
-step samples `num_generations` responses per prompt, scores them with the recipe's rewards, and pairs the best
-with the worst response of each prompt when their rewards differ by more than `min_margin` (ties and small
-margins are dropped and counted). On-policy pairs keep the sampled token ids; nothing is decoded and re-encoded.
-Logs as TraceRL's (`dlm_rl.run_log`): loss, score, implicit accuracy, reward margin and the estimator's variance.
+The data keys are TraceRL's (`dlm_rl.data.sources`: `dataset_name` or `dataset_path`, the splits, or the
+`train_dataset` / `eval_dataset` of `VRPOTrainer`). A source whose rows have `chosen` and `rejected` (TRL's
+preference format: an explicit `prompt`, or conversations whose shared first turns are split off as the prompt)
+gives the pairs, and the held-out check scores its test split's pairs (or `eval_size` pairs held out of the
+training ones, never trained on) with the VRPO estimator, without gradients and with the same noise at every
+check: `eval/loss`, `eval/score_mean`, `eval/implicit_accuracy`. Pairs whose responses do not fit `gen_length`
+are dropped and counted. Any other source gives prompts, and the pairs are built on-policy: each step samples
+`num_generations` responses per prompt, scores them with the recipe's rewards, and pairs the best with the worst
+response of each prompt when their rewards differ by more than `min_margin` (ties and small margins are dropped
+and counted); on-policy pairs keep the sampled token ids, and the held-out check is TraceRL's. Logs as TraceRL's
+(`dlm_rl.run_log`): loss, score, implicit accuracy, reward margin and the estimator's variance.
 
 Under `torchrun` / `accelerate launch` (`dlm_rl.distributed`) every rank takes its share of the step's prompts or
 pairs (and samples its prompts with its own seed), the loss is divided by the global number of pairs, and the
@@ -15,22 +21,40 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
 
 import torch
+from datasets import Dataset
 from tqdm.auto import tqdm
 
 from dlm_rl import distributed
-from dlm_rl.checkpoint import checkpoint_due, save_checkpoint, write_directory
+from dlm_rl.checkpoint import checkpoint_due, prepare_output_dir, save_checkpoint, write_directory
+from dlm_rl.data.benchmarks import FILE_EXTENSIONS
+from dlm_rl.data.collate import require_columns
+from dlm_rl.data.files import refuse_empty_file
+from dlm_rl.data.sources import (
+    PromptData,
+    as_dataset,
+    hold_out,
+    is_conversational,
+    load_prompts,
+    load_splits,
+    shape_prompt,
+)
 from dlm_rl.guards import NonFiniteLoss, RolloutGuards
+from dlm_rl.hub import push_final
 from dlm_rl.models.lora import add_lora
 from dlm_rl.rl.vrpo import PreferenceEstimator, collate_pairs, fitting_pairs, vrpo_loss
 from dlm_rl.sampling.config import SamplerConfig
+from dlm_rl.trainers.api import Callbacks, RLTrainer
+from dlm_rl.trainers.optimization import advance, enable_gradient_checkpointing, lr_scheduler, scheduled
 from dlm_rl.trainers.online import (
     OnlineArguments,
     PromptStream,
+    check_prompts_fit,
     gather_rollout,
     held_out_metrics,
     load_task,
@@ -47,15 +71,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class VRPOConfig(OnlineArguments):
-    """VRPO settings (the shared ones are `OnlineArguments`); every field can be a recipe key."""
+    """VRPO settings (the shared ones are `OnlineArguments`, the data keys among them); every field can be a recipe
+    key."""
 
     dataset: str | None = None
-    """Preference pairs: a .json/.jsonl file or a hub dataset with prompt/chosen/rejected columns. Unset: pairs
-    are built on-policy from rollouts scored by `reward_funcs`. Conversational pairs whose prompt is the shared
-    first turns of `chosen` and `rejected` (no or a plain-text `prompt` column) have it split off."""
-    dataset_split: str = "train"
-    """The split of a hub `dataset` to train on (e.g. `train_prefs` for HuggingFaceH4/ultrafeedback_binarized); a
-    local file is read whole."""
+    """Deprecated: dataset_path (a local file or directory) or dataset_name (a hub dataset)."""
+    dataset_split: str | None = None
+    """Deprecated: dataset_train_split."""
     beta: float = 0.2
     """Preference temperature β of the score ŝ."""
     n_t: int = 8
@@ -76,27 +98,47 @@ class VRPOConfig(OnlineArguments):
     activations are then those of micro_batch_pairs × draws_per_graph sequences instead of 2 × n_t × n_yt × that.
     None: keep every draw's graph (fastest)."""
     output_dir: str = "runs/vrpo"
-    """Where metrics.jsonl, TensorBoard logs, completions.jsonl, curve.png and the final model go."""
+    """Where metrics.jsonl, TensorBoard logs, completions.jsonl, curves.png and the final model go."""
 
     def __post_init__(self):
+        self._rename_deprecated_keys()
         super().__post_init__()
         PreferenceEstimator(self.n_t, self.n_yt, self.antithetic, self.estimator_form)  # validates the budget
         if self.estimator_form not in ("tokens", "time"):
             raise ValueError(f"estimator_form must be 'tokens' or 'time', got {self.estimator_form!r}")
-        if self.dataset is not None and self.rollout_actors:
-            raise ValueError("rollout_actors samples on-policy pairs; with a `dataset` of pairs there is nothing to "
-                             "sample (unset one of them)")
         if self.draws_per_graph is not None and self.draws_per_graph < 1:
             raise ValueError(f"draws_per_graph must be at least 1 or None, got {self.draws_per_graph}")
         if self.micro_batch_pairs < 1:
             raise ValueError(f"micro_batch_pairs must be at least 1, got {self.micro_batch_pairs}")
-        if self.beta <= 0:
-            raise ValueError(f"beta must be positive (β = 0 makes every score 0: nothing to learn), got {self.beta}")
+        if not 0 < self.beta < math.inf:
+            raise ValueError(f"beta must be positive and finite (β = 0 makes every score 0: nothing to learn), got "
+                             f"{self.beta}")
         require_range(self, min_margin=(0, None))
-        if self.dataset is not None and self.dataset.endswith((".json", ".jsonl")):
-            from dlm_rl.data.files import refuse_empty_file
+        if self.dataset_path is not None:  # a local dataset of pairs is counted before any model loads
+            train, test = load_splits(self)
+            if _has_pairs(train, self.dataset_path):
+                require_pairs(self, len(train), test is not None, self.dataset_path)
 
+    def _rename_deprecated_keys(self) -> None:
+        """`dataset` to dataset_path (a local file) or dataset_name, `dataset_split` to dataset_train_split."""
+        if self.dataset is not None:
+            logger.warning("`dataset` is deprecated and will be removed in the next release: use dataset_path (a "
+                           "local file) or dataset_name (a hub dataset): %s", self.dataset)
+            if self.dataset_name is not None or self.dataset_path is not None:
+                raise ValueError(f"dataset ({self.dataset!r}) is the old name of dataset_path and dataset_name: give "
+                                 "one of them")
+            if self.task is not None:
+                logger.warning("task %r chose the held-out check of a `dataset` of pairs; that check now scores "
+                               "held-out pairs, so task is ignored", self.task)
+                self.task = None
             refuse_empty_file(self.dataset, "dataset")
+            local = os.path.exists(self.dataset) or self.dataset.lower().endswith(FILE_EXTENSIONS)
+            setattr(self, "dataset_path" if local else "dataset_name", self.dataset)
+            self.dataset = None
+        if self.dataset_split is not None:
+            logger.warning("`dataset_split` is deprecated and will be removed in the next release: use "
+                           "dataset_train_split: %s", self.dataset_split)
+            self.dataset_train_split, self.dataset_split = self.dataset_split, None
 
 
 def on_policy_pairs(trajectories, min_margin: float) -> tuple[dict, dict, dict]:
@@ -153,20 +195,36 @@ def _stack(rows: list[dict]) -> dict:
     }
 
 
-def run(config: VRPOConfig) -> dict:
-    """Train; returns the final metrics line (also the last line of metrics.jsonl)."""
-    from dlm_rl.model_spec import resolve_model
+def run(config: VRPOConfig, *, model=None, train_dataset=None, eval_dataset=None, callbacks=None) -> dict:
+    """Train; returns the final metrics line (also the last line of metrics.jsonl). `model` (a DiffusionLM),
+    `train_dataset`, `eval_dataset` and `callbacks` as `VRPOTrainer` takes them."""
+    from dlm_rl.model_spec import known_tokenizer, resolve_model
     from dlm_rl.reward_functions import Rewards
 
-    train, held_out_rows, scorer, task_length = load_task(config)
+    prepare_output_dir(config)
+    data = load_data(config, train_dataset, eval_dataset)
+    pairs = isinstance(data, PairData)
+    gen_length = config.gen_length or (None if pairs else data.response_length)
+    if gen_length is None:
+        raise ValueError("gen_length is not set: only the testbed tasks know their response canvas")
+    stream = None if pairs else PromptStream(data.train, config.prompts_per_step, config.seed)
     torch.manual_seed(config.seed)
     rewards = Rewards(config.reward_funcs, config.reward_weights, timeout=config.reward_timeout,
                       max_failures=config.max_reward_failures)
     device = distributed.setup()
     main = distributed.is_main()
-    model = resolve_model(config.model, trust_remote_code=config.trust_remote_code).to(device)
-    gen_length = config.gen_length or task_length
-    pairs = load_pairs(config.dataset, config.dataset_split, model.tokenizer, gen_length) if config.dataset else None
+    tokenizer = (model.tokenizer if model is not None else known_tokenizer(config.model)) if pairs else None
+    if tokenizer is not None:  # the pairs are checked before the model loads
+        data = fit_pairs(data, tokenizer, gen_length, config)
+    model = (model or resolve_model(config.model, trust_remote_code=config.trust_remote_code)).to(device)
+    if not pairs:
+        check_prompts_fit(model, data)
+    elif tokenizer is None:
+        data = fit_pairs(data, model.tokenizer, gen_length, config)
+    if stream is None:  # the pairs' count is final once they are fitted
+        stream = PromptStream(data.train, config.prompts_per_step, config.seed)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     frozen = None if config.use_lora else copy.deepcopy(model).requires_grad_(False).eval()
     if config.use_lora:
         add_lora(model, config)
@@ -174,27 +232,34 @@ def run(config: VRPOConfig) -> dict:
     parameters = [p for p in model.parameters() if p.requires_grad]
     distributed.broadcast_parameters(parameters)
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = lr_scheduler(config, optimizer)
     generator = torch.Generator(device).manual_seed(config.seed + distributed.rank())
     sampler = SamplerConfig(gen_length=gen_length, block_length=config.block_length, threshold=config.threshold,
                             temperature=config.temperature)
     engine = None if pairs else rollout_engine(config, model, rewards)
-    stream = PromptStream(pairs or train, config.prompts_per_step, config.seed)
     nonfinite = NonFiniteLoss(config.max_nonfinite_steps, "VRPO")
     guards = RolloutGuards(gen_length, config.constant_reward_patience, config.constant_reward_error)
     state = {"model": model, "optimizer": optimizer, "generator": generator, "prompts": stream, "guards": guards,
              "nonfinite": nonfinite}
     if engine is not None:
         state["engine"] = engine
+    if scheduled(config):
+        state["scheduler"] = scheduler
     done, log = start_online_run(config, state, main, engine, model)  # steps done before (0 for a new run)
+    events = Callbacks(callbacks, config, done)
 
     def held_out() -> dict:
-        return held_out_metrics(model, held_out_rows, scorer, gen_length, config.block_length, rewards)
+        if pairs:
+            return held_out_pairs(model, data.held_out, gen_length, estimator, config, frozen)
+        return held_out_metrics(model, data.held_out, data.scorer, gen_length, config.block_length, rewards)
 
     line = {"step": done}
     if main and not config.resume:
         line.update(held_out())
         log.log(line)
+    stepped = False
     try:
+        events.event("on_train_begin", model=model)
         steps = range(done + 1, config.max_steps + 1)
         for step in (bar := tqdm(steps, desc="vrpo", initial=done, total=config.max_steps, disable=not main)):
             line = {"step": step}
@@ -217,9 +282,13 @@ def run(config: VRPOConfig) -> dict:
                     logger.warning("step %d: no preference pair (every prompt's rewards tied or were too close)",
                                    step)
                 line["skipped"] = 1
+            line["learning_rate"] = advance(scheduler)
             line["time/training"] = time.perf_counter() - start
             sync_rollout_weights(engine, model, config)
+            stepped = True
             if not main:
+                if events.step_end(line):
+                    break
                 continue
             if rollout is not None:
                 log.log_completions(step, rollout)
@@ -231,12 +300,20 @@ def run(config: VRPOConfig) -> dict:
             log.log(line)
             if checkpoint_due(config, step):
                 save_checkpoint(config, step, state)
+                events.event("on_save")
+            if events.step_end(line):
+                logger.info("step %d: a callback stopped the run", step)
+                break
+        events.event("on_train_end", model=model)
     finally:
         if engine is not None:
             engine.close()
-        if main:
+        if main and stepped:
             write_directory(os.path.join(config.output_dir, "final"), model.save_pretrained)
-            log.close(curve=("reward/total", "eval/greedy_accuracy", "implicit_accuracy"))
+        if main:
+            log.close(curve=("reward/total", "eval/greedy_accuracy", "implicit_accuracy", "eval/implicit_accuracy"))
+    if main and stepped:
+        push_final(config, os.path.join(config.output_dir, "final"))
     return line
 
 
@@ -268,31 +345,138 @@ def _update(model, optimizer, parameters, chosen, rejected, estimator, config, g
     return {**sums, "grad_norm": float(grad_norm), "pairs": int(total), "guard/nonfinite_steps": nonfinite.count}
 
 
-def load_pairs(name: str, split: str, tokenizer, response_length: int) -> list[dict]:
-    """Rows of a preference dataset (a local .json/.jsonl file or a hub dataset), with implicit conversational
-    prompts split off and the pairs whose responses do not fit `response_length` dropped (counted in the log)."""
-    from datasets import load_dataset
-    from trl.data_utils import is_conversational, maybe_extract_prompt
+@dataclass
+class PairData:
+    """Preference pairs (`prompt`, `chosen`, `rejected`; prompts shaped by the dataset keys) to train on, and the
+    held-out ones, none of whose prompts is trained on."""
 
-    from dlm_rl.data.collate import require_columns
-    from dlm_rl.data.files import load_rows
+    train: list[dict]
+    held_out: list[dict]
+    name: str
 
-    if name.endswith((".json", ".jsonl")):
-        dataset = load_rows(name)  # empty files, mixed types and non-text prompts are errors naming the row
+
+def load_data(config: VRPOConfig, train_dataset=None, eval_dataset=None) -> PairData | PromptData:
+    """The source's pairs when its rows have `chosen` and `rejected` (held out: the first eval_size of its test
+    split, else eval_size of its pairs drawn with the seed), else its prompts (`load_task`), for on-policy pairs."""
+    if train_dataset is not None:
+        name, train = "train_dataset", as_dataset(train_dataset, "train_dataset")
+        test = None if eval_dataset is None else as_dataset(eval_dataset, "eval_dataset")
+    elif config.generated or eval_dataset is not None:
+        return load_task(config, train_dataset, eval_dataset)
     else:
-        dataset = load_dataset(name, split=split)
-    require_columns(dataset, ["chosen", "rejected"], f"VRPO dataset {name}")
+        name = config.dataset_path or config.dataset_name
+        train, test = load_splits(config)
+    if not _has_pairs(train, name):
+        return load_prompts(config, config.seed, train, test, name=name)
+    require_pairs(config, len(train), test is not None, name)
+    train = pair_rows(train, name)
+    if test is None:
+        train, test = hold_out(train, config.eval_size, config.seed, name, config.dataset_test_split)
+        held_out = list(test)
+    else:
+        held_out = pair_rows(test.select(range(min(config.eval_size, len(test)))), f"{name} (held out)")
+    asked = {repr(row["prompt"]) for row in held_out}
+    kept = [row for row in train if repr(row["prompt"]) not in asked]
+    if len(kept) < len(train):
+        logger.info("dataset %s: %d training pairs ask a held-out prompt; left out of training", name,
+                    len(train) - len(kept))
+    train = kept[: config.train_size]
+    require_pairs(config, len(train), True, name)
+
+    def shaped(rows: list[dict]) -> list[dict]:
+        return [{**row, "prompt": shape_prompt(row["prompt"], config)} for row in rows]
+
+    return PairData(shaped(train), shaped(held_out), name)
+
+
+def require_pairs(config: VRPOConfig, rows: int, test_split: bool, name: str) -> None:
+    """Refuse what a source of `rows` training pairs (with a test split of its own, or eval_size of them to hold
+    out) rules out: too few pairs for eval_size and prompts_per_step, and rollout_actors."""
+    if config.rollout_actors:
+        raise ValueError(f"rollout_actors samples on-policy pairs; dataset {name} holds preference pairs, so there "
+                         "is nothing to sample (unset one of them)")
+    held = 0 if test_split else config.eval_size
+    if rows <= held:
+        raise ValueError(f"dataset {name}: {rows} pairs, not more than eval_size {held}, and no split "
+                         f"{config.dataset_test_split!r} to check on; lower eval_size or give a test split")
+    training = min(rows - held, config.train_size or rows)
+    if config.prompts_per_step > training:
+        raise ValueError(f"{config.prompts_per_step} pairs per step (prompts_per_step) but the dataset has only "
+                         f"{training} training pairs")
+
+
+def pair_rows(dataset: Dataset, name: str) -> list[dict]:
+    """The rows of a preference dataset, with the implicit prompt of conversational pairs (the shared first turns of
+    `chosen` and `rejected`) split off (trl's `maybe_extract_prompt`)."""
+    from trl.data_utils import maybe_extract_prompt
+
+    require_columns(dataset, ["chosen", "rejected"], f"dataset {name}")
     if len(dataset) == 0:
-        raise ValueError(f"VRPO dataset {name} has no rows")
-    if is_conversational({"chosen": dataset[0]["chosen"]}):
+        raise ValueError(f"dataset {name} has no rows")
+    if not isinstance(dataset[0]["chosen"], str):
         dataset = dataset.map(maybe_extract_prompt, desc="splitting off the shared prompt turns")
-    require_columns(dataset, ["prompt", "chosen", "rejected"], f"VRPO dataset {name}")
-    rows = list(dataset)
-    fits = fitting_pairs(tokenizer, rows, response_length)
-    kept = [row for row, fit in zip(rows, fits) if fit]
+    require_columns(dataset, ["prompt", "chosen", "rejected"], f"dataset {name}")
+    return list(dataset)
+
+
+def fit_pairs(data: PairData, tokenizer, response_length: int, config: VRPOConfig) -> PairData:
+    """`data` without the pairs whose responses do not fit `response_length` (counted in the log); conversations
+    are refused for a tokenizer without a chat template."""
+    if getattr(tokenizer, "chat_template", None) is None and (
+            is_conversational(data.train) or is_conversational(data.held_out)):
+        raise ValueError(f"dataset {data.name}: the pairs' prompts are conversations (chat, system_prompt, or "
+                         "chat-message rows) but the model's tokenizer has no chat template; use text prompts or an "
+                         "instruct model")
+    train = _fitting(data.train, tokenizer, response_length, data.name)
+    held_out = _fitting(data.held_out, tokenizer, response_length, f"{data.name} (held out)")
+    require_pairs(config, len(train), True, data.name)
+    return PairData(train, held_out, data.name)
+
+
+def _fitting(rows: list[dict], tokenizer, response_length: int, name: str) -> list[dict]:
+    kept = [row for row, fit in zip(rows, fitting_pairs(tokenizer, rows, response_length)) if fit]
     if len(kept) < len(rows):
-        logger.warning("VRPO dataset %s: %d of %d pairs have a response longer than gen_length=%d (+1 EOS) and "
-                       "are dropped", name, len(rows) - len(kept), len(rows), response_length)
+        logger.warning("dataset %s: %d of %d pairs have a response longer than gen_length=%d (+1 EOS) and are "
+                       "dropped", name, len(rows) - len(kept), len(rows), response_length)
     if not kept:
-        raise ValueError(f"VRPO dataset {name}: no pair fits gen_length={response_length}; raise gen_length")
+        raise ValueError(f"dataset {name}: no pair fits gen_length={response_length}; raise gen_length")
     return kept
+
+
+def _has_pairs(dataset: Dataset, name: str) -> bool:
+    """Whether `dataset`'s rows are preference pairs (refused when they have `chosen` or `rejected`, not both)."""
+    found = {"chosen", "rejected"} & set(dataset.column_names)
+    if found:
+        require_columns(dataset, ["chosen", "rejected"], f"dataset {name}")
+    return bool(found)
+
+
+@torch.no_grad()
+def held_out_pairs(model, rows: list[dict], gen_length: int, estimator: PreferenceEstimator, config: VRPOConfig,
+                   frozen) -> dict:
+    """VRPO's loss, mean score and implicit accuracy (the fraction of pairs scored above 0) on the held-out pairs,
+    with noise drawn from a generator seeded alike at every check, so that checks compare."""
+    generator = torch.Generator(model.device).manual_seed(config.seed)
+    sums = {"loss": 0.0, "score_mean": 0.0, "implicit_accuracy": 0.0}
+    model.eval()
+    for i in range(0, len(rows), config.micro_batch_pairs):
+        part = rows[i : i + config.micro_batch_pairs]
+        chosen, rejected = ({k: v.to(model.device) for k, v in batch.items()}
+                            for batch in collate_pairs(model.tokenizer, part, gen_length))
+        loss, stats = vrpo_loss(model, chosen, rejected, estimator, config.beta, generator=generator, frozen=frozen,
+                                draws_per_graph=config.draws_per_graph)
+        share = len(part) / len(rows)
+        sums["loss"] += loss.item() * share
+        sums["score_mean"] += stats["score_mean"] * share
+        sums["implicit_accuracy"] += stats["implicit_accuracy"] * share
+    model.train()
+    logger.info("held-out pairs: loss %.4f, implicit accuracy %.3f", sums["loss"], sums["implicit_accuracy"])
+    return {f"eval/{name}": value for name, value in sums.items()}
+
+
+class VRPOTrainer(RLTrainer):
+    """VRPO in TRL's shape (`dlm_rl.trainers.api`): `VRPOTrainer(model, args=VRPOConfig(...),
+    train_dataset=pairs).train()`, or prompts and `reward_funcs` for on-policy pairs."""
+
+    config_class = VRPOConfig
+    run = staticmethod(run)
