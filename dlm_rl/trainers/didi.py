@@ -94,10 +94,13 @@ class DiDiConfig(CheckpointArguments, ReportArguments, HubArguments, Optimizatio
     group_size: int = 4
     """Student samples per prompt (G); rewards are normalised within each group."""
     max_steps: int = 1000
+    """Training steps (each: one discriminator update and, after the warmup, one student update)."""
     learning_rate: float = 1e-5
     """Student learning rate (AdamW)."""
     discriminator_learning_rate: float = 1e-4
+    """Discriminator learning rate (AdamW)."""
     weight_decay: float = 0.0
+    """Student AdamW weight decay."""
     max_grad_norm: float = 0.5
     """Student gradient clipping."""
     discriminator_blocks: int = 2
@@ -118,8 +121,11 @@ class DiDiConfig(CheckpointArguments, ReportArguments, HubArguments, Optimizatio
     """The student's rollout: 2 is DiDi-Instruct's all-mask → x_τ → x_0 (τ also the discriminator's time); more
     rolls out the ancestral sampler's own steps (as at evaluation), the discriminator scoring x_0 noised at τ."""
     label_smoothing: float = 0.1
+    """The discriminator's targets are 1 − s/2 (real) and s/2 (student) for smoothing s."""
     tau_min: float = 0.02
+    """Lowest τ, the rollout's intermediate time, drawn uniformly per group in [tau_min, tau_max]."""
     tau_max: float = 0.98
+    """Highest τ."""
     use_discriminator: bool = True
     """Ablation switch: False drops the discriminator reward (the student learns from the regulariser alone)."""
     grouped_normalisation: bool = True
@@ -127,9 +133,13 @@ class DiDiConfig(CheckpointArguments, ReportArguments, HubArguments, Optimizatio
     use_time_weight: bool = True
     """Ablation switch: False sets ω(t) = 1."""
     omega_min: float = 0.1
+    """Lower clamp of the time weight ω(τ) = 1/τ."""
     omega_max: float = 10.0
+    """Upper clamp of ω(τ)."""
     reward_clip: float = 8.0
+    """The discriminator's per-token logits are clipped to ±this before they are averaged into the reward."""
     advantage_clip: float = 3.0
+    """Group-normalised advantages are clipped to ±this."""
     kl_coef: float = 0.01
     """Weight of KL(teacher ‖ student) at both rollout states (0 disables)."""
     entropy_coef: float = 0.001
@@ -144,11 +154,15 @@ class DiDiConfig(CheckpointArguments, ReportArguments, HubArguments, Optimizatio
     ema: float = 0.999
     """EMA decay of the student's weights (0 disables: the final student is the last iterate)."""
     eval_steps: int = 100
+    """Evaluate the student's samples every this many steps (and before and after)."""
     eval_samples: int = 64
+    """Samples per evaluation (prompts cycled from the training rows)."""
     eval_nfe: int = 16
     """Ancestral steps of the periodic evaluation."""
     output_dir: str = "runs/didi"
+    """Where metrics.jsonl, the tracker logs, curves.png, checkpoints and the final student go."""
     seed: int = 0
+    """Seed of the data order, the rollouts and τ."""
 
     def __post_init__(self):
         super().__post_init__()
