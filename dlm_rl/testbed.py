@@ -47,35 +47,6 @@ TASKS = {
 }
 
 
-def training_rows(task: str | None, dataset_path, size: int, seed: int, response_length: int | None,
-                  tokenizer=None):
-    """(rows with prompt/completion, response length): `size` rows of testbed task `task`, or a local dataset file
-    `dataset_path` or the rows it is (a Dataset or a list of dicts), which must come with its `response_length`.
-    With the model's `tokenizer`, every row is encoded once, so that one a batch would refuse fails now (before
-    the model loads), naming its row."""
-    from dlm_rl.data.collate import DiffusionCollator, require_columns
-    from dlm_rl.data.files import load_rows
-    from dlm_rl.data.sources import as_dataset
-
-    if task is not None:
-        if task not in TASKS:
-            raise ValueError(f"unknown testbed task {task!r}; choose one of {sorted(TASKS)}")
-        spec = TASKS[task]
-        return spec.dataset("train", size, seed=seed), response_length or spec.response_length
-    if response_length is None:
-        raise ValueError(
-            f"dataset_path {dataset_path}: set response_length (completion + EOS tokens; gen_length in DiDi recipes)"
-        )
-    if isinstance(dataset_path, str):
-        rows, where = load_rows(dataset_path), f"dataset file {dataset_path}"
-    else:
-        rows, where = as_dataset(dataset_path, "train_dataset"), "train_dataset"
-    require_columns(rows, ["prompt", "completion"], where)
-    if tokenizer is not None:
-        DiffusionCollator(tokenizer, response_length).check(rows, where)
-    return rows, response_length
-
-
 @dataclass(frozen=True)
 class Checkpoint:
     """A tiny base model: which task, how long it trains, and what it is for."""

@@ -166,18 +166,18 @@ def test_eval_on_an_empty_or_malformed_file(tmp_path, capsys):
 
 
 def test_a_non_text_prompt_in_training_data_names_the_row(tmp_path):
-    from dlm_rl.testbed import training_rows
+    from dlm_rl.data.sources import completion_rows
 
     path = tmp_path / "sft.jsonl"
     path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": 3, "completion": "b"}\n')
     with pytest.raises(ValueError, match=f"dataset file {path}: row 1: prompt 3"):
-        training_rows(None, str(path), 10, 0, 8)
+        completion_rows(None, str(path), 10, 0, 8)
 
 
 def test_a_completion_the_tokenizer_cannot_write_is_refused_before_the_model_loads(tmp_path):
     """Was: refused once the model had loaded (VRPO), or when a batch reached the row, mid-training (DiDi; MDM reads
-    its rows through `training_rows` too)."""
-    from dlm_rl.testbed import training_rows
+    its rows through `completion_rows` too)."""
+    from dlm_rl.data.sources import completion_rows
     from dlm_rl.trainers import didi, vrpo
 
     pairs = tmp_path / "pairs.jsonl"
@@ -193,11 +193,11 @@ def test_a_completion_the_tokenizer_cannot_write_is_refused_before_the_model_loa
         didi.run(didi.DiDiConfig(teacher="tiny", dataset_path=str(rows), gen_length=8,
                                  output_dir=str(tmp_path / "didi")))
     with pytest.raises(ValueError, match=named):
-        training_rows(None, str(rows), 10, 0, 8, char.char_tokenizer())
+        completion_rows(None, str(rows), 10, 0, 8, char.char_tokenizer())
     long = tmp_path / "long.jsonl"
     long.write_text('{"prompt": "a", "completion": "12345678"}\n')  # 8 tokens + EOS: one past the canvas
     with pytest.raises(ValueError, match=re.escape(f"dataset file {long}: row 0: completion of 8 tokens")):
-        training_rows(None, str(long), 10, 0, 8, char.char_tokenizer())
+        completion_rows(None, str(long), 10, 0, 8, char.char_tokenizer())
 
 
 def test_the_tokenizer_is_known_without_the_model_for_tiny_and_saved_directories(tmp_path):

@@ -175,3 +175,32 @@ def test_the_readme_snippet_for_your_own_data_and_reward_runs_verbatim(tmp_path,
     metrics = [json.loads(line) for line in (tmp_path / "runs/my_data/metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [0, 1, 2]
     assert "reward/brevity" in metrics[-1] and "eval/greedy_accuracy" in metrics[-1]
+
+
+def test_sft_and_distillation_read_hub_style_splits_and_conversational_messages(tmp_path):
+    from dlm_rl.data.sources import completion_rows
+    from dlm_rl.trainers.mdm import MDMConfig, run as mdm_run
+
+    chats = [{"messages": [{"role": "user", "content": f"{i}+1?"}, {"role": "assistant", "content": str(i + 1)}]}
+             for i in range(16)]
+    DatasetDict({"train": Dataset.from_list(chats[:12]), "validation": Dataset.from_list(chats[12:])}
+                ).save_to_disk(str(tmp_path / "saved"))
+    rows, length = completion_rows(None, str(tmp_path / "saved"), 100, 0, 6, split="validation")
+    assert length == 6 and len(rows) == 4
+    assert rows[0]["prompt"] == [{"role": "user", "content": "12+1?"}] and rows[0]["completion"] == "13"
+    with pytest.raises(ValueError, match="no split 'test'"):
+        completion_rows(None, str(tmp_path / "saved"), 100, 0, 6, split="test")
+    plain = [{"prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(12)]
+    Dataset.from_list(plain).save_to_disk(str(tmp_path / "plain"))
+    out = mdm_run(MDMConfig(dataset_path=str(tmp_path / "plain"), response_length=4, max_steps=2,
+                            per_device_train_batch_size=4, output_dir=str(tmp_path / "sft"), use_cpu=True))
+    assert (tmp_path / "sft" / "model.safetensors").exists() and out == str(tmp_path / "sft")
+
+
+def test_a_hub_dataset_that_cannot_be_reached_says_how_to_use_it_offline(tmp_path, monkeypatch):
+    from dlm_rl.data.sources import completion_rows
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="save its splits where the hub is reachable"):
+        completion_rows("someone/no-such-dataset", None, 10, 0, 8)

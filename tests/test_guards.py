@@ -207,7 +207,7 @@ def test_didi_skips_nan_student_updates_counts_them_and_stops_at_the_limit(tmp_p
 
 
 def test_mdm_skips_nan_steps_counts_them_and_stops_at_the_limit(tmp_path, monkeypatch, caplog):
-    from dlm_rl.testbed import training_rows
+    from dlm_rl.data.sources import completion_rows
     from dlm_rl.trainers import mdm
 
     caplog.set_level(logging.WARNING, logger="dlm_rl.guards")
@@ -217,7 +217,7 @@ def test_mdm_skips_nan_steps_counts_them_and_stops_at_the_limit(tmp_path, monkey
                            lora_r=4, max_nonfinite_steps=3, output_dir=str(tmp_path))
     model = add_lora(tiny(), config)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    rows, length = training_rows("addition3", None, 64, 0, None)
+    rows, length = completion_rows("addition3", None, 64, 0, None)
     trainer = mdm.MDMTrainer(model, config, rows, length)
     with pytest.raises(FloatingPointError, match=r"MDM: grad_norm nan; that is 3 non-finite updates"):
         trainer.train()

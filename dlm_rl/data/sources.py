@@ -277,3 +277,47 @@ def _without(train: list[dict], held_out: Dataset, name: str) -> list[dict]:
     if not kept:
         raise ValueError(f"dataset {name}: no training prompt is left once the held-out prompts are taken out")
     return kept
+
+
+def completion_rows(dataset_name: str | None, dataset_path, size: int, seed: int, response_length: int | None,
+                    tokenizer=None, dataset_config: str | None = None, split: str = "train") -> tuple[Dataset, int]:
+    """(rows with `prompt` and `completion`, the response length) for SFT and distillation: `size` rows of testbed
+    task `dataset_name`; else the `split` of hub dataset `dataset_name` (with `dataset_config`), or a local file or
+    saved directory `dataset_path`, or the rows `dataset_path` is (a Dataset or a list of dicts), which must come with
+    their `response_length`. TRL's conversational rows (`messages`) give their last assistant turn as the
+    completion and the turns before it as the prompt. With the model's `tokenizer`, every row is encoded once, so
+    that one a batch would refuse fails now (before the model loads), naming its row."""
+    from dlm_rl.data.collate import DiffusionCollator, require_columns
+    from dlm_rl.testbed import TASKS
+
+    if dataset_name in TASKS:
+        task = TASKS[dataset_name]
+        return task.dataset("train", size, seed=seed), response_length or task.response_length
+    key = f"dataset_name {dataset_name}" if dataset_name is not None else f"dataset_path {dataset_path}" if isinstance(
+        dataset_path, str) else "train_dataset"
+    if response_length is None:
+        raise ValueError(f"{key}: set response_length (completion + EOS tokens; gen_length in DiDi recipes)")
+    where = f"dataset file {dataset_path}" if isinstance(dataset_path, str) else key
+    if dataset_name is not None or (isinstance(dataset_path, str) and os.path.isdir(dataset_path)):
+        source = DatasetArguments(dataset_name=dataset_name, dataset_path=dataset_path, dataset_config=dataset_config,
+                                  dataset_train_split=split)
+        rows = load_splits(source)[0]
+    elif isinstance(dataset_path, str):
+        rows = load_rows(dataset_path)
+    else:
+        rows = as_dataset(dataset_path, "train_dataset")
+    if "messages" in rows.column_names and "completion" not in rows.column_names:
+        rows = rows.map(_split_last_turn, remove_columns=["messages"], desc="splitting off the last assistant turn")
+    require_columns(rows, ["prompt", "completion"], where)
+    if tokenizer is not None:
+        DiffusionCollator(tokenizer, response_length).check(rows, where)
+    return rows, response_length
+
+
+def _split_last_turn(row: dict) -> dict:
+    """A conversation as `prompt` (the turns before its last assistant turn) and `completion` (that turn's text)."""
+    messages = row["messages"]
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None or last == 0:
+        raise ValueError(f"a `messages` row needs an assistant turn after at least one other turn: {messages!r}")
+    return {"prompt": messages[:last], "completion": messages[last]["content"]}

@@ -39,7 +39,7 @@ from dlm_rl.checkpoint import (
     start_run,
     write_directory,
 )
-from dlm_rl.data.sources import rename_task
+from dlm_rl.data.sources import completion_rows, rename_task
 from dlm_rl.guards import NonFiniteArguments, NonFiniteLoss
 from dlm_rl.hub import HubArguments, push_final
 from dlm_rl.models.lora import LoraArguments
@@ -80,11 +80,17 @@ class DiDiConfig(CheckpointArguments, ReportArguments, HubArguments, Optimizatio
     trust_remote_code: bool = False
     """Allow a LLaDA/Dream/SDAR/MDLM checkpoint's own modelling code."""
     dataset_name: str | None = None
-    """A testbed task (dlm_rl.testbed.TASKS) giving prompts and real texts; 'facts' when no dataset_path is set."""
+    """A testbed task (dlm_rl.testbed.TASKS) giving prompts and real texts, or a hub dataset with `prompt` and
+    `completion` (or conversational `messages`) rows; 'facts' when no dataset_path is set."""
+    dataset_config: str | None = None
+    """The hub dataset's configuration."""
+    dataset_train_split: str = "train"
+    """The split to train on (a hub dataset, or a directory written by save_to_disk)."""
     task: str | None = None
     """Deprecated: dataset_name (the same values)."""
     dataset_path: str | None = None
-    """A local json/jsonl/parquet file or saved dataset with 'prompt' and 'completion' columns."""
+    """A local json/jsonl/parquet/csv file or saved dataset directory with 'prompt' and 'completion' (or
+    'messages') columns."""
     train_size: int = 50000
     """Rows drawn from a testbed task."""
     gen_length: int | None = None
@@ -205,16 +211,18 @@ def run(config: DiDiConfig, *, model=None, train_dataset=None, eval_dataset=None
     from dlm_rl.data.collate import DiffusionCollator
     from dlm_rl.models.lora import add_lora
     from dlm_rl.model_spec import known_tokenizer, resolve_model
-    from dlm_rl.testbed import training_rows
+    from dlm_rl.testbed import TASKS
     from dlm_rl.trainers.online import PromptStream
 
     prepare_output_dir(config)
     if eval_dataset is not None:
         raise ValueError("DiDi evaluates the student's own samples: it takes no eval_dataset")
     source = train_dataset if train_dataset is not None else config.dataset_path
-    tokenizer = None if source is None else model.tokenizer if model is not None else known_tokenizer(config.teacher)
-    task = None if source is not None else config.dataset_name
-    rows, gen_length = training_rows(task, source, config.train_size, config.seed, config.gen_length, tokenizer)
+    name = None if source is not None else config.dataset_name
+    task = name if name in TASKS else None  # a testbed task: the samples' validity is checked too
+    tokenizer = None if task is not None else model.tokenizer if model is not None else known_tokenizer(config.teacher)
+    rows, gen_length = completion_rows(name, source, config.train_size, config.seed, config.gen_length, tokenizer,
+                                       config.dataset_config, config.dataset_train_split)
     torch.manual_seed(config.seed)
     device = distributed.setup()
     main = distributed.is_main()

@@ -20,7 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from dlm_rl.checkpoint import good_checkpoint, refuse_earlier_run, resume_setting, write_manifest
 from dlm_rl.data.collate import DiffusionCollator, require_columns
-from dlm_rl.data.sources import as_dataset, rename_task
+from dlm_rl.data.sources import as_dataset, completion_rows, rename_task
 from dlm_rl.diffusion import MCNoise, mdm_loss
 from dlm_rl.diffusion.noise import FORMS
 from dlm_rl.diffusion.schedules import SCHEDULES
@@ -48,11 +48,17 @@ class MDMConfig(LoraArguments, NonFiniteArguments, TrainingArguments):
     trust_remote_code: bool = False
     """Allow a LLaDA/Dream/SDAR checkpoint's own modelling code."""
     dataset_name: str | None = None
-    """A testbed task (see dlm_rl.testbed.TASKS), or None to use dataset_path."""
+    """A testbed task (see dlm_rl.testbed.TASKS), or a hub dataset with `prompt` and `completion` (or
+    conversational `messages`) rows; or None to use dataset_path."""
+    dataset_config: str | None = None
+    """The hub dataset's configuration."""
+    dataset_train_split: str = "train"
+    """The split to train on (a hub dataset, or a directory written by save_to_disk)."""
     task: str | None = None
     """Deprecated: dataset_name (the same values)."""
     dataset_path: str | None = None
-    """A local json/jsonl/parquet file or saved dataset directory with 'prompt' and 'completion' columns."""
+    """A local json/jsonl/parquet/csv file or saved dataset directory with 'prompt' and 'completion' (or
+    'messages') columns."""
     train_size: int = 20000
     """Number of training problems drawn from a testbed task."""
     response_length: int | None = None
@@ -245,15 +251,15 @@ def build_model(config: MDMConfig, spec: str):
 def run(config: MDMConfig) -> str:
     """Train as the config says and save the result to config.output_dir; returns that path."""
     from dlm_rl.model_spec import known_tokenizer
-    from dlm_rl.testbed import training_rows
 
     if config.dataset_name is None and config.dataset_path is None:
         raise ValueError("set exactly one of dataset_name (a testbed task) and dataset_path")
     if config.resume is None:
         refuse_earlier_run(config.output_dir)
     resume = config.resume and good_checkpoint(config.resume, config.output_dir, marker=TRAINER_STATE_NAME)
-    train, response_length = training_rows(config.dataset_name, config.dataset_path, config.train_size, config.seed,
-                                           config.response_length, known_tokenizer(config.model))
+    train, response_length = completion_rows(config.dataset_name, config.dataset_path, config.train_size,
+                                             config.seed, config.response_length, known_tokenizer(config.model),
+                                             config.dataset_config, config.dataset_train_split)
     trainer = MDMTrainer(build_model(config, config.model), config, train, response_length)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
