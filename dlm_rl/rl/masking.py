@@ -4,8 +4,9 @@
 - random masking: one row per response, each response token masked with probability t ~ U(0.2, 0.8); weight 1/t.
 - coupled (DiffuCoder): the random-masking row plus its complement (the other tokens masked), weight 1/(1 − t),
   so every response token is scored exactly once.
-A row's targets are its masked response tokens that the model drew. Rows are drawn from `generator`; a trainer
-draws fresh rows for every inner epoch and scores old, reference and current policy on the same rows.
+A row's targets are its masked response tokens that the model drew, up to the first EOS (`Trajectory.trainable`).
+Rows are drawn from `generator`; a trainer draws fresh rows for every inner epoch and scores old, reference and
+current policy on the same rows.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def diffu_grpo_rows(
     noise = torch.rand(trajectory.prompt_ids.shape, generator=generator, device=generator.device).to(device)
     prompt = trajectory.prompt_ids.masked_fill((noise < prompt_mask_p) & trajectory.prompt_mask.bool(), mask_token_id)
     response = torch.full_like(trajectory.response_ids, mask_token_id)
-    return _rows(trajectory, prompt, [response], [trajectory.sampled], [torch.ones(len(trajectory), device=device)])
+    targets, weights = [trajectory.trainable], [torch.ones(len(trajectory), device=device)]
+    return _rows(trajectory, prompt, [response], targets, weights)
 
 
 def random_mask_rows(trajectory: Trajectory, mask_token_id: int, generator: torch.Generator, coupled: bool) -> Rows:
@@ -36,7 +38,7 @@ def random_mask_rows(trajectory: Trajectory, mask_token_id: int, generator: torc
     halves = [masked, ~masked] if coupled else [masked]
     weights = [1 / t[:, 0], 1 / (1 - t[:, 0])]
     states = [trajectory.response_ids.masked_fill(m, mask_token_id) for m in halves]
-    return _rows(trajectory, trajectory.prompt_ids, states, [m & trajectory.sampled for m in halves],
+    return _rows(trajectory, trajectory.prompt_ids, states, [m & trajectory.trainable for m in halves],
                  weights[: len(halves)])
 
 

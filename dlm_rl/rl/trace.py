@@ -2,8 +2,8 @@
 
 Shrinkage s merges every s consecutive distinct steps of a sample into one, labelled by the group's last step:
 τ_s(j). For each label t the state is the prompt plus the response with every token of τ_s ≥ t masked, and the
-targets are the tokens with τ_s = t that the model drew (early-stop fills are masked in the states they were
-masked in, but never targets). Full-attention models need one row per (sample, shrunk step); block-attention
+targets are the tokens with τ_s = t that the model drew, up to the response's first EOS (`Trajectory.trainable`:
+early-stop fills and tokens after the first EOS are masked in the states they were masked in, but never targets). Full-attention models need one row per (sample, shrunk step); block-attention
 models pack one state of every block into a row (`dlm_rl.rl.rows`), with blocks aligned exactly as the sampler's.
 """
 
@@ -32,11 +32,12 @@ def shrink_steps(step_map: torch.Tensor, s: int) -> torch.Tensor:
 def trace_rows(trajectory: Trajectory, mask_token_id: int, s: int = 1) -> Rows:
     """Plain rows: one per (sample, shrunk step) that has at least one drawn token (full-attention models)."""
     shrunk = shrink_steps(trajectory.step_map, s)
+    trainable = trajectory.trainable
     rows = {k: [] for k in ("input_ids", "attention_mask", "targets", "response_ids", "sample", "step")}
     response_mask = torch.ones_like(trajectory.response_ids)
     for b in range(len(trajectory)):
         for t in torch.unique(shrunk[b]).tolist():
-            targets = (shrunk[b] == t) & trajectory.sampled[b]
+            targets = (shrunk[b] == t) & trainable[b]
             if not targets.any():
                 continue
             state = trajectory.response_ids[b].masked_fill(shrunk[b] >= t, mask_token_id)
@@ -64,6 +65,7 @@ def packed_trace_rows(trajectory: Trajectory, mask_token_id: int, block_size: in
     rows = {k: [] for k in ("input_ids", "attention_mask", "targets", "response_ids", "sample", "step",
                             "position_ids", "noisy")}
     ones = torch.ones_like(trajectory.response_ids[0])
+    trainable = trajectory.trainable
     for b in range(len(trajectory)):
         positions = lengths[b] + torch.arange(width, device=lengths.device)
         block = positions // block_size
@@ -72,7 +74,7 @@ def packed_trace_rows(trajectory: Trajectory, mask_token_id: int, block_size: in
         for k in torch.unique(block).tolist():
             inside = block == k
             shrunk[inside] = shrink_steps(trajectory.step_map[b, inside][None], s)[0]
-            drawn = inside & trajectory.sampled[b]
+            drawn = inside & trainable[b]
             labels.append((inside, torch.unique(shrunk[drawn]).tolist()))
         prompt_positions = (trajectory.prompt_mask[b].long().cumsum(0) - 1).clamp(min=0)
         # The copy: left padding, the prompt tail in the response's first block, then the noisy response.
@@ -86,11 +88,11 @@ def packed_trace_rows(trajectory: Trajectory, mask_token_id: int, block_size: in
         noisy = torch.tensor([False] * (trajectory.prompt_ids.shape[1] + width) + [True] * (block_size - 1 + width),
                              device=ones.device)
         for i in range(max(len(steps) for _, steps in labels)):
-            state, targets = trajectory.response_ids[b].clone(), torch.zeros_like(trajectory.sampled[b])
+            state, targets = trajectory.response_ids[b].clone(), torch.zeros_like(trainable[b])
             for inside, steps in labels:
                 if i < len(steps):
                     state[inside & (shrunk >= steps[i])] = mask_token_id
-                    targets |= inside & (shrunk == steps[i]) & trajectory.sampled[b]
+                    targets |= inside & (shrunk == steps[i]) & trainable[b]
             rows["input_ids"].append(torch.cat([trajectory.prompt_ids[b], trajectory.response_ids[b], copy_prompt,
                                                 state]))
             rows["attention_mask"].append(torch.cat([trajectory.prompt_mask[b], ones, copy_mask]))

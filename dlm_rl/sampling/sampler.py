@@ -178,6 +178,7 @@ class _Decoder:
             block_length=self.canvas.block_length,
             block_offset=self.canvas.block_offset,
             finish_reason=["eos" if f else "length" for f in finished.tolist()],
+            eos_token_id=eos,
         )
 
 

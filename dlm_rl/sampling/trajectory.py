@@ -34,6 +34,7 @@ class Trajectory:
     block_length: int
     block_offset: torch.Tensor  # [B]: offset of response token 0 inside its decoding block
     finish_reason: list[str]  # "eos" or "length"
+    eos_token_id: int | None = None  # the token that ends a response (None: the model has none)
     completions: list[str] = field(default_factory=list)  # response text up to EOS
     prompt_index: list[int] = field(default_factory=list)  # position of the row's prompt in the request
     sample_index: list[int] = field(default_factory=list)  # 0 .. n_samples - 1 within that prompt
@@ -43,6 +44,17 @@ class Trajectory:
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
+
+    @property
+    def trainable(self) -> torch.Tensor:
+        """[B, R] bool: the tokens an RL method trains on: drawn by the model (`sampled`) and not after the
+        response's first EOS (the EOS itself, the decision to stop, is trained; what follows it is not part of the
+        answer, as in d1 and TraceRL)."""
+        if self.eos_token_id is None:
+            return self.sampled
+        eos = self.response_ids == self.eos_token_id
+        after_first = (eos.long().cumsum(1) - eos.long()) > 0
+        return self.sampled & ~after_first
 
     @property
     def steps_per_block(self) -> torch.Tensor:
