@@ -146,7 +146,7 @@ def tracerl(inputs, trajectories, with_value=False) -> dict:
     policy = loaded(lora_model, inputs["policy"])
     value = loaded(value_model, inputs["value"]) if with_value else None
     config = TraceRLConfig(model="tiny", beta=0.1, kl_reference="reference", micro_batch_rows=5, max_grad_norm=1e9,
-                           value_model=with_value)
+                           value_model=with_value, ppo_minibatches=1)  # one step: its gradients are compared
     learner = Learner(policy, config, gen_length=4, value=value)
     learner.optimizer = torch.optim.SGD(learner.parameters, lr=0.0)  # the gradients stay, the weights do not move
     if value is not None:

@@ -161,7 +161,7 @@ def test_tracerl_skips_nan_updates_counts_them_and_stops_at_the_limit(tmp_path, 
 
     caplog.set_level(logging.WARNING, logger="dlm_rl.guards")
     monkeypatch.setattr(tracerl, "ppo_trace_loss", _nan_loss(tracerl.ppo_trace_loss))
-    config = tracerl.TraceRLConfig(**SMALL, max_steps=5, max_nonfinite_steps=3,
+    config = tracerl.TraceRLConfig(**SMALL, max_steps=5, max_nonfinite_steps=3, ppo_minibatches=1,  # 1 update a step
                                    reward_funcs=[_reward_file(tmp_path, "[float(i) for i in range(len(completions))]")],
                                    output_dir=str(tmp_path / "run"))
     with pytest.raises(FloatingPointError, match=r"TraceRL: loss nan.* 3 non-finite updates \(max_nonfinite_steps=3"):

@@ -82,7 +82,7 @@ def test_rows_of_a_sampled_trajectory_replay_its_log_probs():
     with torch.no_grad():
         logp = response_log_probs(model, rows).double()
     recorded = trajectory.log_probs[rows.sample].double()
-    assert rows.targets.sum() == trajectory.sampled.sum()  # every drawn token is trained exactly once
+    assert rows.targets.sum() == trajectory.trainable.sum()  # every drawn token up to EOS is trained exactly once
     assert (logp - recorded)[rows.targets].abs().max() <= 1e-5
 
 
@@ -119,7 +119,7 @@ def test_group_advantages_z_score_and_drop_groups_without_variance():
     groups = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
     advantages, keep = group_advantages(rewards, groups)
     assert keep.tolist() == [True] * 4 + [False] * 4
-    std = torch.tensor([1.0, 0.0, 1.0, 0.0]).std().item()
+    std = torch.tensor([1.0, 0.0, 1.0, 0.0]).std(correction=0).item()  # population std: 0.5
     assert advantages[:4].tolist() == pytest.approx([0.5 / std, -0.5 / std, 0.5 / std, -0.5 / std], rel=1e-5)
     assert advantages[4:].tolist() == [0.0] * 4
     _, none_kept = group_advantages(torch.ones(6), torch.tensor([0, 0, 0, 1, 1, 1]))

@@ -8,8 +8,9 @@ import torch
 def group_advantages(
     rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-6
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantages, keep): each reward's z-score within its group (same prompt), with the group's unbiased std;
-    `keep` is False for groups whose rewards are all equal (no signal: the dynamic filter drops them)."""
+    """(advantages, keep): each reward's z-score within its group (same prompt), with the group's population std (as
+    TraceRL's reference code); `keep` is False for groups whose rewards are all equal (no signal: the dynamic filter
+    drops them)."""
     rewards = rewards.double()
     advantages = torch.zeros_like(rewards)
     keep = torch.zeros_like(rewards, dtype=torch.bool)
@@ -18,7 +19,7 @@ def group_advantages(
         values = rewards[members]
         if len(values) < 2 or values.max() == values.min():
             continue
-        advantages[members] = (values - values.mean()) / (values.std() + eps)
+        advantages[members] = (values - values.mean()) / (values.std(correction=0) + eps)
         keep[members] = True
     return advantages, keep
 

@@ -5,9 +5,25 @@ from __future__ import annotations
 import torch
 
 
-def k3_kl(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
-    """Schulman's k3 estimator of KL(π‖π_ref) per token: r − log r − 1 with r = π_ref/π (≥ 0, unbiased)."""
-    log_ratio = logp_ref - logp
+LOG_RATIO_LIMIT = 10.0
+"""|log ρ| and |log r| are clamped to this on the targets before `exp` (as TraceRL's reference code does), so that one
+token whose probability collapsed gives a large, finite gradient (the guard and gradient clipping handle it)."""
+
+
+def _log_ratio(numerator: torch.Tensor, denominator: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log(numerator/denominator) on the targets, clamped to ±LOG_RATIO_LIMIT, and exactly 0 elsewhere: an
+    off-target log-prob (−∞, or any value a sampler left there) never reaches `exp`, so it cannot make inf · 0 = NaN
+    in the loss or its gradient."""
+    difference = torch.where(targets, numerator - denominator, torch.zeros_like(numerator))
+    return difference.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+
+
+def k3_kl(logp: torch.Tensor, logp_ref: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(π‖π_ref) per token: r − log r − 1 with r = π_ref/π (≥ 0, unbiased); 0 off the
+    `targets` (default: everywhere)."""
+    if targets is None:
+        targets = torch.ones_like(logp, dtype=torch.bool)
+    log_ratio = _log_ratio(logp_ref, logp, targets.bool())
     return torch.exp(log_ratio) - log_ratio - 1
 
 
@@ -30,6 +46,7 @@ def ppo_trace_loss(
     KL anchor (π_old, or the frozen reference); without it the KL is taken to `logp_old`. `normaliser` is
     "tokens" (L_row = the row's number of targets) or a constant (e.g. the response length).
     """
+    trained = targets.bool()
     targets = targets.to(logp.dtype)
     if normaliser == "tokens":
         per_row = targets.sum(dim=1).clamp(min=1)
@@ -37,10 +54,10 @@ def ppo_trace_loss(
         per_row = torch.full_like(targets[:, 0], float(normaliser))
     else:
         raise ValueError(f"normaliser must be 'tokens' or a positive int, got {normaliser!r}")
-    ratio = torch.exp(logp - logp_old)
+    ratio = torch.exp(_log_ratio(logp, logp_old, trained))
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon)
     surrogate = torch.minimum(ratio * advantages, clipped * advantages)
-    kl = k3_kl(logp, (logp_old if logp_ref is None else logp_ref).detach())
+    kl = k3_kl(logp, (logp_old if logp_ref is None else logp_ref).detach(), trained)
 
     def average(x: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
         per_row_mean = (x * targets).sum(dim=1) / per_row

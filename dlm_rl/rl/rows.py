@@ -26,8 +26,9 @@ class Rows:
     targets: torch.Tensor  # [N, R] bool: response tokens trained in this row
     response_ids: torch.Tensor  # [N, R]: the tokens the targets should predict
     sample: torch.Tensor  # [N]
-    step: torch.Tensor  # [N]: the (shrunk) step a trace row replays; -1 for randomly masked rows
+    step: torch.Tensor  # [N]: the (shrunk) step a trace row replays (packed: its rank); -1 for randomly masked rows
     weight: torch.Tensor  # [N] float
+    token_step: torch.Tensor | None = None  # [N, R] trace rows: each target's global (shrunk) step; -1 elsewhere
     position_ids: torch.Tensor | None = None  # [N, C], packed layout only
     noisy: torch.Tensor | None = None  # [N, C] bool: the copy's columns, packed layout only
     block_size: int | None = None  # packed layout only

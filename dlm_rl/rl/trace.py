@@ -33,7 +33,7 @@ def trace_rows(trajectory: Trajectory, mask_token_id: int, s: int = 1) -> Rows:
     """Plain rows: one per (sample, shrunk step) that has at least one drawn token (full-attention models)."""
     shrunk = shrink_steps(trajectory.step_map, s)
     trainable = trajectory.trainable
-    rows = {k: [] for k in ("input_ids", "attention_mask", "targets", "response_ids", "sample", "step")}
+    rows = {k: [] for k in ("input_ids", "attention_mask", "targets", "response_ids", "sample", "step", "token_step")}
     response_mask = torch.ones_like(trajectory.response_ids)
     for b in range(len(trajectory)):
         for t in torch.unique(shrunk[b]).tolist():
@@ -44,6 +44,7 @@ def trace_rows(trajectory: Trajectory, mask_token_id: int, s: int = 1) -> Rows:
             rows["input_ids"].append(torch.cat([trajectory.prompt_ids[b], state]))
             rows["attention_mask"].append(torch.cat([trajectory.prompt_mask[b], response_mask[b]]))
             rows["targets"].append(targets)
+            rows["token_step"].append(torch.where(targets, t, -1))
             rows["response_ids"].append(trajectory.response_ids[b])
             rows["sample"].append(b)
             rows["step"].append(t)
@@ -63,7 +64,7 @@ def packed_trace_rows(trajectory: Trajectory, mask_token_id: int, block_size: in
         raise ValueError("the trajectory's block offsets do not match its prompt lengths: it was not decoded with "
                          "position-aligned blocks")
     rows = {k: [] for k in ("input_ids", "attention_mask", "targets", "response_ids", "sample", "step",
-                            "position_ids", "noisy")}
+                            "token_step", "position_ids", "noisy")}
     ones = torch.ones_like(trajectory.response_ids[0])
     trainable = trajectory.trainable
     for b in range(len(trajectory)):
@@ -99,6 +100,7 @@ def packed_trace_rows(trajectory: Trajectory, mask_token_id: int, block_size: in
             rows["position_ids"].append(torch.cat([prompt_positions, positions, copy_positions]))
             rows["noisy"].append(noisy)
             rows["targets"].append(targets)
+            rows["token_step"].append(torch.where(targets, shrunk, -1))
             rows["response_ids"].append(trajectory.response_ids[b])
             rows["sample"].append(b)
             rows["step"].append(i)

@@ -2,8 +2,8 @@
 
 The value model is a copy of the policy's backbone (its own LoRA adapter when the policy uses one) with a
 zero-initialised linear head on the last hidden state, so it starts at V = 0. It reads the same rows as the
-policy (plain or packed); V_j is read in the row where token j is a target. A sample's steps are its rows in
-order: for plain rows the shrunk denoising steps, for packed rows the i-th state of every block at once.
+policy (plain or packed); V_j is read in the row where token j is a target. A sample's steps are its global
+(shrunk) denoising steps, whichever row holds their tokens.
 """
 
 from __future__ import annotations
@@ -42,29 +42,24 @@ class ValueModel(nn.Module):
         return self.head(out.hidden_states[:, -rows.response_length :]).squeeze(-1).float()
 
 
-def row_ranks(sample: torch.Tensor) -> torch.Tensor:
-    """Each row's index among its sample's rows (rows of a sample are contiguous and in step order)."""
-    index = torch.arange(len(sample), device=sample.device)
-    first = torch.full_like(sample, len(sample)).scatter_reduce(0, sample, index, "amin")
-    return index - first[sample]
-
-
 def trace_gae(
     rows: Rows, values: torch.Tensor, rewards: torch.Tensor, gamma: float = 1.0, lam: float = 1.0
 ) -> torch.Tensor:
     """[N, R] per-token advantages (zero off the targets) from the rows' values [N, R] and one final reward per
-    sample (`rewards[rows.sample]`), by step-level GAE with the step value V*_t = the mean of V_j over step t."""
+    sample (`rewards[rows.sample]`), by step-level GAE over the sample's global (shrunk) denoising steps
+    (`rows.token_step`, which packed rows need: one packed row holds tokens of several steps), with the step value
+    V*_t = the mean of V_j over the tokens decoded at step t."""
+    if rows.token_step is None:
+        raise ValueError("step-level GAE needs trace rows (their token_step), not randomly masked rows")
     advantages = torch.zeros_like(values, dtype=torch.float64)
-    ranks = row_ranks(rows.sample)
     for b in torch.unique(rows.sample).tolist():
         members = (rows.sample == b).nonzero()[:, 0]
         targets = rows.targets[members]
         token_values = values[members].double()[targets]
-        token_step = ranks[members][:, None].expand_as(targets)[targets]
-        steps = int(ranks[members].max()) + 1
-        counts = torch.zeros(steps, dtype=torch.float64, device=values.device).index_add_(
+        labels, token_step = torch.unique(rows.token_step[members][targets], return_inverse=True)  # 0..T-1 in order
+        counts = torch.zeros(len(labels), dtype=torch.float64, device=values.device).index_add_(
             0, token_step, torch.ones_like(token_values))
-        step_values = torch.zeros_like(counts).index_add_(0, token_step, token_values) / counts.clamp(min=1)
+        step_values = torch.zeros_like(counts).index_add_(0, token_step, token_values) / counts
         step_rewards = torch.zeros_like(counts)
         step_rewards[-1] = float(rewards[b])
         token_advantages = step_gae(step_rewards, step_values, token_values, token_step, gamma, lam)

@@ -3,7 +3,8 @@
 Each step: sample `num_generations` responses for `prompts_per_step` prompts with the rollout engine, score
 them with the recipe's rewards, turn rewards into group z-score advantages (groups without variance are dropped;
 a step left with nothing is skipped and logged), rebuild the visited states from `step_map` (`dlm_rl.rl.trace`),
-recompute the old log-probs exactly, and take `inner_epochs` PPO-clip updates. Logs go to `output_dir`
+recompute the old log-probs exactly, and take `inner_epochs` × `ppo_minibatches` PPO-clip optimiser steps (the
+rollout's samples split into minibatches, so the ratio, its clip and the KL to π_old act). Logs go to `output_dir`
 (`dlm_rl.run_log`): metrics.jsonl, the `report_to` trackers, completions.jsonl and curves.png.
 
 Under `torchrun` / `accelerate launch` (`dlm_rl.distributed`) every rank samples its share of the step's prompts
@@ -14,7 +15,8 @@ optimiser step; rank 0 gathers the rollout for the logs, evaluates and saves.
 `method` swaps how log-probabilities are read, everything else equal, for ablations: `tracerl` (the visited
 states; plain rows for full attention, packed rows for block attention), `diffu_grpo`, `coupled` and
 `random_masking` (random masks, `dlm_rl.rl.masking`). `value_model: true` adds TraceRL's value model
-(`dlm_rl.rl.value`): per-token advantages by step-level GAE instead of group z-scores.
+(`dlm_rl.rl.value`): per-token advantages by step-level GAE of the group z-scores. docs/algorithms.md states each
+objective and where the defaults depart from the papers.
 """
 
 from __future__ import annotations
@@ -72,10 +74,15 @@ class TraceRLConfig(OnlineArguments):
     1/t weights require)."""
     inner_epochs: int = 1
     """PPO epochs μ over each rollout's rows."""
+    ppo_minibatches: int = 8
+    """Optimiser steps per epoch: the rollout's samples are split into this many minibatches, so that from the
+    second step on the ratio to π_old, its clip and the KL to π_old act (TraceRL's reference code steps every 256
+    rows of a ~1024-response rollout: about 8 steps). 1: one step per rollout (on-policy REINFORCE with group
+    z-scores)."""
     epsilon: float = 0.2
     """PPO clip range ε."""
-    beta: float = 0.0
-    """k3-KL weight."""
+    beta: float = 0.01
+    """k3-KL weight (TraceRL: 0.01)."""
     kl_reference: str = "old"
     """KL anchor: 'old' (π_old, the rollout's weights) or 'reference' (the frozen base: the disabled LoRA adapter,
     so no second copy of the weights)."""
@@ -96,8 +103,9 @@ class TraceRLConfig(OnlineArguments):
     """GAE λ."""
     shrink: int = 1
     """Trace shrinkage s: merge every s consecutive steps into one training row."""
-    normaliser: str = "tokens"
-    """Per-row loss normaliser: 'tokens' (trained tokens in the row) or 'length' (the response length)."""
+    normaliser: str = "length"
+    """Per-row loss normaliser: 'length' (the constant response length, as TraceRL) or 'tokens' (the row's trained
+    tokens: a sample's weight then grows with its number of steps)."""
     output_dir: str = "runs/tracerl"
     """Where metrics.jsonl, TensorBoard logs, completions.jsonl, curves.png and the final model go."""
     micro_batch_rows: int = 64
@@ -111,6 +119,9 @@ class TraceRLConfig(OnlineArguments):
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.old_log_probs == "sampler" and self.method != "tracerl":
             raise ValueError("old_log_probs: 'sampler' needs method 'tracerl' (the sampler scored the visited states)")
+        if self.old_log_probs == "sampler" and self.shrink > 1:
+            raise ValueError("old_log_probs: 'sampler' needs shrink 1: a shrunk row's state masks tokens the sampler "
+                             "had already decoded, so its recorded log-probs are not π_old's in that state")
         if self.value_model and self.method != "tracerl":
             raise ValueError("value_model needs method 'tracerl' (values are read on the visited states)")
         if self.normaliser not in ("tokens", "length"):
@@ -121,7 +132,7 @@ class TraceRLConfig(OnlineArguments):
             raise ValueError("kl_reference: 'reference' needs use_lora (the reference is the disabled adapter)")
         if self.micro_batch_rows < 1:
             raise ValueError(f"micro_batch_rows must be at least 1, got {self.micro_batch_rows}")
-        require_positive(self, "inner_epochs", "shrink")
+        require_positive(self, "inner_epochs", "ppo_minibatches", "shrink")
         require_range(self, epsilon=(0, None), beta=(0, None), gamma=(0, 1), lam=(0, 1), value_clip=(0, None))
 
 
@@ -261,9 +272,27 @@ class Learner:
         return random_mask_rows(trajectory, mask_id, self.generator, coupled=method == "coupled")
 
     def update(self, trajectories) -> dict:
-        """Build every epoch's rows and score them under π_old first, then take the PPO steps; returns metrics."""
+        """Build every epoch's rows and score them under π_old first, then take `ppo_minibatches` PPO steps per
+        epoch; returns the metrics (averaged over the optimiser steps)."""
+        epochs, counts = self.prepare(trajectories)
+        metrics = {"kept_fraction": counts["kept"] / max(1, counts["total"])}
+        if not counts["kept"]:
+            return {**metrics, "skipped": 1}
+        steps = [self.step(minibatch) for batches in epochs for minibatch in self.minibatches(batches)]
+        steps = [step for step in steps if step is not None]
+        for name in steps[0]:
+            values = [step[name] for step in steps if name in step]
+            metrics[name] = sum(values) if name == "rows" else values[-1] if name.startswith("guard/") else (
+                sum(values) / len(values))
+        metrics["optimizer_steps"] = len(steps)
+        return metrics
+
+    def prepare(self, trajectories) -> tuple[list[list[dict]], dict]:
+        """Per epoch, one batch per trajectory that trains: its rows (samples of groups with a signal only), π_old's
+        log-probs and per-row entropy, the reference's log-probs, the advantages (and the value model's old values
+        and returns). Also the global counts of kept and total samples (every rank decides alike)."""
         config, model = self.config, self.model
-        epochs = [[] for _ in range(config.inner_epochs)]  # per epoch: one dict per trajectory that trains
+        epochs = [[] for _ in range(config.inner_epochs)]
         kept_samples = total_samples = 0
         for trajectory in trajectories:
             total = trajectory.rewards["total"]
@@ -272,13 +301,12 @@ class Learner:
             truncated = torch.tensor([reason == "length" for reason in trajectory.finish_reason])
             rewards = rewards - config.truncation_penalty * truncated
             total_samples += len(rewards)
-            if self.value is None:  # unscored samples take no part in their group's statistics
-                advantages = torch.zeros(len(rewards), dtype=torch.float64)
-                keep = torch.zeros(len(rewards), dtype=torch.bool)
-                groups = torch.tensor(trajectory.prompt_index)
-                advantages[scored], keep[scored] = group_advantages(rewards[scored], groups[scored])
-            else:
-                advantages, keep = None, scored
+            # Group z-scores, with or without the value model (which learns to predict them); unscored samples
+            # take no part in their group's statistics.
+            advantages = torch.zeros(len(rewards), dtype=torch.float64)
+            keep = torch.zeros(len(rewards), dtype=torch.bool)
+            groups = torch.tensor(trajectory.prompt_index)
+            advantages[scored], keep[scored] = group_advantages(rewards[scored], groups[scored])
             if not keep.any():
                 continue
             kept_samples += int(keep.sum())
@@ -296,27 +324,41 @@ class Learner:
                     batch["advantages"] = advantages.to(model.device, torch.float32)[rows.sample][:, None]
                 else:
                     batch["old_values"] = self.forward(self.value, rows)
-                    final = rewards.to(model.device)
+                    final = advantages.to(model.device)
                     batch["advantages"] = trace_gae(rows, batch["old_values"], final, config.gamma, config.lam)
                     batch["returns"] = batch["advantages"] + batch["old_values"]
                 epochs[epoch].append(batch)
-        counts = distributed.all_sum({"kept": kept_samples, "total": total_samples})  # every rank decides alike
-        metrics = {"kept_fraction": counts["kept"] / max(1, counts["total"])}
-        if not counts["kept"]:
-            return {**metrics, "skipped": 1}
-        for batches in epochs:
-            metrics.update(self.step(batches))
-        return metrics
+        return epochs, distributed.all_sum({"kept": kept_samples, "total": total_samples})
 
-    def score_old(self, rows: Rows, trajectory) -> tuple[torch.Tensor, float]:
-        """π_old's log-probs of the rows and its mean entropy on the targets. With the sampler's log-probs no
-        forward pass is spent (that is the option's point) and the entropy is unknown (NaN)."""
+    def minibatches(self, batches: list[dict]) -> list[list[dict]]:
+        """`batches` split into `ppo_minibatches` parts by sample (a sample's rows stay together), in a random
+        order from the learner's generator; a part may be empty on a rank with few samples."""
+        parts = self.config.ppo_minibatches
+        samples = [(i, b) for i, batch in enumerate(batches) for b in torch.unique(batch["rows"].sample).tolist()]
+        order = torch.randperm(len(samples), generator=self.generator).tolist()
+        split = [[] for _ in range(parts)]
+        for rank, index in enumerate(order):
+            split[rank * parts // max(1, len(samples))].append(samples[index])
+        minibatches = []
+        for part in split:
+            chosen = []
+            for i, batch in enumerate(batches):
+                picked = [b for j, b in part if j == i]
+                if picked:
+                    rows_of = torch.isin(batch["rows"].sample, torch.tensor(picked, device=batch["rows"].sample.device))
+                    chosen.append(_select(batch, rows_of))
+            minibatches.append(chosen)
+        return minibatches
+
+    def score_old(self, rows: Rows, trajectory) -> tuple[torch.Tensor, torch.Tensor]:
+        """π_old's log-probs of the rows and its mean entropy on each row's targets [N]. With the sampler's log-probs
+        no forward pass is spent (that is the option's point) and the entropy is unknown (NaN)."""
         if self.config.old_log_probs == "sampler":
             recorded = trajectory.log_probs.to(rows.sample.device)[rows.sample]
-            return torch.where(rows.targets, recorded, torch.zeros_like(recorded)), float("nan")
+            unknown = torch.full((len(rows),), float("nan"), device=recorded.device)
+            return torch.where(rows.targets, recorded, torch.zeros_like(recorded)), unknown
         logp, entropy = self.forward(lambda r: response_log_probs(self.model, r, entropy=True), rows)
-        mean_entropy = float((entropy * rows.targets).sum() / rows.targets.sum().clamp(min=1))
-        return logp, mean_entropy
+        return logp, (entropy * rows.targets).sum(1) / rows.targets.sum(1).clamp(min=1)
 
     @torch.no_grad()
     def forward(self, fn, rows: Rows):
@@ -327,7 +369,7 @@ class Learner:
             return tuple(torch.cat(parts) for parts in zip(*outputs))
         return torch.cat(outputs)
 
-    def step(self, batches: list[dict]) -> dict:
+    def step(self, batches: list[dict]) -> dict | None:
         """One optimiser step of the policy (and the value model) over all rows of `batches`. Under data parallelism
         `batches` are this rank's, the losses are divided by the global row and token counts, and the metrics are
         the global ones."""
@@ -335,6 +377,8 @@ class Learner:
         counts = distributed.all_sum({"rows": sum(len(b["rows"]) for b in batches),
                                       "targets": sum(int(b["rows"].targets.sum()) for b in batches)})
         total_rows = counts["rows"]
+        if not total_rows:  # fewer samples than minibatches: nothing to step on
+            return None
         sums = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "value_loss": 0.0}
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -362,7 +406,7 @@ class Learner:
                                                     count=counts["targets"])
                     value_loss.backward()
                     sums["value_loss"] += value_loss.item()
-        sums["entropy"] = sum(b["entropy"] * len(b["rows"]) for b in batches) / total_rows
+        sums["entropy"] = float(sum(b["entropy"].sum() for b in batches)) / max(1, total_rows)
         if self.value is not None:
             sums["value_sum"] = float(sum((b["old_values"] * b["rows"].targets).sum() for b in batches))
         sums = distributed.all_sum(sums)
@@ -395,3 +439,8 @@ class TraceRLTrainer(RLTrainer):
 
     config_class = TraceRLConfig
     run = staticmethod(run)
+
+
+def _select(batch: dict, rows: torch.Tensor) -> dict:
+    """The part of a learner batch that belongs to the chosen rows (a bool mask over its rows)."""
+    return {name: value.select(rows) if isinstance(value, Rows) else value[rows] for name, value in batch.items()}
