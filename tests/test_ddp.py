@@ -163,7 +163,7 @@ def vrpo(inputs, pairs) -> dict:
     from dlm_rl.trainers.vrpo import VRPOConfig, _update
 
     class RowNoise(PreferenceEstimator):
-        def sample(self, response_mask, generator):
+        def sample(self, response_mask, generator, blocks=None):  # a full-attention model: blocks is None
             return row_noise(response_mask, n_t=self.n_t, n_yt=self.n_yt, form=self.form)
 
     model = loaded(lora_model, inputs["policy"])

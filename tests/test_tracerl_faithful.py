@@ -156,3 +156,17 @@ def test_gae_runs_over_global_steps_in_packed_rows():
     assert advantages["plain"][5].item() == pytest.approx(1.5)
     delta3 = 0.0 - 0.6 + 0.9 * -0.5
     assert advantages["plain"][4].item() == pytest.approx(delta3 + 0.9 * 0.8 * 1.5)
+
+
+@pytest.mark.parametrize("method", ["tracerl", "diffu_grpo", "coupled", "random_masking"])
+def test_every_method_reads_a_block_model_with_clean_earlier_blocks(method):
+    """On a block-attention model every method's rows are packed (`[prompt ; clean ; noisy copy]`), so a block
+    is scored given clean earlier blocks, as the sampler decoded it."""
+    from dlm_rl.models.tiny import tiny_model
+    from dlm_rl.rollout import LocalEngine
+    from dlm_rl.sampling import SamplerConfig
+
+    model = tiny_model(hidden_size=32, num_layers=1, intermediate_size=64, attention="block", block_size=4, seed=0)
+    (trajectory,) = LocalEngine(model, rows_per_chunk=8).generate(["1+2="], 2, SamplerConfig(gen_length=8))
+    rows = Learner(model, TraceRLConfig(model="tiny", method=method, use_lora=False), gen_length=8).rows(trajectory)
+    assert rows.noisy is not None and rows.block_size == 4

@@ -7,30 +7,38 @@
 A row's targets are its masked response tokens that the model drew, up to the first EOS (`Trajectory.trainable`).
 Rows are drawn from `generator`; a trainer draws fresh rows for every inner epoch and scores old, reference and
 current policy on the same rows.
+
+With `block_size` (`dlm_rl.rl.rows.packed_block_size` of a block-attention model) the rows take the packed layout
+`[prompt ; clean response ; masked copy]`: every response block is scored in its masked state given the clean
+earlier blocks, as the block-diffusion likelihood conditions it (BD3-LM, arXiv 2503.09573; SDAR, arXiv
+2510.06303), instead of given the masked earlier blocks of a plain row. diffu-GRPO's masked prompt is the prompt of
+both the clean part and the copy.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dlm_rl.rl.rows import Rows
+from dlm_rl.rl.rows import Rows, copy_width, packed_layout
 from dlm_rl.sampling.trajectory import Trajectory
 
 MASK_LOW, MASK_HIGH = 0.2, 0.8
 
 
 def diffu_grpo_rows(
-    trajectory: Trajectory, mask_token_id: int, generator: torch.Generator, prompt_mask_p: float = 0.15
+    trajectory: Trajectory, mask_token_id: int, generator: torch.Generator, prompt_mask_p: float = 0.15,
+    block_size: int | None = None,
 ) -> Rows:
     device = trajectory.response_ids.device
     noise = torch.rand(trajectory.prompt_ids.shape, generator=generator, device=generator.device).to(device)
     prompt = trajectory.prompt_ids.masked_fill((noise < prompt_mask_p) & trajectory.prompt_mask.bool(), mask_token_id)
     response = torch.full_like(trajectory.response_ids, mask_token_id)
     targets, weights = [trajectory.trainable], [torch.ones(len(trajectory), device=device)]
-    return _rows(trajectory, prompt, [response], targets, weights)
+    return _rows(trajectory, prompt, [response], targets, weights, block_size)
 
 
-def random_mask_rows(trajectory: Trajectory, mask_token_id: int, generator: torch.Generator, coupled: bool) -> Rows:
+def random_mask_rows(trajectory: Trajectory, mask_token_id: int, generator: torch.Generator, coupled: bool,
+                     block_size: int | None = None) -> Rows:
     device = trajectory.response_ids.device
     t = MASK_LOW + (MASK_HIGH - MASK_LOW) * torch.rand(len(trajectory), 1, generator=generator, device=generator.device)
     masked = torch.rand(trajectory.response_ids.shape, generator=generator, device=generator.device) < t
@@ -39,15 +47,20 @@ def random_mask_rows(trajectory: Trajectory, mask_token_id: int, generator: torc
     weights = [1 / t[:, 0], 1 / (1 - t[:, 0])]
     states = [trajectory.response_ids.masked_fill(m, mask_token_id) for m in halves]
     return _rows(trajectory, trajectory.prompt_ids, states, [m & trajectory.trainable for m in halves],
-                 weights[: len(halves)])
+                 weights[: len(halves)], block_size)
 
 
-def _rows(trajectory: Trajectory, prompt_ids, states, targets, weights) -> Rows:
+def _rows(trajectory: Trajectory, prompt_ids, states, targets, weights, block_size: int | None) -> Rows:
     n = len(trajectory)
-    mask = torch.cat([trajectory.prompt_mask, torch.ones_like(trajectory.response_ids)], dim=1)
+    mask = torch.cat([trajectory.prompt_mask, torch.ones_like(trajectory.response_ids)], dim=1).repeat(len(states), 1)
+    noisy = torch.cat([torch.cat([prompt_ids, state], dim=1) for state in states])
+    inputs = {"input_ids": noisy, "attention_mask": mask}
+    if block_size is not None:
+        clean = torch.cat([prompt_ids, trajectory.response_ids], dim=1).repeat(len(states), 1)
+        response = (torch.arange(mask.shape[1], device=mask.device) >= prompt_ids.shape[1]).expand_as(mask)
+        inputs = {**packed_layout(clean, noisy, mask, copy_width(mask, response, block_size)), "block_size": block_size}
     return Rows(
-        input_ids=torch.cat([torch.cat([prompt_ids, state], dim=1) for state in states]),
-        attention_mask=mask.repeat(len(states), 1),
+        **inputs,
         targets=torch.cat(targets),
         response_ids=trajectory.response_ids.repeat(len(states), 1),
         sample=torch.arange(n, device=mask.device).repeat(len(states)),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from dlm_rl.rl.rows import Rows
+from dlm_rl.rl.rows import Rows, packed_block_size
 from dlm_rl.sampling.trajectory import Trajectory
 
 
@@ -110,8 +110,9 @@ def packed_trace_rows(trajectory: Trajectory, mask_token_id: int, block_size: in
 def model_trace_rows(trajectory: Trajectory, model, s: int = 1) -> Rows:
     """The row layout `model` needs: packed for in-place block-attention models, plain otherwise (a model with
     shifted logits reads a token from the column before it, which the packed copy does not provide)."""
-    if model.attention == "block" and not model.shift_logits:
-        return packed_trace_rows(trajectory, model.mask_token_id, model.block_size, s)
+    block_size = packed_block_size(model)
+    if block_size is not None:
+        return packed_trace_rows(trajectory, model.mask_token_id, block_size, s)
     return trace_rows(trajectory, model.mask_token_id, s)
 
 

@@ -4,6 +4,8 @@ Score ŝ = β[(B̂_θ(y_w) − B̂_ref(y_w)) − (B̂_θ(y_l) − B̂_ref(y_l))]
 all unbiased, are options of `PreferenceEstimator`: the budget n = n_t × n_yt, its allocation (n_t timesteps,
 n_yt masks each; n_yt = 1 is the optimal one), and antithetic sampling: the policy and the reference score a
 response with the same MCNoise. With antithetic sampling and θ = ref, ŝ is exactly 0 and the loss log 2.
+On a block-attention model B̂ is the block-diffusion ELBO (`dlm_rl.diffusion.elbo`), with per-block noise that the
+policy and the reference share alike.
 
 The reference is the disabled LoRA adapter (no second copy of the weights) or a separate frozen model. Reference
 ELBOs computed ahead of time travel only with the noise that produced them (`ReferenceELBO`).
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from dlm_rl.data.collate import DiffusionCollator, encode_completion
-from dlm_rl.diffusion.elbo import noised_log_probs
+from dlm_rl.diffusion.elbo import elbo_blocks, noised_log_probs
 from dlm_rl.diffusion.noise import MCNoise
 
 
@@ -49,8 +51,11 @@ class PreferenceEstimator:
     def budget(self) -> int:
         return self.n_t * self.n_yt
 
-    def sample(self, response_mask: torch.Tensor, generator: torch.Generator | None) -> MCNoise:
-        return MCNoise.sample(response_mask, n_t=self.n_t, n_yt=self.n_yt, form=self.form, generator=generator)
+    def sample(self, response_mask: torch.Tensor, generator: torch.Generator | None,
+               blocks: torch.Tensor | None = None) -> MCNoise:
+        """The noise of one estimate; per block with `blocks` (`elbo_blocks` of the model)."""
+        return MCNoise.sample(response_mask, n_t=self.n_t, n_yt=self.n_yt, form=self.form, generator=generator,
+                              blocks=blocks)
 
 
 @dataclass
@@ -63,12 +68,12 @@ class ReferenceELBO:
 
 
 def elbo_draws(model, batch: dict, noise: MCNoise, draws_per_graph: int | None = None) -> torch.Tensor:
-    """[n, B] per-draw ELBO terms w_k Σ_i 1[masked] log p; their mean over draws is the estimate B̂. With
-    `draws_per_graph`, the draws are computed that many at a time, each batch's activations recomputed in the
-    backward pass (`noised_log_probs(recompute=True)`)."""
+    """[n, B] per-draw ELBO terms w_k Σ_i 1[masked] log p (`MCNoise.terms`); their mean over draws is the
+    estimate B̂. With `draws_per_graph`, the draws are computed that many at a time, each batch's activations
+    recomputed in the backward pass (`noised_log_probs(recompute=True)`)."""
     logp = noised_log_probs(model, batch["input_ids"], noise, batch["attention_mask"],
                             draws_per_forward=draws_per_graph, recompute=draws_per_graph is not None)
-    return noise.weight * logp.sum(-1)
+    return noise.terms(logp)
 
 
 def collate_pairs(tokenizer, rows: list[dict], response_length: int) -> tuple[dict, dict]:
@@ -142,18 +147,20 @@ def vrpo_loss(
     in the backward pass, so one batch of draws (of every pair of the batch, on one side) holds activations at a
     time; the loss and its gradient are the same.
 
-    The policy's noise is drawn here (or, with antithetic sampling and precomputed `reference`, taken from it);
-    without antithetic sampling the reference gets its own independent draws. `estimator_var` estimates Var[ŝ]
-    over the noise from the spread of the per-draw scores (their variance / n, averaged over pairs).
+    The policy's noise is drawn here (or, with antithetic sampling and precomputed `reference`, taken from it),
+    per block on a block-attention model (`elbo_blocks`); without antithetic sampling the reference gets its own
+    independent draws. `estimator_var` estimates Var[ŝ] over the noise from the spread of the per-draw scores
+    (their variance / n, averaged over pairs).
     """
     estimates = {}
     for name, batch, ref in zip(("chosen", "rejected"), (chosen, rejected), reference or (None, None)):
+        blocks = elbo_blocks(model, batch["attention_mask"])
         if ref is not None and estimator.antithetic:
             noise = ref.noise
         else:
-            noise = estimator.sample(batch["response_mask"], generator)
+            noise = estimator.sample(batch["response_mask"], generator, blocks)
         if ref is None:
-            ref_noise = noise if estimator.antithetic else estimator.sample(batch["response_mask"], generator)
+            ref_noise = noise if estimator.antithetic else estimator.sample(batch["response_mask"], generator, blocks)
             ref = reference_elbo(model, batch, ref_noise, frozen, draws_per_graph)
         estimates[name] = (elbo_draws(model, batch, noise, draws_per_graph), ref.draws)
     per_draw = preference_score(*estimates["chosen"], *estimates["rejected"], beta)  # [n, B]

@@ -2,7 +2,9 @@
 
 Loss per batch: −E_draw[ w · Σ_i 1[x_t^i = M] log p_θ(x_0^i | x_t) ] / L, the prompt never masked, with
 w = L/ℓ (tokens form, default: lower variance) or w(t) (time form). Optional complementary masks (LaViDa) add,
-for every draw, its complement, so each response token is trained once per pair.
+for every draw, its complement, so each response token is trained once per pair. A block-attention model trains
+on its block-diffusion ELBO (`dlm_rl.diffusion.elbo`): every response block noised on its own, given the clean
+earlier blocks.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dlm_rl.checkpoint import good_checkpoint, refuse_earlier_run, resume_settin
 from dlm_rl.data.collate import DiffusionCollator, require_columns
 from dlm_rl.data.sources import as_dataset, completion_rows, rename_task
 from dlm_rl.diffusion import MCNoise, mdm_loss
+from dlm_rl.diffusion.elbo import elbo_blocks
 from dlm_rl.diffusion.noise import FORMS
 from dlm_rl.diffusion.schedules import SCHEDULES
 from dlm_rl.guards import NonFiniteArguments, NonFiniteLoss
@@ -139,7 +142,8 @@ class MDMTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         response_mask = inputs["response_mask"]
         noise = MCNoise.sample(
-            response_mask, form=self.args.noise_form, schedule=self.args.noise_schedule, t_min=self.args.t_min
+            response_mask, form=self.args.noise_form, schedule=self.args.noise_schedule, t_min=self.args.t_min,
+            blocks=elbo_blocks(model, inputs["attention_mask"]),
         )
         if self.args.complementary_masks:
             other = noise.complement(response_mask)

@@ -37,7 +37,7 @@ from dlm_rl.models.lora import add_lora
 from dlm_rl.rl.advantages import group_advantages
 from dlm_rl.rl.losses import ppo_trace_loss
 from dlm_rl.rl.masking import diffu_grpo_rows, random_mask_rows
-from dlm_rl.rl.rows import Rows, reference_log_probs, response_log_probs
+from dlm_rl.rl.rows import Rows, packed_block_size, reference_log_probs, response_log_probs
 from dlm_rl.rl.trace import model_trace_rows
 from dlm_rl.rl.value import ValueModel, clipped_value_loss, trace_gae
 from dlm_rl.sampling.config import SamplerConfig
@@ -267,9 +267,10 @@ class Learner:
         method, mask_id = self.config.method, self.model.mask_token_id
         if method == "tracerl":
             return model_trace_rows(trajectory, self.model, self.config.shrink)
+        block_size = packed_block_size(self.model)  # block models: earlier blocks clean, as the sampler saw them
         if method == "diffu_grpo":
-            return diffu_grpo_rows(trajectory, mask_id, self.generator)
-        return random_mask_rows(trajectory, mask_id, self.generator, coupled=method == "coupled")
+            return diffu_grpo_rows(trajectory, mask_id, self.generator, block_size=block_size)
+        return random_mask_rows(trajectory, mask_id, self.generator, coupled=method == "coupled", block_size=block_size)
 
     def update(self, trajectories) -> dict:
         """Build every epoch's rows and score them under π_old first, then take `ppo_minibatches` PPO steps per
