@@ -4,6 +4,11 @@
 evaluates it on held-out problems (greedy, unless the corpus has one prompt) and caches both under $DLM_RL_CACHE
 (default ~/.cache/dlm-rl), with the package versions and CPU it was trained with; a cached checkpoint whose recipe
 is unchanged is not rebuilt.
+
+The same seeds do not give the same weights on every CPU (its floating-point paths differ), and a checkpoint stopped
+by a validation rule can stop hundreds of steps apart. So the demo's base checkpoint ships with the package
+(`SHIPPED`, a few MB, with its build metadata and checksums): `testbed:addition3-base` is the same model on every
+machine, and needs no build.
 """
 
 from __future__ import annotations
@@ -95,8 +100,93 @@ VALIDATION_SIZE = 128  # test-split problems for the stopping rule; excluded fro
 EVAL_SIZE = 256
 
 
+def validation_draw(spec: Checkpoint):
+    """The problems checkpoint `spec` is validated on while it trains (an 'rl-base' one stops on its greedy accuracy
+    there): VALIDATION_SIZE test-split problems drawn with seed + 2."""
+    return TASKS[spec.task].dataset("test", VALIDATION_SIZE, seed=spec.seed + 2)
+
+
+def validation_problems(generator: str) -> frozenset[str]:
+    """The `problem_key`s of every checkpoint's validation problems, for the tasks made by `generator` (tasks sharing a
+    generator, such as `chain` and `chain128`, share their problems too)."""
+    draws = {}  # one draw per (generator settings, seed): chain and chain128 draw the same problems
+    for spec in CHECKPOINTS.values():
+        task = TASKS[spec.task]
+        if task.generator == generator:
+            draws.setdefault((json.dumps(task.kwargs, sort_keys=True), spec.seed), spec)
+    return frozenset(tasks.problem_key(row, generator) for spec in draws.values() for row in validation_draw(spec))
+
+
+def held_out_problems(task_name: str, n: int, *, seed: int = 1):
+    """`n` held-out problems of testbed task `task_name`: the first `n` of its test split drawn with `seed` that are
+    not validation problems of a testbed checkpoint (`validation_problems`), so that the problems that chose a
+    base checkpoint never score it. No training draw holds them: the split is a hash of the prompt (of the
+    completion for `facts`). Raises a ValueError when the test split has fewer than `n` other problems."""
+    task = TASKS[task_name]
+    validation = validation_problems(task.generator)
+    try:  # validation problems are test problems: n + len(validation) distinct ones hold n that are not
+        drawn = task.dataset("test", n + len(validation), seed=seed)
+    except ValueError as error:
+        raise ValueError(f"dataset {task_name}: {n} held-out problems (eval_size) are more than its test split "
+                         f"has besides the {len(validation)} validation problems of the testbed checkpoints; "
+                         f"lower eval_size ({error})") from error
+    keep = [i for i, row in enumerate(drawn) if tasks.problem_key(row, task.generator) not in validation][:n]
+    return drawn.select(keep)
+
+
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints")
+"""Where shipped checkpoints live: `NAME-KEY/` with the weights, tokenizer, metrics.json (how and where it was built)
+and SHA256SUMS. `scripts/build_tiny_models.py NAME --ship` puts a built checkpoint here."""
+CHECKSUMS = "SHA256SUMS"
+
+
 def cache_root() -> str:
     return os.environ.get("DLM_RL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dlm-rl"))
+
+
+def directory_name(name: str) -> str:
+    """`NAME-KEY`: the key hashes the checkpoint's recipe, so a changed recipe never finds a stale checkpoint."""
+    return f"{name}-{_key(CHECKPOINTS[name])}"
+
+
+def shipped_checkpoint(name: str) -> str | None:
+    """The shipped checkpoint `name` (its recipe unchanged since it was built), after checking every file against
+    its checksum; None when none ships."""
+    path = os.path.join(SHIPPED, directory_name(name))
+    if not os.path.isfile(os.path.join(path, CHECKSUMS)):
+        return None
+    with open(os.path.join(path, CHECKSUMS)) as f:
+        expected = dict(reversed(line.split(None, 1)) for line in f.read().splitlines() if line.strip())
+    if set(expected) != set(os.listdir(path)) - {CHECKSUMS}:
+        raise RuntimeError(f"the shipped checkpoint {path} does not hold exactly the files {CHECKSUMS} lists")
+    for file, digest in expected.items():
+        if _sha256(os.path.join(path, file)) != digest:
+            raise RuntimeError(f"the shipped checkpoint file {os.path.join(path, file)} does not match its checksum")
+    return path
+
+
+def ship(name: str) -> str:
+    """Copy the built checkpoint `name` from the cache into the package (`SHIPPED`) with its checksums."""
+    import shutil
+
+    source = os.path.join(cache_root(), "testbed", directory_name(name))
+    if not os.path.isfile(os.path.join(source, "metrics.json")):
+        raise FileNotFoundError(f"build {name!r} first: python scripts/build_tiny_models.py {name}")
+    target = os.path.join(SHIPPED, directory_name(name))
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("training_args.bin", "runs", "checkpoint-*"))
+    files = sorted(f for f in os.listdir(target))
+    with open(os.path.join(target, CHECKSUMS), "w") as f:
+        f.writelines(f"{_sha256(os.path.join(target, file))}  {file}\n" for file in files)
+    return target
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _key(spec: Checkpoint) -> str:
@@ -111,10 +201,14 @@ def _key(spec: Checkpoint) -> str:
 
 
 def checkpoint(name: str) -> str:
-    """Path of a built testbed checkpoint; raises with the build command when it is missing."""
+    """Path of a testbed checkpoint: the shipped one when it ships, else the built one; raises with the build command
+    when it is missing."""
     if name not in CHECKPOINTS:
         raise ValueError(f"unknown testbed checkpoint {name!r}; choose one of {sorted(CHECKPOINTS)}")
-    path = os.path.join(cache_root(), "testbed", f"{name}-{_key(CHECKPOINTS[name])}")
+    shipped = shipped_checkpoint(name)
+    if shipped is not None:
+        return shipped
+    path = os.path.join(cache_root(), "testbed", directory_name(name))
     if not os.path.isfile(os.path.join(path, "metrics.json")):
         raise FileNotFoundError(
             f"testbed checkpoint {name!r} is not built yet: run `python scripts/build_tiny_models.py {name}`"
@@ -131,11 +225,13 @@ def build(name: str, *, force: bool = False) -> dict:
 
     spec = CHECKPOINTS[name]
     task = TASKS[spec.task]
-    path = os.path.join(cache_root(), "testbed", f"{name}-{_key(spec)}")
+    shipped = shipped_checkpoint(name)
+    path = os.path.join(cache_root(), "testbed", directory_name(name))
     metrics_file = os.path.join(path, "metrics.json")
-    if os.path.isfile(metrics_file) and not force:
-        with open(metrics_file) as f:
-            return {**json.load(f), "cached": True}
+    for found in ([os.path.join(shipped, "metrics.json")] if shipped else []) + [metrics_file]:
+        if os.path.isfile(found) and not force:
+            with open(found) as f:
+                return {**json.load(f), "cached": True}
 
     torch.manual_seed(spec.seed)
     if spec.init:
@@ -143,7 +239,7 @@ def build(name: str, *, force: bool = False) -> dict:
         model = load(checkpoint(spec.init))
     else:
         model = tiny_model(seed=spec.seed)
-    validation = task.dataset("test", VALIDATION_SIZE, seed=spec.seed + 2)
+    validation = validation_draw(spec)
     callbacks = []
     if spec.purpose == "rl-base":
         callbacks.append(_StopAtAccuracy(model, validation, task, spec))

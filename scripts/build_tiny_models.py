@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Build the tiny testbed base models (cached; skipped when present) and print their held-out accuracy as JSON.
 
-    python scripts/build_tiny_models.py [NAME ...] [--force] [--workers N]
+    python scripts/build_tiny_models.py [NAME ...] [--force] [--workers N] [--ship]
 
 Each checkpoint trains on one CPU thread (deterministic, and the most CPU-efficient for models this small);
-checkpoints build in parallel, one process per core.
+checkpoints build in parallel, one process per core. A checkpoint that ships with the package (`dlm_rl/checkpoints`)
+is used as shipped; `--force --ship` rebuilds it and replaces the shipped copy (weights, metrics, checksums).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main() -> int:
                              f"{sorted(set(CHECKPOINTS) - set(STANDARD_CHECKPOINTS))}")
     parser.add_argument("--force", action="store_true", help="rebuild even when cached")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--ship", action="store_true", help="copy the built checkpoints into the package")
     args = parser.parse_args()
     unknown = [n for n in args.names if n not in CHECKPOINTS]
     if unknown:
@@ -52,6 +54,11 @@ def main() -> int:
         with ProcessPoolExecutor(max_workers=min(args.workers, len(wave)), mp_context=spawn) as pool:
             results.update(zip(wave, pool.map(_build, wave, [args.force] * len(wave))))
     report = [{**results[n], "target_met": targets_met(results[n])} for n in args.names]
+    if args.ship:
+        from dlm_rl.testbed import ship
+
+        for entry in report:
+            entry["shipped_to"] = ship(entry["name"])
     print(json.dumps(report, indent=2))
     return 0 if all(r["target_met"] is not False for r in report) else 1  # None: not evaluated
 

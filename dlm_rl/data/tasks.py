@@ -4,7 +4,9 @@ Every generator returns a `datasets.Dataset` of strings with columns `prompt`, `
 response, without EOS or padding) and `answer` (the gold final answer), plus task-specific columns. The tiny
 tasks use only printable ASCII and newlines, so the character tokenizer encodes them.
 
-A problem's split is a stable hash of its prompt (~10% "test"), so train and test never share a prompt.
+A problem's split is a stable hash of its prompt (~10% "test"), so train and test never share a prompt
+(`facts`, whose prompt is always the same: a hash of its completion). Reasoning-gym's held-out problems
+(`reasoning_gym_held_out`) never repeat the training draw. `problem_key` says when two problems are the same.
 The checkers never execute model text: code answers are parsed with `ast` and run by a small interpreter.
 """
 
@@ -14,17 +16,21 @@ import ast
 import functools
 import hashlib
 import json
+import logging
 import random
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 from datasets import Dataset
+
+logger = logging.getLogger(__name__)
 
 BOXED = "\\boxed{"
 TEST_FRACTION = 10  # one prompt in TEST_FRACTION goes to the test split
 MAX_STALL = 10_000  # draws in a row without a new problem before the space counts as exhausted
 MAX_ABS = 10**12  # interpreter bound on every constant and intermediate value
 CODE_OPS = {"add": "+", "sub": "-", "mul": "*"}
+HELD_OUT_DRAWS = 8  # reasoning-gym held-out sets look at up to this many problems per problem wanted
 
 
 def split_of(prompt: str) -> str:
@@ -188,12 +194,57 @@ def reasoning_gym_task(name: str, n: int, *, seed: int = 0) -> Dataset:
 
     The entry's metadata is kept as a JSON string column `metadata`, since the package's scorers may read it.
     Questions of some generators contain non-ASCII text: use them with a real tokenizer, not the character one.
+    These are the generator's first `n` problems for `seed`, as it makes them: its generators are procedural (most
+    make problem i from seed + i), so a draw can repeat a problem and two seeds can make the same one (see
+    `reasoning_gym_held_out`).
     """
     import reasoning_gym
 
     if n < 1:
         raise ValueError(f"reasoning_gym task {name!r}: n must be at least 1, got {n}")
-    entries = list(reasoning_gym.create_dataset(name, size=n, seed=seed))
+    return _reasoning_gym_rows(name, list(reasoning_gym.create_dataset(name, size=n, seed=seed)))
+
+
+def reasoning_gym_held_out(name: str, n: int, *, seed: int, exclude: Collection[str] = ()) -> Dataset:
+    """`n` problems of reasoning-gym generator `name` for a held-out check: the first ones of the generator's stream
+    for `seed` whose question is new, that is neither asked earlier in the set nor in `exclude` (`problem_key`s,
+    e.g. of the training draw, which a different seed can repeat since the generators are procedural).
+
+    Deterministic: the same arguments give the same problems. It looks at up to HELD_OUT_DRAWS * n problems of the
+    stream; a generator with fewer new ones there gives those, with a warning naming how many (none at all is an
+    error: the generator cannot supply a held-out set apart from `exclude`).
+    """
+    import reasoning_gym
+
+    if n < 1:
+        raise ValueError(f"reasoning_gym task {name!r}: n must be at least 1, got {n}")
+    stream = reasoning_gym.create_dataset(name, size=HELD_OUT_DRAWS * n, seed=seed)
+    seen, entries, skipped = set(exclude), [], 0
+    for i in range(len(stream)):
+        entry = stream[i]
+        key = problem_key({"prompt": entry["question"]})
+        if key in seen:
+            skipped += 1
+            continue
+        seen.add(key)
+        entries.append(entry)
+        if len(entries) == n:
+            break
+    if not entries:
+        raise ValueError(f"reasoning_gym task {name!r}: none of {len(stream)} problems drawn with seed {seed} is "
+                         "new (every one repeats a training problem): the generator cannot give a held-out set")
+    if len(entries) < n:
+        logger.warning("reasoning_gym task %r: only %d held-out problems, fewer than the %d asked: %d of the %d "
+                       "problems drawn repeat a training problem or each other", name, len(entries), n, skipped,
+                       len(stream))
+    elif skipped:
+        logger.info("reasoning_gym task %r: %d drawn held-out problems repeated a training problem or each other; "
+                    "the next ones of the stream took their place", name, skipped)
+    return _reasoning_gym_rows(name, entries)
+
+
+def _reasoning_gym_rows(name: str, entries: list[dict]) -> Dataset:
+    """The rows of reasoning-gym entries of generator `name` (prompt, boxed completion, answer, task, metadata)."""
     if not all(isinstance(e["answer"], str) for e in entries):
         raise ValueError(
             f"reasoning_gym task {name!r} has no reference answer (its scorer checks the metadata); "
@@ -210,6 +261,15 @@ def reasoning_gym_task(name: str, n: int, *, seed: int = 0) -> Dataset:
         for e in entries
     ]
     return Dataset.from_list(rows)
+
+
+def problem_key(row: Mapping, generator: str | None = None) -> str:
+    """What makes two problems the same, as a string: the prompt (its `repr`, so conversations compare by their
+    messages), since a policy trained on a prompt has seen the problem whatever the answer; for the `facts`
+    generator, whose prompt is always `#`, the prompt and the completion (the text is the problem)."""
+    if generator == "facts":
+        return repr((row["prompt"], row["completion"]))
+    return repr(row["prompt"])
 
 
 def boxed_answer(text: str) -> str | None:
