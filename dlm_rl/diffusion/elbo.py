@@ -12,6 +12,8 @@ noised on its own (per-block MCNoise, `elbo_blocks`), every earlier block clean,
 tokens that share the response's first block never masked. One forward scores all blocks of a draw at once, in
 the packed layout `[prompt ; clean response ; noisy copy]`. Row-level noise read this way estimates the same bound
 without bias (the draw a block sees is a mixture of its own law), with every block's draws tied together.
+
+The estimator forms, their weights and the block ELBO: docs/algorithms.md, sections 1 and 2.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ pseudo-log-likelihood of the visible tokens is added to the logit as a prior, th
 on the facts testbed the head alone does not see the teacher's few-step errors). The student rolls out two steps,
 all-mask → x_τ → x_0, and log q(x) = log q(x_τ | all-mask) + log q(x_0 | x_τ) over the tokens each step reveals
 (or, as an option, the few ancestral steps it is sampled with, log q(x) summing over every step).
+
+The objective and where this code currently departs from the paper: docs/algorithms.md, section 6.
 """
 
 from __future__ import annotations

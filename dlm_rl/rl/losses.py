@@ -1,4 +1,8 @@
-"""The PPO-clip policy loss on trace tokens, with a k3 KL penalty."""
+"""The PPO-clip policy loss on trace tokens, with a k3 KL penalty.
+
+The loss as TraceRL and the baselines train it, and where it departs from TraceRL's reference code:
+docs/algorithms.md, sections 4 and 5.
+"""
 
 from __future__ import annotations
 

@@ -13,6 +13,8 @@ With `block_size` (`dlm_rl.rl.rows.packed_block_size` of a block-attention model
 earlier blocks, as the block-diffusion likelihood conditions it (BD3-LM, arXiv 2503.09573; SDAR, arXiv
 2510.06303), instead of given the masked earlier blocks of a plain row. diffu-GRPO's masked prompt is the prompt of
 both the clean part and the copy.
+
+Their weights and normalisers: docs/algorithms.md, section 5.
 """
 
 from __future__ import annotations

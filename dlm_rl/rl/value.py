@@ -4,6 +4,8 @@ The value model is a copy of the policy's backbone (its own LoRA adapter when th
 zero-initialised linear head on the last hidden state, so it starts at V = 0. It reads the same rows as the
 policy (plain or packed); V_j is read in the row where token j is a target. A sample's steps are its global
 (shrunk) denoising steps, whichever row holds their tokens.
+
+The GAE and the value loss next to TraceRL's reference code: docs/algorithms.md, section 4.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ policy and the reference share alike.
 
 The reference is the disabled LoRA adapter (no second copy of the weights) or a separate frozen model. Reference
 ELBOs computed ahead of time travel only with the noise that produced them (`ReferenceELBO`).
+
+The defaults and where they depart from the paper: docs/algorithms.md, section 3.
 """
 
 from __future__ import annotations

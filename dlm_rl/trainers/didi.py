@@ -15,6 +15,8 @@ with plain ancestral sampling at `eval_nfe` steps.
 Under `torchrun` / `accelerate launch` (`dlm_rl.distributed`) every rank takes its share of the step's prompts
 (whole groups) with its own random stream, the losses are divided by the global row and token counts, and the
 gradients of the student and of the discriminator are summed once per step; rank 0 logs, evaluates and saves.
+
+The step's formulas and where they currently depart from the paper: docs/algorithms.md, section 6.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ w = L/ℓ (tokens form, default: lower variance) or w(t) (time form). Optional c
 for every draw, its complement, so each response token is trained once per pair. A block-attention model trains
 on its block-diffusion ELBO (`dlm_rl.diffusion.elbo`): every response block noised on its own, given the clean
 earlier blocks.
+
+The loss, its defaults and LLaDA's values: docs/algorithms.md, section 1.
 """
 
 from __future__ import annotations
