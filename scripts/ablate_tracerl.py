@@ -67,7 +67,7 @@ def main() -> None:
 
     settings = {
         "model": args.model,
-        "task": args.task,
+        "dataset_name": args.task,
         "reward_funcs": [args.reward],
         "max_steps": args.steps,
         "eval_steps": args.steps,

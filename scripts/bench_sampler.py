@@ -4,9 +4,10 @@ threshold + dual cache — accuracy, forward passes, steps per block and tokens/
 
     python scripts/bench_sampler.py [--settings math,chain,chain128] [--n 512] [--threads 1]
 
-Each setting is a testbed checkpoint (built with `make demo` or scripts/build_tiny_models.py) at a generation
-length; every sampler runs greedy and at T = 1 on the same prompts. tokens/s counts the whole canvas
-(n x gen_length tokens) over the wall time of the sampling calls. The reference is LLaDA's sampler as published
+Each setting is a testbed checkpoint (addition3-base ships with the package; build the others first with
+`python scripts/build_tiny_models.py chain-base chain128-base`) at a generation length; every sampler runs greedy
+and at T = 1 on the same prompts. tokens/s counts the whole canvas (n x gen_length tokens) over the wall time of
+the sampling calls. The reference is LLaDA's sampler as published
 (no early stop); `ablations` adds it with early stop, to show how much of the gain early stop alone gives.
 The last line printed is one JSON object with the key `results`.
 """
