@@ -27,7 +27,8 @@ from dlm_rl.models.attention import position_ids_from_padding
 from dlm_rl.models.lora import LoraArguments, add_lora
 from dlm_rl.models.tiny import tiny_model
 from dlm_rl.rl.masking import diffu_grpo_rows, random_mask_rows
-from dlm_rl.rl.rows import packed_block_size, response_log_probs
+from dlm_rl.diffusion.packed import packed_block_size
+from dlm_rl.rl.rows import response_log_probs
 from dlm_rl.rl.vrpo import PreferenceEstimator, collate_pairs, elbo_draws, preference_score, vrpo_loss
 from dlm_rl.sampling.trajectory import Trajectory
 

@@ -11,7 +11,8 @@ import torch
 
 from dlm_rl.models.tiny import tiny_model
 from dlm_rl.rl.masking import MASK_HIGH, MASK_LOW, diffu_grpo_rows, random_mask_rows
-from dlm_rl.rl.rows import packed_block_bias, response_log_probs
+from dlm_rl.diffusion.packed import packed_block_bias
+from dlm_rl.rl.rows import response_log_probs
 from dlm_rl.rl.trace import model_trace_rows, packed_trace_rows, trace_rows
 from dlm_rl.rl.value import ValueModel, trace_gae
 from dlm_rl.rollout import LocalEngine

@@ -4,9 +4,9 @@ B(y|x) = E_draw[ w · Σ_i 1[y_t^i = M] log p_θ(y^i | y_t, x) ], one draw per M
 (time form, 1/t for the linear schedule) or L/ℓ (tokens form). Both are unbiased for the same bound.
 The MDM loss is the negative ELBO per response token: −E[w Σ_i 1[masked] log p] / L (LLaDA's SFT loss).
 
-A block-attention model that predicts in place (`dlm_rl.rl.rows.packed_block_size`: SDAR, LLaDA2) is a block
-diffusion model (BD3-LM, arXiv 2503.09573; SDAR, arXiv 2510.06303): log p(y|x) = Σ_b log p(y^b | x, y^{<b}), each
-block generated given the clean earlier blocks, as our sampler decodes. Its ELBO is the sum of the blocks' own
+A block-attention model that predicts in place (`dlm_rl.diffusion.packed.packed_block_size`: SDAR, LLaDA2) is a
+block diffusion model (BD3-LM, arXiv 2503.09573; SDAR, arXiv 2510.06303): log p(y|x) = Σ_b log p(y^b | x, y^{<b}),
+each block generated given the clean earlier blocks, as our sampler decodes. Its ELBO is the sum of the blocks' own
 masked-diffusion ELBOs, B(y|x) = Σ_b E_draw[ w_b Σ_{i∈b} 1[y_t^i = M] log p_θ(y^i | x, y^{<b}, y^b_t) ]: each block
 noised on its own (per-block MCNoise, `elbo_blocks`), every earlier block clean, later blocks unseen, the prompt
 tokens that share the response's first block never masked. One forward scores all blocks of a draw at once, in
@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from dlm_rl.diffusion.masking import apply_mask
 from dlm_rl.diffusion.noise import MCNoise
 from dlm_rl.models.attention import position_ids_from_padding
-from dlm_rl.rl.rows import copy_width, packed_block_bias, packed_block_size, packed_layout
+from dlm_rl.diffusion.packed import copy_width, packed_block_bias, packed_block_size, packed_layout
 
 
 def elbo_blocks(model, attention_mask: torch.Tensor) -> torch.Tensor | None:
@@ -95,7 +95,7 @@ def noised_log_probs(
 
 def _packed_logits(model, clean_ids, noisy_ids, attention_mask, masked, block_size: int) -> torch.Tensor:
     """[N, C, V] logits of the last C columns of rows [N, T] read as the packed `[prompt ; clean response ; noisy
-    copy]` (`dlm_rl.rl.rows`): the copy holds every block with a masked position, which sees its own noisy state
+    copy]` (`dlm_rl.diffusion.packed`): the copy holds every block with a masked position, which sees its own noisy state
     and the clean earlier blocks."""
     copy = copy_width(attention_mask, masked, block_size)
     inputs = packed_layout(clean_ids, noisy_ids, attention_mask, copy)

@@ -8,8 +8,8 @@ A row's targets are its masked response tokens that the model drew, up to the fi
 Rows are drawn from `generator`; a trainer draws fresh rows for every inner epoch and scores old, reference and
 current policy on the same rows.
 
-With `block_size` (`dlm_rl.rl.rows.packed_block_size` of a block-attention model) the rows take the packed layout
-`[prompt ; clean response ; masked copy]`: every response block is scored in its masked state given the clean
+With `block_size` (`dlm_rl.diffusion.packed.packed_block_size` of a block-attention model) the rows take the packed
+layout `[prompt ; clean response ; masked copy]`: every response block is scored in its masked state given the clean
 earlier blocks, as the block-diffusion likelihood conditions it (BD3-LM, arXiv 2503.09573; SDAR, arXiv
 2510.06303), instead of given the masked earlier blocks of a plain row. diffu-GRPO's masked prompt is the prompt of
 both the clean part and the copy.
@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from dlm_rl.rl.rows import Rows, copy_width, packed_layout
+from dlm_rl.diffusion.packed import copy_width, packed_layout
+from dlm_rl.rl.rows import Rows
 from dlm_rl.sampling.trajectory import Trajectory
 
 MASK_LOW, MASK_HIGH = 0.2, 0.8

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from dlm_rl.rl.rows import Rows, packed_block_size
+from dlm_rl.diffusion.packed import packed_block_size
+from dlm_rl.rl.rows import Rows
 from dlm_rl.sampling.trajectory import Trajectory
 
 

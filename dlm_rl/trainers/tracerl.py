@@ -37,7 +37,8 @@ from dlm_rl.models.lora import add_lora
 from dlm_rl.rl.advantages import group_advantages
 from dlm_rl.rl.losses import ppo_trace_loss
 from dlm_rl.rl.masking import diffu_grpo_rows, random_mask_rows
-from dlm_rl.rl.rows import Rows, packed_block_size, reference_log_probs, response_log_probs
+from dlm_rl.diffusion.packed import packed_block_size
+from dlm_rl.rl.rows import Rows, reference_log_probs, response_log_probs
 from dlm_rl.rl.trace import model_trace_rows
 from dlm_rl.rl.value import ValueModel, clipped_value_loss, trace_gae
 from dlm_rl.sampling.config import SamplerConfig
