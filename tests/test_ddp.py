@@ -66,10 +66,14 @@ def loaded(build, state):
     return module
 
 
-def row_noise(response_mask, *, n_t=1, n_yt=1, form="tokens", schedule="linear", t_min=1e-3, generator=None):
+def row_noise(response_mask, *, n_t=1, n_yt=1, form="tokens", schedule="linear", t_min=1e-3, generator=None,
+              blocks=None):
     """MCNoise drawn row by row from one fixed seed over the row's response positions, so that a row's masks do not
-    depend on the batch it is in (the estimators draw one tensor for the whole batch)."""
+    depend on the batch it is in (the estimators draw one tensor for the whole batch). Full-attention models only
+    (`blocks` None)."""
     from dlm_rl.diffusion.noise import MCNoise
+
+    assert blocks is None, "row_noise draws row-level noise: the tests' models are full-attention ones"
 
     n = n_t * n_yt
     batch, width = response_mask.shape
@@ -337,6 +341,7 @@ def test_under_torchrun_rank_0s_ray_actors_sample_every_ranks_share(tmp_path):
     (tmp_path / "recipe.yaml").write_text(
         "trainer: tracerl\nmodel: tiny\ntask: addition3\ntrain_size: 8\neval_size: 2\nnum_generations: 4\n"
         "prompts_per_step: 4\nlora_r: 4\nmax_steps: 2\neval_steps: 2\nreport_to: none\n"
+        "ppo_minibatches: 1\n"  # one step per rollout: minibatches split each rank's share, not the whole rollout
         f"learning_rate: 3.0e-3\nrollout_actors: 2\nreward_funcs: ['{tmp_path / 'reward.py'}:by_characters']\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
