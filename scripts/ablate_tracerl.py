@@ -77,7 +77,7 @@ def main() -> None:
         "learning_rate": args.learning_rate,
         "output_root": args.output_dir,
     }
-    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    threads = max(1, len(os.sched_getaffinity(0)) // args.workers)  # the cores this process may use (taskset)
     jobs = [(m, s) for s in args.seeds for m in args.methods]
     runs: dict[str, list[dict]] = {m: [] for m in args.methods}
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
