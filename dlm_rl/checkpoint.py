@@ -329,7 +329,7 @@ def verify_checkpoint(path: str) -> str | None:
             return f"{name} is missing"
         if os.path.getsize(file) != expected["bytes"]:
             return f"{name} has {os.path.getsize(file)} bytes, the manifest says {expected['bytes']}"
-        if _sha256(file) != expected["sha256"]:
+        if file_sha256(file) != expected["sha256"]:
             return f"{name} does not match its checksum"
     return None
 
@@ -425,7 +425,7 @@ def write_manifest(directory: str) -> None:
     `directory`/manifest.json, written last and atomically."""
     temporary = os.path.join(directory, f".{MANIFEST}.tmp")
     paths = sorted(os.path.join(root, name) for root, _, names in os.walk(directory) for name in names)
-    files = {os.path.relpath(file, directory): {"bytes": os.path.getsize(file), "sha256": _sha256(file)}
+    files = {os.path.relpath(file, directory): {"bytes": os.path.getsize(file), "sha256": file_sha256(file)}
              for file in paths if file not in (temporary, os.path.join(directory, MANIFEST))}
     with open(temporary, "w") as f:
         json.dump({"algorithm": "sha256", "files": files}, f, indent=2)
@@ -433,7 +433,8 @@ def write_manifest(directory: str) -> None:
     os.replace(temporary, os.path.join(directory, MANIFEST))
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """The hex SHA-256 of a file's bytes, read in blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import TrainerCallback
 
+from dlm_rl.checkpoint import file_sha256
 from dlm_rl.data import tasks
 
 logger = logging.getLogger(__name__)
@@ -160,7 +161,7 @@ def shipped_checkpoint(name: str) -> str | None:
     if set(expected) != set(os.listdir(path)) - {CHECKSUMS}:
         raise RuntimeError(f"the shipped checkpoint {path} does not hold exactly the files {CHECKSUMS} lists")
     for file, digest in expected.items():
-        if _sha256(os.path.join(path, file)) != digest:
+        if file_sha256(os.path.join(path, file)) != digest:
             raise RuntimeError(f"the shipped checkpoint file {os.path.join(path, file)} does not match its checksum")
     return path
 
@@ -177,16 +178,8 @@ def ship(name: str) -> str:
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("training_args.bin", "runs", "checkpoint-*"))
     files = sorted(f for f in os.listdir(target))
     with open(os.path.join(target, CHECKSUMS), "w") as f:
-        f.writelines(f"{_sha256(os.path.join(target, file))}  {file}\n" for file in files)
+        f.writelines(f"{file_sha256(os.path.join(target, file))}  {file}\n" for file in files)
     return target
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _key(spec: Checkpoint) -> str:

@@ -133,7 +133,7 @@ def test_a_manifest_naming_a_path_outside_the_checkpoint_is_malformed(run, name)
     outside = os.path.normpath(os.path.join(path, name))
     entry = {"bytes": 0, "sha256": ""}
     if os.path.isfile(outside):
-        entry = {"bytes": os.path.getsize(outside), "sha256": checkpoint._sha256(outside)}
+        entry = {"bytes": os.path.getsize(outside), "sha256": checkpoint.file_sha256(outside)}
     manifest = json.loads(open(os.path.join(path, checkpoint.MANIFEST)).read())
     manifest["files"][name] = entry
     with open(os.path.join(path, checkpoint.MANIFEST), "w") as f:
