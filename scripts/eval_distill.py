@@ -39,7 +39,8 @@ def main() -> None:
     parser.add_argument("--nfe", type=int, nargs="+", default=NFES)
     parser.add_argument("--guided_nfe", type=int, nargs="*", default=[8, 16, 32],
                         help="NFEs of the guided sampler (each step adds discriminator passes)")
-    parser.add_argument("--guidance_scale", type=float, default=1.0)
+    parser.add_argument("--guidance_scale", type=float, nargs="+", default=[30.0, 40.0],
+                        help="the gradient guidance's scale: constant, or rising from the first to the second")
     parser.add_argument("--candidates", type=int, default=4)
     parser.add_argument("--teacher_temperature", type=float, nargs="*", default=[],
                         help="also sample the teacher at these temperatures (< 1: sharper) at every NFE: the "
@@ -52,6 +53,9 @@ def main() -> None:
     parser.add_argument("--heldout_draws", type=int, default=4, help="mask draws per held-out text")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if len(args.guidance_scale) > 2:
+        parser.error("--guidance_scale takes one scale or a first and a last")
+    guidance_scale = args.guidance_scale[0] if len(args.guidance_scale) == 1 else tuple(args.guidance_scale)
 
     from dlm_rl.data.collate import DiffusionCollator
     from dlm_rl.diffusion.elbo import mdm_loss
@@ -93,7 +97,7 @@ def main() -> None:
         generator = torch.Generator().manual_seed(args.seed)
         start = time.perf_counter()
         samples = ancestral_sample(model, prompt_ids, prompt_mask, task.response_length, nfe, generator=generator,
-                                   discriminator=discriminator, guidance_scale=args.guidance_scale,
+                                   discriminator=discriminator, guidance_scale=guidance_scale,
                                    candidates=args.candidates, temperature=temperature)
         if temperature != 1.0:
             extra = {**extra, "temperature": temperature}

@@ -79,6 +79,8 @@ RECIPES = {"tracerl": TRACERL, "vrpo": "trainer: vrpo\nmodel: tiny\ntask: additi
     ("didi", "conditional_kl_coef", "at least 0 and finite"),
     ("didi", "label_smoothing", r"in \[0, 0.5\]"),
     ("didi", "max_grad_norm", "positive and finite"),
+    ("didi", "discriminator_max_grad_norm", "positive and finite"),
+    ("didi", "tau_beta_a", "at least 0 and finite"),
 ])
 def test_a_setting_that_is_nan_or_inf_is_refused(tmp_path, trainer, key, allowed, value):
     message = f"{key} must be {allowed}, got {value}"
@@ -124,6 +126,10 @@ def test_didi_values(tmp_path):
     for key, value in [("max_steps", 0), ("eval_steps", 0), ("gen_length", 0), ("eval_nfe", 0)]:
         with pytest.raises(ValueError, match=f"{key} must be a whole number of at least 1, got {value}"):
             DiDiConfig(**{key: value})
+    with pytest.raises(ValueError, match=r"discriminator_head must be one of \('mlp', 'linear'\), got 'conv'"):
+        DiDiConfig(discriminator_head="conv")
+    with pytest.raises(ValueError, match="tau_beta_a and tau_beta_b must be positive, got 1.0, 0"):
+        DiDiConfig(tau_beta_b=0)
 
 
 def test_learning_rate_zero_stays_possible_from_python():

@@ -114,7 +114,7 @@ def build_inputs() -> dict:
     student = copy.deepcopy(teacher).requires_grad_(True)
     perturb(student, 0.02)
     discriminator = Discriminator(teacher, trainable_blocks=1)
-    perturb(discriminator, 0.5, ("head",))
+    perturb(discriminator, 0.5, ("head", "time_embedding"))  # the time embedding starts at zero
     rows = list(TASKS["addition3"].dataset("train", 3, seed=0))
     batch = DiffusionCollator(teacher.tokenizer, TASKS["addition3"].response_length)(rows)
     group = 2
@@ -126,7 +126,7 @@ def build_inputs() -> dict:
         sample = rollout(student, ids, attention, response, tau, generator=generator)
         fake, fake_masked = noise_at(sample.final, response, tau, teacher.mask_token_id, generator)
         real, real_masked = noise_at(ids, response, tau, teacher.mask_token_id, generator)
-        reward = discriminator_reward(discriminator(fake, attention), fake_masked)
+        reward = discriminator_reward(discriminator(fake, attention, time=tau), fake_masked)
     didi = {"attention": attention, "response": response, "tau": tau, "reward": reward, "fake": fake,
             "fake_masked": fake_masked, "real": real, "real_masked": real_masked,
             "start": sample.states[0], "middle": sample.states[1], "final": sample.final,
@@ -188,7 +188,8 @@ def _didi(inputs):
     discriminator = Discriminator(teacher, trainable_blocks=1)
     discriminator.load_state_dict(inputs["discriminator"])
     config = DiDiConfig(teacher="tiny", dataset_name="addition3", group_size=2, kl_coef=0.5, entropy_coef=0.1,
-                        conditional_kl_coef=0.3, conditional_folds=1, max_grad_norm=1e9)  # one fold: the same folds
+                        conditional_kl_coef=0.3, conditional_folds=1, max_grad_norm=1e9,  # one fold: the same folds
+                        discriminator_max_grad_norm=1e9)
     return teacher, student, discriminator, config
 
 
@@ -212,9 +213,8 @@ def didi_discriminator(inputs, rows) -> dict:
     _, _, discriminator, config = _didi(inputs)
     d = {k: v[rows] for k, v in inputs["didi"].items()}
     optimizer = torch.optim.SGD([p for p in discriminator.parameters() if p.requires_grad], lr=0.0)
-    fake_logits = discriminator(d["fake"], d["attention"])
-    _discriminator_update(discriminator, optimizer, d["real"], d["real_masked"], fake_logits, d["fake_masked"],
-                          d["attention"], None, config, None, NonFiniteLoss(1, "DiDi"))  # no likelihood prior
+    _discriminator_update(discriminator, optimizer, d["real"], d["real_masked"], d["fake"], d["fake_masked"],
+                          d["tau"], d["attention"], None, config, None, NonFiniteLoss(1, "DiDi"))  # no likelihood prior
     return _grads(discriminator.named_parameters())
 
 

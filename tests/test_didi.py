@@ -40,13 +40,13 @@ def test_discriminator_loss_on_hand_made_logits():
     expected = 0.5 * (F.softplus(torch.tensor(-2.0)) + (F.softplus(torch.tensor(-1.0))
                                                          + F.softplus(torch.tensor(0.5))) / 2)
     assert discriminator_loss(real, real_masked, fake, fake_masked, 0.0).item() == pytest.approx(expected.item())
-    # smoothing 0.1: targets 0.95 / 0.05; at logit 0 the BCE is log 2 whatever the target
+    # smoothing 0.1: the paper's targets 0.9 / 0.1; at logit 0 the BCE is log 2 whatever the target
     zeros = torch.zeros(1, 2)
     assert discriminator_loss(zeros, real_masked, zeros, fake_masked, 0.1).item() == pytest.approx(math.log(2))
     smoothed = discriminator_loss(real, real_masked, fake, fake_masked, 0.1).item()
     bce = F.binary_cross_entropy_with_logits
-    hand = 0.5 * (bce(torch.tensor([2.0]), torch.tensor([0.95]))
-                  + bce(torch.tensor([-1.0, 0.5]), torch.tensor([0.05, 0.05])))
+    hand = 0.5 * (bce(torch.tensor([2.0]), torch.tensor([0.9]))
+                  + bce(torch.tensor([-1.0, 0.5]), torch.tensor([0.1, 0.1])))
     assert smoothed == pytest.approx(hand.item())
 
 
@@ -249,6 +249,63 @@ def test_student_update_divides_the_conditional_kl_by_the_revealed_tokens_and_sk
     assert len(forwards) == used + 3 and line["kl"] > 0  # one forward more per rollout state
 
 
+def test_student_loss_is_the_papers_balance_by_hand():
+    """−mean_b ω_b Â_b Σ_i log q(x_b,i) (log q summed over the tokens, not divided by L) + kl_coef Σ_states KL_s −
+    entropy_coef Σ_states H_s, each state's KL and entropy the mean over its masked positions; with
+    tau_importance_weight, ω/π(τ)."""
+    from dlm_rl.guards import NonFiniteLoss
+    from dlm_rl.trainers.didi import DiDiConfig, _student_update
+
+    teacher, student = tiny(0), tiny(1)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]] * 4)
+    response = torch.tensor([[False, False, True, True, True, True]] * 4)
+    attention = torch.ones_like(ids)
+    tau = torch.tensor([0.05, 0.05, 0.5, 0.5])
+    reward = torch.tensor([0.3, -0.2, 1.0, 2.5])
+    density = torch.tensor([2.0, 2.0, 0.5, 0.5])
+    parameters = [p for p in student.parameters() if p.requires_grad]
+    for importance in (False, True):
+        sample = rollout(student, ids, attention, response, tau, 2, generator=torch.Generator().manual_seed(0))
+        config = DiDiConfig(teacher="tiny", dataset_name="addition3", group_size=2, kl_coef=0.3, entropy_coef=0.1,
+                            tau_importance_weight=importance)
+        line = _student_update(student, teacher, torch.optim.SGD(parameters, lr=0.0), parameters, sample, reward,
+                               response, attention, config, NonFiniteLoss(1, "DiDi"), None, density)
+        with torch.no_grad():
+            log_q = sum((logits.float().log_softmax(-1).gather(-1, sample.final[..., None])[..., 0] * revealed).sum(1)
+                        for logits, revealed in zip(sample.logits, sample.revealed))
+            advantage = grouped_advantages(reward, 2)
+            omega = (1 / tau).clamp(0.1, 10.0) / (density if importance else 1.0)  # 10, 10, 2, 2 (÷ π)
+            policy = -(omega * advantage * log_q).mean()
+            kl = entropy = 0.0
+            for state, logits in zip(sample.states, sample.logits):
+                masked = (state == student.mask_token_id) & response
+                log_p = teacher(state, attention).logits[masked].float().log_softmax(-1)
+                log_s = logits[masked].float().log_softmax(-1)
+                terms = torch.where(log_p.exp() > 0, log_p.exp() * (log_p - log_s), 0.0)  # 0 at the mask token
+                kl += terms.sum(-1).mean()
+                entropy += torch.special.entr(log_s.exp()).sum(-1).mean()
+        assert line["policy_loss"] == pytest.approx(policy.item(), rel=1e-4)
+        assert line["kl"] == pytest.approx(kl.item(), rel=1e-4) and kl > 0
+        assert line["loss"] == pytest.approx((policy + 0.3 * kl - 0.1 * entropy).item(), rel=1e-4)
+
+
+def test_tau_is_beta_on_its_range_with_its_density():
+    from dlm_rl.rl.didi import sample_tau
+
+    generator = torch.Generator().manual_seed(0)
+    tau, density = sample_tau(4, 0.02, 0.98, generator=generator)
+    assert ((0.02 <= tau) & (tau <= 0.98)).all()
+    assert torch.allclose(density, torch.full((4,), 1 / 0.96, dtype=torch.float64))
+    tau, density = sample_tau(20000, 0.02, 0.98, (2.0, 5.0), generator)
+    u = (tau - 0.02) / 0.96
+    assert ((0 <= u) & (u <= 1)).all()
+    assert torch.allclose(density, 30 * u * (1 - u) ** 4 / 0.96)  # Beta(2, 5): 1/B(2, 5) = 30
+    assert u.mean().item() == pytest.approx(2 / 7, abs=0.005) and u.var().item() == pytest.approx(10 / 392, rel=0.05)
+    first, _ = sample_tau(8, 0.02, 0.98, (2.0, 5.0), torch.Generator().manual_seed(7))
+    second, _ = sample_tau(8, 0.02, 0.98, (2.0, 5.0), torch.Generator().manual_seed(7))
+    assert torch.equal(first, second)  # the draws follow the generator (resume replays them)
+
+
 def test_kl_and_entropy_are_zero_and_positive_for_a_student_equal_to_its_teacher():
     model = tiny()
     ids = torch.full((2, 5), model.mask_token_id)
@@ -278,17 +335,51 @@ def test_ema_follows_the_decay():
     assert expected == pytest.approx(1.39)
 
 
-def test_discriminator_trains_only_its_last_blocks_and_starts_at_zero():
+def test_discriminator_is_the_papers_last_blocks_spectral_norm_head_and_time_input():
     teacher = tiny()
     discriminator = Discriminator(teacher, trainable_blocks=1)
     trainable = {n for n, p in discriminator.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith(("backbone.model.model.layers.1.", "backbone.model.model.norm", "head"))
-                             for n in trainable)
+    assert trainable and all(n.startswith(("backbone.model.model.layers.1.", "backbone.model.model.norm", "head",
+                                           "time_embedding")) for n in trainable)
+    assert any(n.startswith("head") for n in trainable) and any(n.startswith("time_embedding") for n in trainable)
     assert all(p.requires_grad for p in teacher.parameters())  # the copy is frozen, not the teacher
-    ids = torch.tensor([[5, 6, teacher.mask_token_id]])
-    assert discriminator(ids).abs().max().item() == 0.0
+    # the head is Linear(H, H) – SiLU – Linear(H, 1), both spectrally normalised: largest singular value 1
+    first, last = discriminator.head[0], discriminator.head[2]
+    discriminator.train()
+    for _ in range(30):  # power iterations run in training forwards
+        discriminator(torch.tensor([[5, 6, 7]]), time=torch.tensor([0.5]))
+    for layer in (first, last):
+        assert torch.linalg.matrix_norm(layer.weight.detach(), ord=2).item() == pytest.approx(1.0, rel=1e-3)
+    ids = torch.tensor([[5, 6, teacher.mask_token_id]] * 2)
+    with pytest.raises(ValueError, match="time="):
+        discriminator(ids)
+    # the time embedding starts at zero, so D starts the same at every time; once it has weights, time matters
+    discriminator.eval()
+    times = torch.tensor([0.1, 0.9])
+    at = discriminator(ids, time=times)
+    assert at.abs().max() > 0 and torch.allclose(at[0], at[1])
+    torch.nn.init.normal_(discriminator.time_embedding[-1].weight, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(*discriminator(ids, time=times))
+    assert Discriminator(teacher, trainable_blocks=2, head="linear", time_input=False)(ids).abs().max() == 0
     with pytest.raises(ValueError, match="trainable_blocks"):
         Discriminator(teacher, trainable_blocks=3)
+    with pytest.raises(ValueError, match="head"):
+        Discriminator(teacher, trainable_blocks=1, head="conv")
+
+
+def test_discriminator_saves_its_settings_and_loads_an_earlier_linear_one(tmp_path):
+    teacher = tiny()
+    discriminator = Discriminator(teacher, trainable_blocks=1)
+    torch.nn.init.normal_(discriminator.time_embedding[-1].weight, generator=torch.Generator().manual_seed(0))
+    save_discriminator(discriminator.eval(), str(tmp_path))
+    loaded = load_discriminator(teacher, str(tmp_path)).eval()
+    ids, times = torch.tensor([[5, 6, teacher.mask_token_id]]), torch.tensor([0.3])
+    assert torch.equal(loaded(ids, time=times), discriminator(ids, time=times))
+    # a discriminator.json from before the head and time input were saved: 2 blocks, linear head, no time
+    earlier = Discriminator(teacher, trainable_blocks=2, head="linear", time_input=False)
+    torch.save(earlier.state_dict(), tmp_path / "discriminator.pt")
+    (tmp_path / "discriminator.json").write_text(json.dumps({"likelihood_prior": 0.0, "likelihood_folds": 4}))
+    assert load_discriminator(teacher, str(tmp_path)).settings["head"] == "linear"
 
 
 def test_teacher_log_likelihood_scores_each_visible_response_token_once_by_hand():
@@ -325,13 +416,14 @@ def test_likelihood_prior_adds_the_weighted_teacher_likelihood_and_is_not_saved(
     ids = torch.tensor([[5, 6, 7, 8, mask, 9]])
     response = torch.tensor([[False, False, True, True, True, True]])
     attention = torch.ones_like(ids)
-    discriminator = Discriminator(teacher, trainable_blocks=1, likelihood_prior=2.0, likelihood_folds=1)
+    linear = {"head": "linear", "time_input": False}
+    discriminator = Discriminator(teacher, trainable_blocks=1, likelihood_prior=2.0, likelihood_folds=1, **linear)
     prior = teacher_log_likelihood(teacher, ids, attention, response, folds=1)
     logits = discriminator(ids, attention, response_mask=response)
     assert logits[0].tolist() == pytest.approx([2 * prior.item()] * 6)  # zero head: the prior alone, everywhere
     embeds = discriminator.backbone.model.get_input_embeddings()(ids)
     assert discriminator(attention_mask=attention, inputs_embeds=embeds).abs().max().item() == 0.0  # ids needed
-    plain = Discriminator(teacher, trainable_blocks=1)
+    plain = Discriminator(teacher, trainable_blocks=1, **linear)
     assert discriminator.state_dict().keys() == plain.state_dict().keys()  # the teacher is used, not stored
     torch.nn.init.normal_(discriminator.head.weight, generator=torch.Generator().manual_seed(0))
     save_discriminator(discriminator, str(tmp_path))
@@ -376,22 +468,55 @@ def test_ancestral_sampling_at_temperature_zero_takes_the_argmax():
 
 
 def test_guided_sampling_uses_the_discriminator_in_both_halves():
-    from dlm_rl.sampling.guided import _guidance, ancestral_sample
+    from dlm_rl.sampling.guided import _guidance, ancestral_sample, guidance_schedule
 
     model = tiny()
-    discriminator = Discriminator(model, trainable_blocks=1)
+    discriminator = Discriminator(model, trainable_blocks=1, head="linear")
     ids = torch.tensor([[5, 6, model.mask_token_id, model.mask_token_id]])
     logits = model(ids).logits.detach()
     masked = ids == model.mask_token_id
     assert _guidance(discriminator, ids, torch.ones_like(ids), logits, masked, 0.5).abs().max() == 0  # D ≡ 0
     torch.nn.init.normal_(discriminator.head.weight, generator=torch.Generator().manual_seed(0))
     gradient = _guidance(discriminator, ids, torch.ones_like(ids), logits, masked, 0.5)
-    assert gradient[masked].abs().max() > 0
+    assert gradient[masked].abs().max() > 0 and gradient[~masked].abs().max() == 0
     # 16 tokens in 4 steps: some stay masked until the last step (the sampler stops once none is left)
     samples = ancestral_sample(model, ids[:, :2], torch.ones(1, 2, dtype=torch.long), 16, 4,
                                discriminator=discriminator, candidates=3, generator=torch.Generator().manual_seed(0))
     assert (samples.response_ids != model.mask_token_id).all()
     assert samples.discriminator_passes == 2 + 2 * 3  # 2 guided steps, then 2 steps of 3 candidates
+    assert guidance_schedule(16, (30.0, 40.0)) == pytest.approx([30 + 10 * k / 7 for k in range(8)])
+    assert guidance_schedule(5, (30.0, 40.0)) == [30.0, 40.0] and guidance_schedule(3, 2.0) == [2.0]
+
+
+def test_guidance_reads_the_expected_token_at_masked_positions():
+    """The gradient is taken through softmax(logits) · E at the masked positions, the clean ones as their tokens:
+    with logits all but one-hot on token v, D sees the state with v written in, and its gradient is that of
+    ΣD with respect to a soft one-hot input there."""
+    from dlm_rl.sampling.guided import _guidance
+
+    model = tiny()
+    mask = model.mask_token_id
+    discriminator = Discriminator(model, trainable_blocks=1).eval()
+    torch.nn.init.normal_(discriminator.time_embedding[-1].weight, generator=torch.Generator().manual_seed(1))
+    ids = torch.tensor([[5, 6, mask, 7, mask]])
+    masked = ids == mask
+    attention = torch.ones_like(ids)
+    logits = model(ids).logits.detach()
+    embeddings = discriminator.backbone.model.get_input_embeddings().weight
+    soft = logits.clone().requires_grad_(True)
+    inputs = embeddings[ids].detach().clone()
+    inputs[masked] = soft[masked].softmax(-1) @ embeddings
+    d = discriminator(attention_mask=attention, inputs_embeds=inputs, time=torch.tensor([0.75]))
+    (expected,) = torch.autograd.grad(d[masked].sum(), soft)
+    gradient = _guidance(discriminator, ids, attention, logits, masked, 0.75)
+    assert torch.allclose(gradient, expected, atol=1e-6) and gradient[masked].abs().max() > 0
+    with torch.no_grad():  # a near one-hot on token 9 reads like the state with 9 written in
+        peaked = torch.full_like(logits, -1e4)
+        peaked[..., 9] = 0.0
+        written = ids.masked_fill(masked, 9)
+        inputs = torch.where(masked[..., None], peaked.softmax(-1) @ embeddings, embeddings[ids])
+        assert torch.allclose(discriminator(attention_mask=attention, inputs_embeds=inputs, time=torch.tensor([0.75])),
+                              discriminator(written, attention, time=torch.tensor([0.75])), atol=1e-5)
 
 
 def test_guided_sampling_leaves_a_prompt_position_that_holds_the_mask_id():
@@ -401,8 +526,7 @@ def test_guided_sampling_leaves_a_prompt_position_that_holds_the_mask_id():
 
     model = tiny()
     mask = model.mask_token_id
-    discriminator = Discriminator(model, trainable_blocks=1)
-    torch.nn.init.normal_(discriminator.head.weight, generator=torch.Generator().manual_seed(0))
+    discriminator = Discriminator(model, trainable_blocks=1)  # its spectral-norm head is not zero
     prompt = torch.tensor([[5, mask, 6], [7, 8, mask]])
     embedded = discriminator.backbone.model.get_input_embeddings()(prompt)
     states, embeddings = [], []
@@ -418,23 +542,46 @@ def test_guided_sampling_leaves_a_prompt_position_that_holds_the_mask_id():
     assert embeddings and all(torch.equal(e, embedded) for e in embeddings)
 
 
-def test_candidate_selection_counts_only_masked_response_positions():
+def test_candidate_selection_sums_every_response_position_and_no_prompt_position():
     from dlm_rl.sampling.guided import _select
 
     mask = 2
-    candidate = torch.tensor([5, mask, 6, 7, mask, mask])  # the prompt [5, mask, 6] holds the mask id
+    candidate = torch.tensor([5, mask, 6, 7, 8, mask])  # the prompt [5, mask, 6] holds the mask id
     response = torch.tensor([[False, False, False, True, True, True]])
+    times = []
 
-    def discriminator(ids, attention_mask, *, response_mask, generator):
+    def discriminator(ids, attention_mask, *, time, response_mask, generator):
+        times.append(time)
         d = torch.zeros(ids.shape)
-        d[0, 1] = 100.0  # candidate 0: a high logit at the prompt's mask position
-        d[1, 4] = 50.0  # candidate 1: at a masked response position
+        d[0, 1] = 100.0  # candidate 0: a high logit at a prompt position
+        d[1, 3] = 50.0  # candidate 1: at a clean response position
         return d
 
     proposals = torch.stack([candidate, candidate])[:, None]  # [M=2, B=1, C]
-    chosen = _select(discriminator, proposals, torch.ones(1, 6, dtype=torch.long), response, mask,
+    chosen = _select(discriminator, proposals, torch.ones(1, 6, dtype=torch.long), response, 0.25,
                      torch.Generator().manual_seed(0))
-    assert chosen.tolist() == [1]
+    assert chosen.tolist() == [1] and times[0].tolist() == [0.25, 0.25]
+
+
+def test_candidate_selection_with_a_constant_discriminator_is_uniform():
+    """Every candidate scores the same under a constant D, however many positions it revealed: the pick is
+    uniform. (Summed over the still-masked positions instead, a constant negative D picks the candidate that
+    revealed the most.)"""
+    from dlm_rl.sampling.guided import _select
+
+    mask = 2
+    response = torch.tensor([[False, True, True, True, True]] * 2)
+    proposals = torch.tensor([[[1, mask, mask, mask, mask]], [[1, 5, mask, mask, mask]],
+                              [[1, 5, 6, mask, mask]], [[1, 5, 6, 7, 8]]]).expand(4, 2, 5)  # [M=4, B=2, C]
+
+    def constant(ids, attention_mask, *, time, response_mask, generator):
+        return torch.full(ids.shape, -1.0)
+
+    generator = torch.Generator().manual_seed(0)
+    picks = torch.cat([_select(constant, proposals, torch.ones(2, 5, dtype=torch.long), response, 0.5, generator)
+                       for _ in range(2000)])
+    frequencies = torch.bincount(picks, minlength=4) / len(picks)  # 4000 picks: standard error 0.007
+    assert (frequencies - 0.25).abs().max() < 0.03
 
 
 def test_eval_distill_scheduled_temperature_falls_with_the_masked_fraction():
@@ -497,7 +644,7 @@ def test_reward_against_validity_scores_the_training_samples_by_hand():
     assert result["reward_validity_correlation"] == pytest.approx(2 / math.sqrt(5))
 
 
-def test_trainer_runs_starts_the_discriminator_at_log2_and_saves_the_student(tmp_path):
+def test_trainer_runs_reads_the_reward_after_the_discriminator_update_and_saves_the_student(tmp_path):
     """A three-step rollout (the two-step one runs in tests/test_resume.py and tests/test_ddp.py)."""
     from dlm_rl.trainers.didi import DiDiConfig, run
 
@@ -506,22 +653,32 @@ def test_trainer_runs_starts_the_discriminator_at_log2_and_saves_the_student(tmp
                         eval_nfe=4, learning_rate=1e-3, report_to="none", output_dir=str(tmp_path))
     run(config)
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert lines[1]["discriminator_loss"] == pytest.approx(math.log(2), abs=1e-6)  # zero head: D = 0
-    assert lines[1]["reward"] == 0.0 and "loss" not in lines[1]  # step 1 trains only the discriminator
+    assert "loss" not in lines[1]  # step 1 trains only the discriminator
     assert all(math.isfinite(line["loss"]) for line in lines[2:])
+    assert all(math.isfinite(line["discriminator_loss"]) for line in lines[1:])
     assert all(0 <= line["sample_validity"] <= 1 and -1 <= line["reward_validity_correlation"] <= 1
                for line in lines[1:])
     assert 0 <= lines[-1]["eval/validity"] <= 1 and lines[-1]["eval/entropy"] > 0
     assert (tmp_path / "final" / "discriminator.pt").exists()
-    prior = DiDiConfig(**{**config.__dict__, "max_steps": 2, "likelihood_prior": 1.0,
+    saved = json.loads((tmp_path / "final" / "discriminator.json").read_text())
+    assert (saved["trainable_blocks"], saved["head"], saved["time_input"]) == (4, "mlp", True)
+    # a zero linear head: D ≡ 0 before its first update, so the first BCE is log 2; the reward, read from the
+    # updated discriminator, is not 0
+    zero = DiDiConfig(**{**config.__dict__, "max_steps": 1, "discriminator_head": "linear",
+                         "discriminator_learning_rate": 1e-3, "output_dir": str(tmp_path / "zero")})
+    line = run(zero)
+    assert line["discriminator_loss"] == pytest.approx(math.log(2), abs=1e-6) and line["reward"] != 0.0
+    prior = DiDiConfig(**{**config.__dict__, "max_steps": 2, "likelihood_prior": 1.0, "discriminator_head": "linear",
                           "output_dir": str(tmp_path / "prior")})
     run(prior)
     lines = [json.loads(x) for x in (tmp_path / "prior" / "metrics.jsonl").read_text().splitlines()]
     assert lines[1]["reward"] < 0  # the teacher's mean log-likelihood of the sample, from the first step
     assert json.loads((tmp_path / "prior" / "final" / "discriminator.json").read_text())["likelihood_prior"] == 1.0
-    # at step 1 D ≡ 0, so the rewards tie and carry no advantage, unless the sequence entropy term ranks the rows
+    # at step 1 D ≈ 0 (a zero head moved by 1e-12), so the rewards tie and carry no advantage, unless the sequence
+    # entropy term ranks the rows
     for beta in (0.0, 1.0):
         first = DiDiConfig(**{**config.__dict__, "max_steps": 1, "discriminator_warmup_steps": 0, "ema": 0.0,
+                              "discriminator_head": "linear", "discriminator_learning_rate": 1e-12,
                               "sequence_entropy_coef": beta, "output_dir": str(tmp_path / f"beta{beta}")})
         line = run(first)
         assert line["rollout_log_prob"] < 0 and (line["advantage_abs"] > 0.5) == (beta > 0)

@@ -3,24 +3,26 @@ log-likelihood, the reward, grouped normalisation, the time weight ω(t) and the
 
 The student minimises ∫ ω(t) KL(q_student(·, t) ‖ q_teacher(·, t)) dt. Its gradient has the policy-gradient form
 E[ω(τ) · r(z_τ) · ∇ log q_student(x)], where r is the log density ratio of data to student marginals at z_τ,
-estimated by a discriminator: a copy of the teacher, only its last blocks trainable, with a per-token logit head
-trained by BCE on masked positions ("real" = data noised at τ, "fake" = student samples noised at τ), so its
+estimated by a discriminator: a copy of the teacher, only its last blocks trainable, the time fed through them,
+with a per-token logit head trained by BCE on masked positions ("real" = data noised at τ, "fake" = student samples noised at τ), so its
 optimal logit is that log ratio and higher means more teacher-like (optionally the frozen teacher's
 pseudo-log-likelihood of the visible tokens is added to the logit as a prior, the BCE then training the residual:
 on the facts testbed the head alone does not see the teacher's few-step errors). The student rolls out two steps,
 all-mask → x_τ → x_0, and log q(x) = log q(x_τ | all-mask) + log q(x_0 | x_τ) over the tokens each step reveals
 (or, as an option, the few ancestral steps it is sampled with, log q(x) summing over every step).
 
-The objective and where this code currently departs from the paper: docs/algorithms.md, section 6.
+The objective, which paper choice each part follows and the options beyond it: docs/algorithms.md, section 6.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,20 +31,29 @@ from dlm_rl.sampling.decoding import sample_tokens
 
 
 class Discriminator(nn.Module):
-    """A teacher copy whose last `trainable_blocks` transformer blocks (and final norm) train, read by a
-    zero-initialised per-token logit head: D = 0 everywhere at the start.
+    """A teacher copy whose last `trainable_blocks` transformer blocks (and final norm) train, read by a per-token
+    logit head, with the diffusion time fed through the trainable blocks.
+
+    `head` "mlp" is the paper's: spectral-norm Linear(H, H) – SiLU – spectral-norm Linear(H, 1). "linear" is a
+    zero-initialised linear head, D = 0 everywhere at the start. With `time_input` the time t of the state D reads
+    enters the first trainable block: its input hidden states get a learned embedding of t (sinusoidal features
+    through a two-layer MLP whose last layer starts at zero, so D starts as it would without it). Transformers
+    checkpoints have no time input of their own; this plays the part of the time conditioning the paper's DiT
+    blocks receive.
 
     With `likelihood_prior` w > 0 every position's logit also gets w · ℓ(z), ℓ the frozen teacher's
     pseudo-log-likelihood of the input's visible response tokens (`teacher_log_likelihood`): a prior for the log
     density ratio, so the head and blocks, trained by the same BCE on the sum, learn only the residual. The prior
     needs token ids; a forward on `inputs_embeds` (gradient guidance) reads the learned part alone."""
 
-    def __init__(self, teacher, trainable_blocks: int = 2, likelihood_prior: float = 0.0,
-                 likelihood_folds: int = 4):
+    def __init__(self, teacher, trainable_blocks: int = 4, likelihood_prior: float = 0.0,
+                 likelihood_folds: int = 4, head: str = "mlp", time_input: bool = True):
         super().__init__()
         if likelihood_prior < 0 or likelihood_folds < 1:
             raise ValueError(f"need likelihood_prior >= 0 and likelihood_folds >= 1, got {likelihood_prior}, "
                              f"{likelihood_folds}")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         self.backbone = copy.deepcopy(teacher).requires_grad_(False)
         blocks = _blocks(self.backbone.model)
         if not 1 <= trainable_blocks <= len(blocks):
@@ -52,17 +63,41 @@ class Discriminator(nn.Module):
         norm = getattr(getattr(self.backbone.model, "model", None), "norm", None)
         if norm is not None:
             norm.requires_grad_(True)
-        self.head = nn.Linear(teacher.config.hidden_size, 1, device=teacher.device, dtype=teacher.dtype)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        hidden, factory = teacher.config.hidden_size, {"device": teacher.device, "dtype": teacher.dtype}
+        if head == "mlp":
+            spectral = nn.utils.parametrizations.spectral_norm
+            self.head = nn.Sequential(spectral(nn.Linear(hidden, hidden, **factory)), nn.SiLU(),
+                                      spectral(nn.Linear(hidden, 1, **factory)))
+        else:
+            self.head = nn.Linear(hidden, 1, **factory)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        self.time_embedding = None
+        if time_input:
+            self.time_embedding = nn.Sequential(nn.Linear(TIME_FEATURES, hidden, **factory), nn.SiLU(),
+                                                nn.Linear(hidden, hidden, **factory))
+            nn.init.zeros_(self.time_embedding[-1].weight)
+            nn.init.zeros_(self.time_embedding[-1].bias)
+            blocks[-trainable_blocks].register_forward_pre_hook(self._add_time, with_kwargs=True)
+        self._time = None  # [B, 1, H] the embedding of the time of the forward under way
+        self.settings = {"trainable_blocks": trainable_blocks, "likelihood_prior": likelihood_prior,
+                         "likelihood_folds": likelihood_folds, "head": head, "time_input": time_input}
         self.likelihood_prior, self.likelihood_folds = likelihood_prior, likelihood_folds
         self._teacher = (teacher,)  # a tuple: the frozen teacher is used, not owned (nor saved) by D
 
-    def forward(self, input_ids=None, attention_mask=None, *, inputs_embeds=None, response_mask=None,
+    def forward(self, input_ids=None, attention_mask=None, *, time=None, inputs_embeds=None, response_mask=None,
                 generator=None) -> torch.Tensor:
-        """[B, L] per-token logits (float32). `response_mask` (default: every position) bounds the
-        tokens the likelihood prior scores; its folds are drawn with `generator`."""
-        out = self.backbone(input_ids, attention_mask, inputs_embeds=inputs_embeds, output_hidden_states=True)
+        """[B, L] per-token logits (float32) of states at diffusion time `time` ([B] in (0, 1]; needed with a
+        time input). `response_mask` (default: every position) bounds the tokens the likelihood prior scores;
+        its folds are drawn with `generator`."""
+        if self.time_embedding is not None:
+            if time is None:
+                raise ValueError("this discriminator reads the diffusion time: pass time=")
+            self._time = self.time_embedding(time_features(time).to(self.head_dtype))[:, None, :]
+        try:
+            out = self.backbone(input_ids, attention_mask, inputs_embeds=inputs_embeds, output_hidden_states=True)
+        finally:
+            self._time = None
         logits = self.head(out.hidden_states).squeeze(-1).float()
         if self.likelihood_prior and input_ids is not None:
             region = response_mask if response_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
@@ -71,22 +106,45 @@ class Discriminator(nn.Module):
             logits = logits + self.likelihood_prior * prior[:, None]
         return logits
 
+    @property
+    def head_dtype(self) -> torch.dtype:
+        return next(self.head.parameters()).dtype
+
+    def _add_time(self, module, args, kwargs):
+        """Forward pre-hook of the first trainable block: its input hidden states plus the time embedding."""
+        if self._time is None:
+            return None
+        if args:
+            return (args[0] + self._time.to(args[0].dtype), *args[1:]), kwargs
+        kwargs["hidden_states"] = kwargs["hidden_states"] + self._time.to(kwargs["hidden_states"].dtype)
+        return args, kwargs
+
+
+HEADS = ("mlp", "linear")
+EARLIER_DISCRIMINATOR = {"trainable_blocks": 2, "head": "linear", "time_input": False}
+"""The settings a discriminator.json written before they were saved leaves out: its discriminator's."""
+TIME_FEATURES = 64
+
+
+def time_features(t: torch.Tensor) -> torch.Tensor:
+    """[B, TIME_FEATURES] sinusoidal features of times t ∈ [0, 1] (frequencies 1 to 1000, as for timesteps)."""
+    half = TIME_FEATURES // 2
+    frequencies = torch.exp(-math.log(1000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = 1000.0 * t.float()[:, None] * frequencies[None]
+    return torch.cat([angles.cos(), angles.sin()], -1)
+
 
 def save_discriminator(discriminator: Discriminator, directory: str) -> None:
-    """`discriminator.pt` (the weights) and `discriminator.json` (the likelihood prior's settings) in `directory`."""
+    """`discriminator.pt` (the weights) and `discriminator.json` (its settings) in `directory`."""
     torch.save(discriminator.state_dict(), os.path.join(directory, "discriminator.pt"))
     with open(os.path.join(directory, "discriminator.json"), "w") as f:
-        json.dump({"likelihood_prior": discriminator.likelihood_prior,
-                   "likelihood_folds": discriminator.likelihood_folds}, f)
+        json.dump(discriminator.settings, f)
 
 
 def load_discriminator(teacher, directory: str) -> Discriminator:
     """The discriminator `save_discriminator` wrote to `directory`, on top of `teacher`."""
-    settings_path = os.path.join(directory, "discriminator.json")
-    settings = {}
-    if os.path.isfile(settings_path):  # saved before the likelihood prior existed: the plain discriminator
-        with open(settings_path) as f:
-            settings = json.load(f)
+    with open(os.path.join(directory, "discriminator.json")) as f:
+        settings = {**EARLIER_DISCRIMINATOR, **json.load(f)}
     discriminator = Discriminator(teacher, **settings)
     discriminator.load_state_dict(torch.load(os.path.join(directory, "discriminator.pt"), map_location=teacher.device))
     return discriminator
@@ -124,16 +182,16 @@ def discriminator_loss(
     real_logits: torch.Tensor, real_masked: torch.Tensor, fake_logits: torch.Tensor, fake_masked: torch.Tensor,
     label_smoothing: float = 0.1, counts: tuple[float, float] | None = None,
 ) -> torch.Tensor:
-    """BCE on masked positions, real → 1 and fake → 0 softened to 1 − ε/2 and ε/2; each side is the mean over
-    its masked positions, and the loss is the mean of the two sides. `counts` (real, fake) replace the numbers of
-    masked positions the sides are divided by (under data parallelism: the global numbers)."""
+    """BCE on masked positions, real → 1 − s and fake → s for smoothing s (the paper's 0.1: targets 0.9 and 0.1);
+    each side is the mean over its masked positions, and the loss is the mean of the two sides. `counts`
+    (real, fake) replace the numbers of masked positions the sides are divided by (under data parallelism: the
+    global numbers)."""
     real = real_logits[real_masked]
     fake = fake_logits[fake_masked]
     real_count, fake_count = counts or (real.numel(), fake.numel())
-    high, low = 1 - label_smoothing / 2, label_smoothing / 2
     bce = F.binary_cross_entropy_with_logits
-    return 0.5 * (bce(real, torch.full_like(real, high), reduction="sum") / max(real_count, 1)
-                  + bce(fake, torch.full_like(fake, low), reduction="sum") / max(fake_count, 1))
+    return 0.5 * (bce(real, torch.full_like(real, 1 - label_smoothing), reduction="sum") / max(real_count, 1)
+                  + bce(fake, torch.full_like(fake, label_smoothing), reduction="sum") / max(fake_count, 1))
 
 
 def discriminator_reward(logits: torch.Tensor, masked: torch.Tensor, clip: float = 8.0) -> torch.Tensor:
@@ -156,6 +214,22 @@ def grouped_advantages(rewards: torch.Tensor, group_size: int, clip: float = 3.0
 def time_weight(t: torch.Tensor, low: float = 0.1, high: float = 10.0) -> torch.Tensor:
     """ω(t) = 1/t clamped to [low, high]."""
     return (1 / t).clamp(low, high)
+
+
+def sample_tau(n: int, low: float, high: float, beta: tuple[float, float] = (1.0, 1.0), generator=None,
+               device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """([n] τ, [n] π(τ)): τ = low + (high − low) · u with u ~ Beta(a, b) (Beta(1, 1): uniform), and π the
+    density τ is drawn from, for the importance weight ω(τ)/π(τ). Float64; the draws come from `generator`."""
+    a, b = beta
+    if (a, b) == (1.0, 1.0):
+        u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+    else:  # torch's Beta takes no generator: numpy's, seeded from it, keeps the draws reproducible and resumable
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=device))
+        u = torch.from_numpy(np.random.default_rng(seed).beta(a, b, n)).to(device)
+    log_beta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+    clipped = u.clamp(1e-12, 1 - 1e-12)
+    density = torch.exp((a - 1) * clipped.log() + (b - 1) * (-clipped).log1p() - log_beta) / (high - low)
+    return low + (high - low) * u, density
 
 
 def noise_at(ids: torch.Tensor, response_mask: torch.Tensor, t: torch.Tensor, mask_token_id: int, generator=None):

@@ -5,9 +5,12 @@ probability (t − s)/t, its token drawn from the model at temperature 1 (Gumbel
 reveals nothing in a row leaves that row's state, and so its logits, unchanged: the next step reuses them (MDLM's
 caching) and forwards only the rows that changed, so `steps` beyond the response length cost no extra forwards.
 
-Guidance (DiDi-Instruct) uses the discriminator D: in the first half of the steps the logits get
-h · clip(∂ΣD/∂logits, ±1), the gradient taken through the expected next state (soft input embeddings); in the
-second half M candidate next states are drawn and one is picked by a softmax over their summed D logits.
+Guidance (DiDi-Instruct's reward-guided ancestral sampler) uses the discriminator D. In the first half of the steps
+the logits get h · clip(∂ΣD/∂logits, ±1), ΣD summed over the masked positions of the state whose masked positions
+hold their expected token (input embedding softmax(logits) · E) and whose clean ones their token, D read at the
+step's time t; h rises linearly over those steps (the paper's 30 → 40). In the second half M candidate next states
+are drawn and one is picked by a softmax over their D logits summed over every response position, D read at the
+time s the step ends at.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from dlm_rl.sampling.decoding import sample_tokens
+
+RERANK_FRACTION = 0.5
+"""The paper's share of the steps (the last ones) that re-rank candidates; the others take gradient guidance."""
 
 
 @dataclass
@@ -40,19 +46,21 @@ def ancestral_sample(
     *,
     generator: torch.Generator | None = None,
     discriminator=None,
-    guidance_scale: float = 1.0,
+    guidance_scale: float | tuple[float, float] = (30.0, 40.0),
     candidates: int = 4,
     temperature: float = 1.0,
 ) -> AncestralSamples:
     """Sample `gen_length` tokens after each left-padded prompt in `steps` ancestral steps, tokens drawn at
     `temperature` (below 1: the baseline a distilled student must beat); with a `discriminator`, reward-guided
-    (gradient guidance, then `candidates`-way selection)."""
+    (gradient guidance at a scale rising from `guidance_scale[0]` to `[1]` over the first half of the steps, or
+    constant if one number; then `candidates`-way selection)."""
     if steps < 1 or gen_length < 1:
         raise ValueError(f"steps and gen_length must be positive, got {steps} and {gen_length}")
     if not 0 <= temperature < math.inf:
         raise ValueError(f"temperature must be >= 0 and finite (0: argmax), got {temperature}")
     if discriminator is not None and candidates < 1:
         raise ValueError(f"candidates must be at least 1, got {candidates}")
+    scales = guidance_schedule(steps, guidance_scale)  # gradient guidance; the steps after re-rank candidates
     batch, width = prompt_ids.shape
     device = prompt_ids.device
     mask_id = model.mask_token_id
@@ -73,15 +81,16 @@ def ancestral_sample(
             logits = fresh if logits is None else logits.index_put((stale.nonzero()[:, 0],), fresh)
             row_forwards += stale
         reveal_prob = 1.0 / (steps - k)  # (t − s)/t with t = 1 − k/steps, s = t − 1/steps
+        t, s = 1 - k / steps, 1 - (k + 1) / steps
         step_logits = logits
-        if discriminator is not None and k < steps // 2:
-            step_logits = logits + guidance_scale * _guidance(discriminator, x, attention_mask, logits, masked,
-                                                              reveal_prob).clamp(-1, 1)
+        if discriminator is not None and k < len(scales):
+            step_logits = logits + scales[k] * _guidance(discriminator, x, attention_mask, logits, masked,
+                                                         t).clamp(-1, 1)
             passes += 1
-        if discriminator is not None and k >= steps // 2 and candidates > 1:
+        if discriminator is not None and k >= len(scales) and candidates > 1:
             proposals = torch.stack([_propose(x, masked, step_logits, reveal_prob, temperature, generator)
                                      for _ in range(candidates)])  # [M, B, C]
-            chosen = _select(discriminator, proposals, attention_mask, response, mask_id, generator)
+            chosen = _select(discriminator, proposals, attention_mask, response, s, generator)
             passes += candidates
             new = proposals[chosen, torch.arange(batch, device=device)]
         else:
@@ -91,6 +100,14 @@ def ancestral_sample(
     return AncestralSamples(x[:, width:], float(row_forwards.double().mean()), passes)
 
 
+def guidance_schedule(steps: int, scale: float | tuple[float, float]) -> list[float]:
+    """The gradient guidance's scale h at each of the first int(steps · (1 − RERANK_FRACTION)) steps: constant, or
+    rising linearly from scale[0] at the first to scale[1] at the last (the reference sampler's schedule)."""
+    first, last = (scale, scale) if isinstance(scale, (int, float)) else scale
+    guided = int(steps * (1 - RERANK_FRACTION))
+    return [first + (last - first) * k / max(1, guided - 1) for k in range(guided)]
+
+
 def _propose(x, masked, logits, reveal_prob: float, temperature: float, generator) -> torch.Tensor:
     """One ancestral step: reveal each masked position with probability `reveal_prob`."""
     tokens, _ = sample_tokens(logits, temperature, generator)
@@ -98,27 +115,30 @@ def _propose(x, masked, logits, reveal_prob: float, temperature: float, generato
     return torch.where(masked & (u < reveal_prob), tokens, x)
 
 
-def _guidance(discriminator, x, attention_mask, logits, masked, reveal_prob: float) -> torch.Tensor:
-    """∂/∂logits of ΣD over the masked positions, D read at the expected next state: a masked position's input
-    embedding is reveal_prob · (softmax(logits) @ E) + (1 − reveal_prob) · E[mask]."""
+def _guidance(discriminator, x, attention_mask, logits, masked, time: float) -> torch.Tensor:
+    """∂/∂logits of ΣD over the masked positions, D read at time `time` on x with each masked position's input
+    embedding softmax(logits) · E (its expected token) and each other position's its token's."""
     embeddings = discriminator.backbone.model.get_input_embeddings().weight  # [V, H]
-    mask_id = discriminator.backbone.mask_token_id
     with torch.enable_grad():
         soft = logits.detach().float().requires_grad_(True)
         expected = soft.softmax(-1).to(embeddings.dtype) @ embeddings  # [B, C, H]
-        revealed = reveal_prob * expected + (1 - reveal_prob) * embeddings[mask_id]
-        inputs = torch.where(masked[..., None], revealed, embeddings[x])
-        d = discriminator(attention_mask=attention_mask, inputs_embeds=inputs)
+        inputs = torch.where(masked[..., None], expected, embeddings[x])
+        d = discriminator(attention_mask=attention_mask, inputs_embeds=inputs, time=_times(time, x))
         (gradient,) = torch.autograd.grad((d * masked).sum(), soft)
     return gradient.to(logits.dtype)
 
 
-def _select(discriminator, proposals, attention_mask, response_mask, mask_id: int, generator) -> torch.Tensor:
-    """[B] index of the chosen candidate per row, drawn from the softmax of the candidates' summed D logits over
-    their masked response positions."""
+def _select(discriminator, proposals, attention_mask, response_mask, time: float, generator) -> torch.Tensor:
+    """[B] index of the chosen candidate per row, drawn from the softmax of the candidates' D logits (at `time`)
+    summed over every response position."""
     m, b, c = proposals.shape
     flat = proposals.reshape(m * b, c)
     response = response_mask.repeat(m, 1)
-    d = discriminator(flat, attention_mask.repeat(m, 1), response_mask=response, generator=generator)  # [M·B, C]
-    scores = (d * ((flat == mask_id) & response)).sum(1).view(m, b).T.double()  # [B, M]
+    d = discriminator(flat, attention_mask.repeat(m, 1), time=_times(time, flat), response_mask=response,
+                      generator=generator)  # [M·B, C]
+    scores = (d * response).sum(1).view(m, b).T.double()  # [B, M]
     return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+def _times(time: float, rows: torch.Tensor) -> torch.Tensor:
+    return torch.full((len(rows),), time, device=rows.device)

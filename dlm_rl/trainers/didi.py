@@ -1,14 +1,15 @@
 """DiDi-Instruct trainer: distil a many-step masked diffusion teacher into a few-step student (`dlm_rl.rl.didi`).
 
 Each step: a batch of `prompts_per_step` rows of the task (for unconditional text, the fixed prompt and a real
-text), each prompt repeated `group_size` times; one τ ~ U[tau_min, tau_max] per group. The student rolls out
-all-mask → x_τ → x_0 (or `rollout_steps` ancestral steps); x_0 and the real texts are noised at τ; the
-discriminator's clipped mean logit on the noised student sample (with `likelihood_prior`, on top of the teacher's
+text), each prompt repeated `group_size` times; one τ per group, from Beta(tau_beta_a, tau_beta_b) on [tau_min,
+tau_max]. The student rolls out all-mask → x_τ → x_0 (or `rollout_steps` ancestral steps); x_0 and the real texts
+are noised at τ. The discriminator first takes a BCE step on real vs student (its gradient clipped); then its
+clipped mean logit on the noised student sample, read at time τ (with `likelihood_prior`, on top of the teacher's
 pseudo-log-likelihood of it; less β · log q(x)/L with `sequence_entropy_coef` β) is the reward, normalised within
-each group; the student's loss is −ω(τ) · Â · log q(x) / L + kl_coef · KL(teacher ‖ student) − entropy_coef · H
-(the last two averaged over the rollout's states), + conditional_kl_coef · the mean over the tokens each step reveals
-of KL(q_i ‖ the teacher's conditional given the tokens revealed with it); then the discriminator takes a BCE step on
-real vs student.
+each group. The student's loss is −ω(τ) · Â · log q(x), log q summed over the tokens, + kl_coef · Σ_states
+KL(teacher ‖ student) − entropy_coef · Σ_states H (each state's mean over its masked positions), +
+conditional_kl_coef · the mean over the tokens each step reveals of KL(q_i ‖ the teacher's conditional given the
+tokens revealed with it).
 An EMA of the student is kept and saved. Every part can be switched off for ablation. The student is evaluated
 with plain ancestral sampling at `eval_nfe` steps.
 
@@ -16,7 +17,8 @@ Under `torchrun` / `accelerate launch` (`dlm_rl.distributed`) every rank takes i
 (whole groups) with its own random stream, the losses are divided by the global row and token counts, and the
 gradients of the student and of the discriminator are summed once per step; rank 0 logs, evaluates and saves.
 
-The step's formulas and where they currently depart from the paper: docs/algorithms.md, section 6.
+The step's formulas, which paper choice each setting follows and the options beyond it: docs/algorithms.md,
+section 6.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from dlm_rl.guards import NonFiniteArguments, NonFiniteLoss
 from dlm_rl.hub import HubArguments, push_final
 from dlm_rl.models.lora import LoraArguments
 from dlm_rl.rl.didi import (
+    HEADS,
     Discriminator,
     conditional_kl,
     discriminator_loss,
@@ -54,6 +57,7 @@ from dlm_rl.rl.didi import (
     kl_and_entropy,
     noise_at,
     rollout,
+    sample_tau,
     save_discriminator,
     time_weight,
 )
@@ -105,15 +109,23 @@ class DiDiConfig(CheckpointArguments, ReportArguments, HubArguments, Optimizatio
     """Training steps (each: one discriminator update and, after the warmup, one student update)."""
     learning_rate: float = 1e-5
     """Student learning rate (AdamW)."""
-    discriminator_learning_rate: float = 1e-4
+    discriminator_learning_rate: float = 1e-5
     """Discriminator learning rate (AdamW)."""
+    discriminator_max_grad_norm: float = 1.0
+    """Discriminator gradient clipping."""
     weight_decay: float = 0.0
     """Student AdamW weight decay."""
     max_grad_norm: float = 0.5
     """Student gradient clipping."""
-    discriminator_blocks: int = 2
+    discriminator_blocks: int = 4
     """Trainable last blocks of the discriminator."""
-    discriminator_warmup_steps: int = 50
+    discriminator_head: str = "mlp"
+    """The discriminator's per-token head: "mlp" (the paper's spectral-norm Linear–SiLU–Linear) or "linear"
+    (zero-initialised, so D = 0 at the start)."""
+    discriminator_time_input: bool = True
+    """Feed the diffusion time of the state the discriminator reads through its trainable blocks
+    (`dlm_rl.rl.didi.Discriminator`)."""
+    discriminator_warmup_steps: int = 0
     """Discriminator-only steps before the student's first update."""
     likelihood_prior: float = 0.0
     """Weight w of the teacher's pseudo-log-likelihood of the visible tokens added to the discriminator's logit as
@@ -129,11 +141,17 @@ class DiDiConfig(CheckpointArguments, ReportArguments, HubArguments, Optimizatio
     """The student's rollout: 2 is DiDi-Instruct's all-mask → x_τ → x_0 (τ also the discriminator's time); more
     rolls out the ancestral sampler's own steps (as at evaluation), the discriminator scoring x_0 noised at τ."""
     label_smoothing: float = 0.1
-    """The discriminator's targets are 1 − s/2 (real) and s/2 (student) for smoothing s."""
+    """The discriminator's targets are 1 − s (real) and s (student) for smoothing s."""
     tau_min: float = 0.02
-    """Lowest τ, the rollout's intermediate time, drawn uniformly per group in [tau_min, tau_max]."""
+    """Lowest τ, the rollout's intermediate time, drawn per group in [tau_min, tau_max]."""
     tau_max: float = 0.98
     """Highest τ."""
+    tau_beta_a: float = 1.0
+    """τ = tau_min + (tau_max − tau_min) · u with u ~ Beta(tau_beta_a, tau_beta_b); Beta(1, 1) is uniform."""
+    tau_beta_b: float = 1.0
+    """The second parameter of τ's Beta distribution."""
+    tau_importance_weight: bool = False
+    """Weight each sample by ω(τ)/π(τ), π the density τ is drawn from, instead of ω(τ)."""
     use_discriminator: bool = True
     """Ablation switch: False drops the discriminator reward (the student learns from the regulariser alone)."""
     grouped_normalisation: bool = True
@@ -196,10 +214,16 @@ class DiDiConfig(CheckpointArguments, ReportArguments, HubArguments, Optimizatio
                          "likelihood_folds", "conditional_folds")
         require_range(self, learning_rate=(0, None), discriminator_learning_rate=(0, None), weight_decay=(0, None),
                       discriminator_warmup_steps=(0, None), kl_coef=(0, None), entropy_coef=(0, None),
-                      label_smoothing=(0, 0.5), likelihood_prior=(0, None), sequence_entropy_coef=(0, None),
+                      label_smoothing=(0, 0.5), likelihood_prior=(0, None), tau_beta_a=(0, None),
+                      tau_beta_b=(0, None), sequence_entropy_coef=(0, None),
                       conditional_kl_coef=(0, None))
-        if not 0 < self.max_grad_norm < math.inf:
-            raise ValueError(f"max_grad_norm must be positive and finite, got {self.max_grad_norm}")
+        for name in ("max_grad_norm", "discriminator_max_grad_norm"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be positive and finite, got {getattr(self, name)}")
+        if self.discriminator_head not in HEADS:
+            raise ValueError(f"discriminator_head must be one of {HEADS}, got {self.discriminator_head!r}")
+        if min(self.tau_beta_a, self.tau_beta_b) <= 0:
+            raise ValueError(f"tau_beta_a and tau_beta_b must be positive, got {self.tau_beta_a}, {self.tau_beta_b}")
         if self.dataset_path is not None:
             from dlm_rl.data.files import refuse_empty_file
 
@@ -237,7 +261,8 @@ def run(config: DiDiConfig, *, model=None, train_dataset=None, eval_dataset=None
         add_lora(student, config)
     distributed.broadcast_parameters(student.parameters())  # the same LoRA initialisation on every rank
     discriminator = Discriminator(teacher, config.discriminator_blocks, config.likelihood_prior,
-                                  config.likelihood_folds)
+                                  config.likelihood_folds, config.discriminator_head, config.discriminator_time_input)
+    distributed.broadcast_parameters(discriminator.parameters())  # the same head and time embedding on every rank
     ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(config.ema)) if config.ema else None
     student_parameters = [p for p in student.parameters() if p.requires_grad]
     student_optimizer = torch.optim.AdamW(student_parameters, lr=config.learning_rate,
@@ -316,15 +341,15 @@ def run(config: DiDiConfig, *, model=None, train_dataset=None, eval_dataset=None
 def _step(student, teacher, discriminator, student_optimizer, discriminator_optimizer, student_parameters, batch,
           rows, config: DiDiConfig, generator, nonfinite: NonFiniteLoss, task: str | None, *,
           update_student: bool) -> dict:
-    """One student update (unless still warming up the discriminator) and one discriminator update; `nonfinite`
-    skips either when its loss is NaN or inf. `rows` are the batch's dataset rows, of testbed task `task` (then the
-    samples' validity is logged) or of a dataset (None)."""
+    """One discriminator update, then (unless still warming the discriminator up) one student update on the reward
+    the updated discriminator gives; `nonfinite` skips either when its loss is NaN or inf. `rows` are the batch's
+    dataset rows, of testbed task `task` (then the samples' validity is logged) or of a dataset (None)."""
     group = config.group_size
     repeated = {k: v.repeat_interleave(group, 0) for k, v in batch.items()}
     response_mask, attention_mask = repeated["response_mask"], repeated["attention_mask"]
-    tau = config.tau_min + (config.tau_max - config.tau_min) * torch.rand(
-        len(batch["input_ids"]), generator=generator, device=response_mask.device, dtype=torch.float64)
-    tau = tau.repeat_interleave(group).float()
+    tau, density = sample_tau(len(batch["input_ids"]), config.tau_min, config.tau_max,
+                              (config.tau_beta_a, config.tau_beta_b), generator, response_mask.device)
+    tau, density = tau.repeat_interleave(group).float(), density.repeat_interleave(group).float()
     student.train()
     with torch.set_grad_enabled(update_student):
         sample = rollout(student, repeated["input_ids"], attention_mask, response_mask, tau, config.rollout_steps,
@@ -332,44 +357,51 @@ def _step(student, teacher, discriminator, student_optimizer, discriminator_opti
     fake, fake_masked = noise_at(sample.final, response_mask, tau, student.mask_token_id, generator)
     real, real_masked = noise_at(repeated["input_ids"], response_mask, tau, student.mask_token_id, generator)
     discriminator.train()
-    fake_logits = discriminator(fake, attention_mask, response_mask=response_mask, generator=generator)
-    reward = discriminator_reward(fake_logits.detach(), fake_masked, config.reward_clip)
+    line = {"discriminator_loss": _discriminator_update(discriminator, discriminator_optimizer, real, real_masked,
+                                                       fake, fake_masked, tau, attention_mask, response_mask,
+                                                       config, generator, nonfinite)}
+    with torch.no_grad():
+        fake_logits = discriminator(fake, attention_mask, time=tau, response_mask=response_mask, generator=generator)
+    reward = discriminator_reward(fake_logits, fake_masked, config.reward_clip)
     share = len(reward) / distributed.all_sum(len(reward))  # this rank's fraction of the step's rows
-    line = distributed.all_sum({"reward": float(reward.mean()) * share, "tau": float(tau.mean()) * share})
+    line.update(distributed.all_sum({"reward": float(reward.mean()) * share, "tau": float(tau.mean()) * share}))
     if task is not None:
         line.update(_reward_against_validity(sample.final, response_mask, reward, student.tokenizer, task,
                                              [row for row in rows for _ in range(group)]))
     if update_student:
         line.update(_student_update(student, teacher, student_optimizer, student_parameters, sample, reward,
-                                    response_mask, attention_mask, config, nonfinite, generator))
-    line["discriminator_loss"] = _discriminator_update(discriminator, discriminator_optimizer, real, real_masked,
-                                                       fake_logits, fake_masked, attention_mask, response_mask,
-                                                       config, generator, nonfinite)
+                                    response_mask, attention_mask, config, nonfinite, generator, density))
     line["guard/nonfinite_steps"] = nonfinite.count
     return line
 
 
-def _discriminator_update(discriminator, optimizer, real, real_masked, fake_logits, fake_masked, attention_mask,
+def _discriminator_update(discriminator, optimizer, real, real_masked, fake, fake_masked, tau, attention_mask,
                           response_mask, config: DiDiConfig, generator, nonfinite: NonFiniteLoss) -> float:
-    """One BCE step of the discriminator on real texts vs the student's samples, both noised at τ (`fake_logits`
-    already computed, with their graph); returns the loss over all ranks."""
+    """One BCE step of the discriminator on real texts vs the student's samples, both noised at τ, its gradient
+    clipped to `discriminator_max_grad_norm`; returns the loss over all ranks."""
     optimizer.zero_grad(set_to_none=True)
     counts = distributed.all_sum({"real": int(real_masked.sum()), "fake": int(fake_masked.sum())})
-    real_logits = discriminator(real, attention_mask, response_mask=response_mask, generator=generator)
+    fake_logits = discriminator(fake, attention_mask, time=tau, response_mask=response_mask, generator=generator)
+    real_logits = discriminator(real, attention_mask, time=tau, response_mask=response_mask, generator=generator)
     d_loss = discriminator_loss(real_logits, real_masked, fake_logits, fake_masked, config.label_smoothing,
                                 counts=(counts["real"], counts["fake"]))
     d_loss.backward()
-    distributed.sum_gradients(discriminator.parameters())
+    parameters = [p for p in discriminator.parameters() if p.requires_grad]
+    distributed.sum_gradients(parameters)
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.discriminator_max_grad_norm)
     total = distributed.all_sum(d_loss.item())
-    if not nonfinite.skip([optimizer], discriminator_loss=total):
+    if not nonfinite.skip([optimizer], discriminator_loss=total, discriminator_grad_norm=float(grad_norm)):
         optimizer.step()
     return total
 
 
 def _student_update(student, teacher, optimizer, parameters, sample, reward, response_mask, attention_mask,
-                    config: DiDiConfig, nonfinite: NonFiniteLoss, generator) -> dict:
-    """One student step on its rollout `sample`. Under data parallelism each mean (over rows, and over each state's
-    masked positions) is this rank's sum divided by the global count, and the returned metrics are the global ones."""
+                    config: DiDiConfig, nonfinite: NonFiniteLoss, generator, density=None) -> dict:
+    """One student step on its rollout `sample`: −mean over rows of ω · Â · log q(x) (log q summed over the tokens),
+    plus, for every rollout state, kl_coef · its mean per-token KL(teacher ‖ student) − entropy_coef · its mean
+    entropy. `density` is π(τ) of each row's τ (for `tau_importance_weight`). Under data parallelism each mean
+    (over rows, and over each state's masked positions) is this rank's sum divided by the global count, and the
+    returned metrics are the global ones."""
     length = response_mask.sum(1).clamp(min=1)
     log_q = sample.log_prob()
     reward = reward - config.sequence_entropy_coef * log_q.detach() / length
@@ -380,6 +412,8 @@ def _student_update(student, teacher, optimizer, parameters, sample, reward, res
     else:
         advantage = reward
     omega = time_weight(sample.tau, config.omega_min, config.omega_max) if config.use_time_weight else 1.0
+    if config.tau_importance_weight:
+        omega = omega / density
     # The positions each state still has masked: the KL and the entropy are measured there.
     masked = [(state == student.mask_token_id) & response_mask for state in sample.states]
     local = {"rows": len(reward), **{f"state{k}": int(m.sum()) for k, m in enumerate(masked)}}
@@ -388,14 +422,14 @@ def _student_update(student, teacher, optimizer, parameters, sample, reward, res
                                                         config.conditional_folds, generator)
     total = distributed.all_sum(local)
     share = {name: local[name] / total[name] if total[name] else 0.0 for name in local}  # 1 in one process
-    policy_loss = -(omega * advantage * log_q / length).mean() * share["rows"]
+    policy_loss = -(omega * advantage * log_q).mean() * share["rows"]
     kl = entropy = 0.0
     for k, (state, logits) in enumerate(zip(sample.states, sample.logits)):
         with torch.no_grad():  # with kl_coef 0 the teacher's forward is skipped and the KL not logged
             teacher_logits = teacher(state, attention_mask).logits if config.kl_coef else logits.detach()
         kl_k, entropy_k = kl_and_entropy(logits, teacher_logits, masked[k])
-        kl = kl + kl_k * share[f"state{k}"] / len(masked)
-        entropy = entropy + entropy_k * share[f"state{k}"] / len(masked)
+        kl = kl + kl_k * share[f"state{k}"]
+        entropy = entropy + entropy_k * share[f"state{k}"]
     loss = policy_loss + config.kl_coef * kl - config.entropy_coef * entropy
     extra = {"kl": kl.item()} if config.kl_coef else {}
     if config.conditional_kl_coef:
