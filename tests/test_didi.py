@@ -21,6 +21,7 @@ from dlm_rl.rl.didi import (
     grouped_advantages,
     kl_and_entropy,
     load_discriminator,
+    noise_at,
     rollout,
     save_discriminator,
     teacher_log_likelihood,
@@ -306,6 +307,26 @@ def test_tau_is_beta_on_its_range_with_its_density():
     assert torch.equal(first, second)  # the draws follow the generator (resume replays them)
 
 
+def test_discriminator_step_clips_its_gradient():
+    from dlm_rl.guards import NonFiniteLoss
+    from dlm_rl.trainers.didi import DiDiConfig, _discriminator_update
+
+    teacher = tiny()
+    discriminator = Discriminator(teacher, trainable_blocks=1)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [5, 6, 10, 9, 8, 7]])
+    response = torch.tensor([[False, False, True, True, True, True]] * 2)
+    tau = torch.tensor([0.5, 0.5])
+    real, real_masked = noise_at(ids, response, tau, teacher.mask_token_id, torch.Generator().manual_seed(0))
+    fake, fake_masked = noise_at(ids.flip(1), response, tau, teacher.mask_token_id, torch.Generator().manual_seed(1))
+    parameters = [p for p in discriminator.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in parameters]
+    config = DiDiConfig(teacher="tiny", dataset_name="addition3", discriminator_max_grad_norm=0.01)
+    _discriminator_update(discriminator, torch.optim.SGD(parameters, lr=1.0), real, real_masked, fake, fake_masked,
+                          tau, torch.ones_like(ids), response, config, None, NonFiniteLoss(1, "DiDi"))
+    moved = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(parameters, before)))
+    assert moved.item() == pytest.approx(0.01, rel=1e-3)  # one SGD step of lr 1 on the clipped gradient
+
+
 def test_kl_and_entropy_are_zero_and_positive_for_a_student_equal_to_its_teacher():
     model = tiny()
     ids = torch.full((2, 5), model.mask_token_id)
@@ -337,6 +358,7 @@ def test_ema_follows_the_decay():
 
 def test_discriminator_is_the_papers_last_blocks_spectral_norm_head_and_time_input():
     teacher = tiny()
+    torch.manual_seed(0)  # the head's initialisation and the power iteration's start
     discriminator = Discriminator(teacher, trainable_blocks=1)
     trainable = {n for n, p in discriminator.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("backbone.model.model.layers.1.", "backbone.model.model.norm", "head",
@@ -346,7 +368,7 @@ def test_discriminator_is_the_papers_last_blocks_spectral_norm_head_and_time_inp
     # the head is Linear(H, H) – SiLU – Linear(H, 1), both spectrally normalised: largest singular value 1
     first, last = discriminator.head[0], discriminator.head[2]
     discriminator.train()
-    for _ in range(30):  # power iterations run in training forwards
+    for _ in range(200):  # power iterations run in training forwards
         discriminator(torch.tensor([[5, 6, 7]]), time=torch.tensor([0.5]))
     for layer in (first, last):
         assert torch.linalg.matrix_norm(layer.weight.detach(), ord=2).item() == pytest.approx(1.0, rel=1e-3)
@@ -380,6 +402,8 @@ def test_discriminator_saves_its_settings_and_loads_an_earlier_linear_one(tmp_pa
     torch.save(earlier.state_dict(), tmp_path / "discriminator.pt")
     (tmp_path / "discriminator.json").write_text(json.dumps({"likelihood_prior": 0.0, "likelihood_folds": 4}))
     assert load_discriminator(teacher, str(tmp_path)).settings["head"] == "linear"
+    (tmp_path / "discriminator.json").unlink()  # from before discriminator.json existed
+    assert load_discriminator(teacher, str(tmp_path)).settings == {**earlier.settings}
 
 
 def test_teacher_log_likelihood_scores_each_visible_response_token_once_by_hand():
@@ -486,6 +510,38 @@ def test_guided_sampling_uses_the_discriminator_in_both_halves():
     assert samples.discriminator_passes == 2 + 2 * 3  # 2 guided steps, then 2 steps of 3 candidates
     assert guidance_schedule(16, (30.0, 40.0)) == pytest.approx([30 + 10 * k / 7 for k in range(8)])
     assert guidance_schedule(5, (30.0, 40.0)) == [30.0, 40.0] and guidance_schedule(3, 2.0) == [2.0]
+
+
+def test_guided_sampler_tilts_at_t_with_the_rising_scale_then_reranks_at_s(monkeypatch):
+    """4 steps: the first 2 tilt the logits by h · clip(gradient) with h = 30 then 40, D read on soft inputs at
+    t = 1 and 0.75; the last 2 re-rank candidates, D read on token ids at s = 0.25 and 0."""
+    from dlm_rl.sampling import guided
+
+    model = tiny()
+    discriminator = Discriminator(model, trainable_blocks=1)
+    reads = []
+    discriminator.register_forward_pre_hook(
+        lambda module, args, kwargs: reads.append((kwargs.get("inputs_embeds") is not None, kwargs["time"].tolist())),
+        with_kwargs=True)
+    prompt = torch.tensor([[5, 6]])
+    guided.ancestral_sample(model, prompt, torch.ones_like(prompt), 16, 4, discriminator=discriminator, candidates=2,
+                            generator=torch.Generator().manual_seed(0))
+    assert reads == [(True, [1.0]), (True, [0.75]), (False, [0.25, 0.25]), (False, [0.0, 0.0])]
+    # the scale each step adds: with a gradient of 1 everywhere, the logits the step draws from less the model's
+    outputs, shifts = [], []
+    model.register_forward_hook(lambda module, args, out: outputs.append(out.logits))
+    monkeypatch.setattr(guided, "_guidance", lambda discriminator, x, attention, logits, masked, time:
+                        torch.ones_like(logits))
+    propose = guided._propose
+
+    def recording(x, masked, logits, reveal_prob, temperature, generator):
+        shifts.append(round(float((logits - outputs[-1])[0, -1, 0]), 4))
+        return propose(x, masked, logits, reveal_prob, temperature, generator)
+
+    monkeypatch.setattr(guided, "_propose", recording)
+    guided.ancestral_sample(model, prompt, torch.ones_like(prompt), 16, 4, discriminator=discriminator, candidates=1,
+                            generator=torch.Generator().manual_seed(0))
+    assert shifts == [30.0, 40.0, 0.0, 0.0]
 
 
 def test_guidance_reads_the_expected_token_at_masked_positions():

@@ -55,6 +55,7 @@ class Discriminator(nn.Module):
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         self.backbone = copy.deepcopy(teacher).requires_grad_(False)
+        _disable_checkpointing(self.backbone.model)  # a recomputation in backward would miss the time embedding
         blocks = _blocks(self.backbone.model)
         if not 1 <= trainable_blocks <= len(blocks):
             raise ValueError(f"trainable_blocks must be in [1, {len(blocks)}], got {trainable_blocks}")
@@ -87,7 +88,7 @@ class Discriminator(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, *, time=None, inputs_embeds=None, response_mask=None,
                 generator=None) -> torch.Tensor:
-        """[B, L] per-token logits (float32) of states at diffusion time `time` ([B] in (0, 1]; needed with a
+        """[B, L] per-token logits (float32) of states at diffusion time `time` ([B] in [0, 1]; needed with a
         time input). `response_mask` (default: every position) bounds the tokens the likelihood prior scores;
         its folds are drawn with `generator`."""
         if self.time_embedding is not None:
@@ -116,6 +117,9 @@ class Discriminator(nn.Module):
             return None
         if args:
             return (args[0] + self._time.to(args[0].dtype), *args[1:]), kwargs
+        if "hidden_states" not in kwargs:
+            raise ValueError(f"cannot add the time to {type(module).__name__}: its hidden states come neither first "
+                             f"nor as hidden_states (keywords: {sorted(kwargs)}); set time_input false")
         kwargs["hidden_states"] = kwargs["hidden_states"] + self._time.to(kwargs["hidden_states"].dtype)
         return args, kwargs
 
@@ -127,7 +131,8 @@ TIME_FEATURES = 64
 
 
 def time_features(t: torch.Tensor) -> torch.Tensor:
-    """[B, TIME_FEATURES] sinusoidal features of times t ∈ [0, 1] (frequencies 1 to 1000, as for timesteps)."""
+    """[B, TIME_FEATURES] sinusoidal features of times t ∈ [0, 1]: cos and sin of 1000 t · f, f from 1 down to
+    1000^(−(h−1)/h), h = TIME_FEATURES / 2 (the usual timestep features, t read as 1000 timesteps)."""
     half = TIME_FEATURES // 2
     frequencies = torch.exp(-math.log(1000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     angles = 1000.0 * t.float()[:, None] * frequencies[None]
@@ -143,8 +148,11 @@ def save_discriminator(discriminator: Discriminator, directory: str) -> None:
 
 def load_discriminator(teacher, directory: str) -> Discriminator:
     """The discriminator `save_discriminator` wrote to `directory`, on top of `teacher`."""
-    with open(os.path.join(directory, "discriminator.json")) as f:
-        settings = {**EARLIER_DISCRIMINATOR, **json.load(f)}
+    settings = dict(EARLIER_DISCRIMINATOR)
+    path = os.path.join(directory, "discriminator.json")
+    if os.path.isfile(path):  # saved before discriminator.json existed: the earlier discriminator, without a prior
+        with open(path) as f:
+            settings.update(json.load(f))
     discriminator = Discriminator(teacher, **settings)
     discriminator.load_state_dict(torch.load(os.path.join(directory, "discriminator.pt"), map_location=teacher.device))
     return discriminator
@@ -167,6 +175,15 @@ def teacher_log_likelihood(teacher, z, attention_mask, response_mask, folds: int
             log_probs = _token_log_probs(teacher(z.masked_fill(remasked, mask_id), attention_mask).logits, z)
             total += torch.where(remasked, log_probs, 0.0).sum(1)
     return total / visible.sum(1).clamp(min=1)
+
+
+def _disable_checkpointing(model) -> None:
+    """Turn a transformers model's activation checkpointing off (named gradient checkpointing before 5.x)."""
+    if hasattr(model, "activation_checkpointing_disable"):
+        if model.is_activation_checkpointing:
+            model.activation_checkpointing_disable()
+    elif getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
 
 
 def _blocks(model) -> nn.ModuleList:

@@ -360,6 +360,7 @@ def _step(student, teacher, discriminator, student_optimizer, discriminator_opti
     line = {"discriminator_loss": _discriminator_update(discriminator, discriminator_optimizer, real, real_masked,
                                                        fake, fake_masked, tau, attention_mask, response_mask,
                                                        config, generator, nonfinite)}
+    discriminator.eval()  # read, not trained: no spectral-norm power iteration, no dropout
     with torch.no_grad():
         fake_logits = discriminator(fake, attention_mask, time=tau, response_mask=response_mask, generator=generator)
     reward = discriminator_reward(fake_logits, fake_masked, config.reward_clip)
