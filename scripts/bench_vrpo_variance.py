@@ -45,8 +45,8 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     _, config = parse_recipe(args.recipe)
-    train, _, _, task_length = load_task(config)
-    gen_length = config.gen_length or task_length
+    data = load_task(config)
+    train, gen_length = data.train, config.gen_length or data.response_length
     base = resolve_model(config.model)
     rewards = Rewards(config.reward_funcs, config.reward_weights)
     with LocalEngine(base, rows_per_chunk=512, seed=args.seed, rewards=rewards) as engine:
