@@ -243,8 +243,14 @@ def test_ctrl_c_during_the_swap_waits_until_final_is_whole(tmp_path, monkeypatch
             signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(os, "rename", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        checkpoint.write_directory(str(final), _write({"adapter.safetensors": "new"}))
+    # Python's own Ctrl-C handler, whatever an earlier test or library left installed (held signals are delivered
+    # to the handler that was there: an ignored SIGINT stays ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            checkpoint.write_directory(str(final), _write({"adapter.safetensors": "new"}))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert (final / "adapter.safetensors").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["final"]
 
 
