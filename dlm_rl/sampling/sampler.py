@@ -8,7 +8,8 @@ that block, so rows may take different numbers of steps; a row that finishes (ea
 
 Caches (per block, refreshed at the block's first step, whose full forward also gives that step's logits):
 - prefix: keys and values of the columns left of the block are reused for the block's later steps, which feed
-  the block and everything right of it.
+  the block and everything right of it. A block-attention model's prefix is final, so its keys and values are
+  kept from block to block: a block's first step feeds only the block before it (now final) and itself.
 - dual: the masked suffix is cached too, so later steps feed only the block. transformers caches only append,
   so the refreshing forward feeds [prefix, suffix, block] with true position ids and each step re-feeds the
   block and crops it off the cache afterwards.
@@ -18,6 +19,9 @@ attention they are approximate: cached columns keep the values they had when the
 """
 
 from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
 
 import torch
 
@@ -75,6 +79,7 @@ class _Decoder:
         self.running = torch.ones(batch, dtype=torch.bool, device=device)  # False once early stop finished a row
         tokenizer = model.tokenizer
         self.eos = tokenizer.eos_token_id if config.early_stop and tokenizer is not None else None
+        self.prefix: _Prefix | None = None  # a block model's final columns' keys and values, kept across blocks
         self.cache_mode = config.cache
         if config.cache == "dual" and model.attention == "block":
             self.cache_mode = "prefix"  # the block cannot see its suffix: nothing right of it is fed or cached
@@ -207,11 +212,14 @@ class _BlockForward:
             return logits[:, lo:hi], policy[:, lo:hi]
         if self.cache is None:  # the block's first step refreshes the cache
             if mode == "prefix":
-                feed = self.arange(0, end)
+                cached = self._final_prefix(rows)
+                feed = self.arange(cached, end)
                 logits, _ = self._run(rows, feed, use_cache=True)
                 self.cache.crop(-(end - lo))
                 self.cached_cols = self.arange(0, lo)
-                return logits[:, lo:hi], logits[:, lo:hi]
+                if self.decoder.model.attention == "block":  # [0, lo) is final: later blocks reuse it
+                    self.decoder.prefix = _Prefix(copy.deepcopy(self.cache), lo, rows.clone())
+                return logits[:, lo - cached : hi - cached], logits[:, lo - cached : hi - cached]
             feed = torch.cat([self.arange(0, start), self.arange(hi, end), self.arange(start, hi)])
             logits, _ = self._run(rows, feed, use_cache=True)
             self.cache.crop(-(hi - lo))
@@ -223,6 +231,21 @@ class _BlockForward:
         self.cache.crop(-(feed_end - start))
         block = logits[:, lo - start : hi - start]
         return block, block
+
+    def _final_prefix(self, rows: torch.Tensor) -> int:
+        """Make the kept keys and values of a block model's final prefix this block's cache, for `rows`; the
+        number of columns it covers (0: none kept, or a row without them, and the whole prefix is fed)."""
+        prefix = self.decoder.prefix
+        if prefix is None:
+            return 0
+        index = (prefix.rows[None, :] == rows[:, None]).long().argmax(1)  # each row's place in the kept cache
+        if not torch.equal(prefix.rows[index], rows):
+            self.decoder.prefix = None
+            return 0
+        if not torch.equal(index, torch.arange(len(prefix.rows), device=rows.device)):
+            prefix.cache.batch_select_indices(index)  # rows that stopped leave it
+        self.cache, self.cached_cols = prefix.cache, self.arange(0, prefix.columns)
+        return prefix.columns
 
     def keep(self, keep: torch.Tensor) -> None:
         """Drop cache rows of rows that left the block."""
@@ -269,6 +292,15 @@ class _BlockForward:
         if use_cache:
             self.cache = out.past_key_values
         return out.logits, out.logits
+
+
+@dataclass
+class _Prefix:
+    """Keys and values of the final columns [0, columns) of the rows `rows`."""
+
+    cache: object
+    columns: int
+    rows: torch.Tensor
 
 
 def _block_length(model, config: SamplerConfig) -> int:
