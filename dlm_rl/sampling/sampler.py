@@ -219,7 +219,8 @@ class _BlockForward:
                 self.cached_cols = self.arange(0, lo)
                 if self.decoder.model.attention == "block":  # [0, lo) is final: later blocks reuse it
                     self.decoder.prefix = _Prefix(copy.deepcopy(self.cache), lo, rows.clone())
-                return logits[:, lo - cached : hi - cached], logits[:, lo - cached : hi - cached]
+                block = logits[:, lo - cached : hi - cached]
+                return block, block
             feed = torch.cat([self.arange(0, start), self.arange(hi, end), self.arange(start, hi)])
             logits, _ = self._run(rows, feed, use_cache=True)
             self.cache.crop(-(hi - lo))
