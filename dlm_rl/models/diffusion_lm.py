@@ -8,6 +8,7 @@ trainers) works with `logits[b, i]` = the distribution of token i, whatever the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -59,7 +60,12 @@ class DiffusionLM(nn.Module):
 
     `forward` returns logits where position i predicts token i, with the mask token's logit set to -inf
     (with tied embeddings the mask token is an output class; it must never be predicted or sampled).
+
+    `compute_dtype` (None: the weights' own) runs every forward under `torch.autocast` in that dtype: a 16-bit
+    checkpoint trained with float32 master weights (`dlm_rl.models.precision`) still computes in 16 bits.
     """
+
+    compute_dtype: torch.dtype | None = None
 
     def __init__(self, model: nn.Module, conventions: Conventions, tokenizer=None):
         super().__init__()
@@ -106,6 +112,16 @@ class DiffusionLM(nn.Module):
         With shifted logits the first new token's distribution comes from the previous token, which the caller
         must therefore include in `input_ids` when it uses a cache.
         """
+        if self.compute_dtype is None:
+            autocast = contextlib.nullcontext()
+        else:
+            autocast = torch.autocast(self.device.type, dtype=self.compute_dtype)
+        with autocast:
+            return self._forward(input_ids, attention_mask, inputs_embeds, position_ids, attention, attention_bias,
+                                 past_key_values, use_cache, output_hidden_states)
+
+    def _forward(self, input_ids, attention_mask, inputs_embeds, position_ids, attention, attention_bias,
+                 past_key_values, use_cache, output_hidden_states) -> DiffusionOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         batch, length = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
@@ -121,7 +137,7 @@ class DiffusionLM(nn.Module):
                 attention or self.attention,
                 block_size=self.block_size,
                 query_length=length,
-                dtype=self.dtype,
+                dtype=self.compute_dtype or self.dtype,
             )
         kwargs = {"use_cache": use_cache}
         if output_hidden_states:

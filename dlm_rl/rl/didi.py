@@ -99,7 +99,7 @@ class Discriminator(nn.Module):
             out = self.backbone(input_ids, attention_mask, inputs_embeds=inputs_embeds, output_hidden_states=True)
         finally:
             self._time = None
-        logits = self.head(out.hidden_states).squeeze(-1).float()
+        logits = self.head(out.hidden_states.to(self.head_dtype)).squeeze(-1).float()
         if self.likelihood_prior and input_ids is not None:
             region = response_mask if response_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
             prior = teacher_log_likelihood(self._teacher[0], input_ids, attention_mask, region,

@@ -67,6 +67,7 @@ from dlm_rl.trainers.optimization import (
     OptimizationArguments,
     advance,
     enable_gradient_checkpointing,
+    hold_master_weights,
     lr_scheduler,
     scheduled,
 )
@@ -263,6 +264,7 @@ def run(config: DiDiConfig, *, model=None, train_dataset=None, eval_dataset=None
     discriminator = Discriminator(teacher, config.discriminator_blocks, config.likelihood_prior,
                                   config.likelihood_folds, config.discriminator_head, config.discriminator_time_input)
     distributed.broadcast_parameters(discriminator.parameters())  # the same head and time embedding on every rank
+    hold_master_weights(config, student, discriminator)
     ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(config.ema)) if config.ema else None
     student_parameters = [p for p in student.parameters() if p.requires_grad]
     student_optimizer = torch.optim.AdamW(student_parameters, lr=config.learning_rate,

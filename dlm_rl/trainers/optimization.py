@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from transformers import get_scheduler
 
+from dlm_rl.models.precision import MASTER_WEIGHTS, float32_masters
+
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 
 
@@ -26,6 +28,11 @@ class OptimizationArguments:
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of keeping them: less memory, one more
     forward."""
+    master_weights: str = "float32"
+    """How a bfloat16 checkpoint's trainable weights are held and updated: 'float32' (master weights, with AdamW's
+    state, in float32; forwards still compute in bfloat16 under autocast: `dlm_rl.models.precision`) or 'model'
+    (in bfloat16 itself: half the memory, but updates smaller than about 1/256 of a weight round away). LoRA
+    adapters and float32 models are float32 either way."""
 
     def __post_init__(self):
         if hasattr(super(), "__post_init__"):
@@ -34,6 +41,8 @@ class OptimizationArguments:
             raise ValueError(f"lr_scheduler_type must be one of {SCHEDULES}, got {self.lr_scheduler_type!r}")
         if not (math.isfinite(self.warmup_ratio) and 0 <= self.warmup_ratio <= 1):
             raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio!r}")
+        if self.master_weights not in MASTER_WEIGHTS:
+            raise ValueError(f"master_weights must be one of {MASTER_WEIGHTS}, got {self.master_weights!r}")
         if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be a whole number of at least 0, got {self.warmup_steps!r}")
 
@@ -74,3 +83,11 @@ def enable_gradient_checkpointing(model) -> None:
         backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
     else:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+
+
+def hold_master_weights(config, *modules) -> None:
+    """With master_weights 'float32', the trainable bfloat16 weights of `modules` become float32 masters
+    (`float32_masters`); call before their optimisers are built."""
+    if config.master_weights == "float32":
+        for module in modules:
+            float32_masters(module)

@@ -43,7 +43,13 @@ from dlm_rl.rl.trace import model_trace_rows
 from dlm_rl.rl.value import ValueModel, clipped_value_loss, trace_gae
 from dlm_rl.sampling.config import SamplerConfig
 from dlm_rl.trainers.api import Callbacks, RLTrainer
-from dlm_rl.trainers.optimization import advance, enable_gradient_checkpointing, lr_scheduler, scheduled
+from dlm_rl.trainers.optimization import (
+    advance,
+    enable_gradient_checkpointing,
+    hold_master_weights,
+    lr_scheduler,
+    scheduled,
+)
 from dlm_rl.trainers.online import (
     OnlineArguments,
     PromptStream,
@@ -250,6 +256,7 @@ class Learner:
 
     def __init__(self, model, config: TraceRLConfig, gen_length: int, value: ValueModel | None = None):
         self.model, self.config, self.value = model, config, value
+        hold_master_weights(config, model, *([value] if value is not None else []))
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         distributed.broadcast_parameters(self.parameters)
         self.optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)

@@ -50,7 +50,13 @@ from dlm_rl.models.lora import add_lora
 from dlm_rl.rl.vrpo import PreferenceEstimator, collate_pairs, fitting_pairs, vrpo_loss
 from dlm_rl.sampling.config import SamplerConfig
 from dlm_rl.trainers.api import Callbacks, RLTrainer
-from dlm_rl.trainers.optimization import advance, enable_gradient_checkpointing, lr_scheduler, scheduled
+from dlm_rl.trainers.optimization import (
+    advance,
+    enable_gradient_checkpointing,
+    hold_master_weights,
+    lr_scheduler,
+    scheduled,
+)
 from dlm_rl.trainers.online import (
     OnlineArguments,
     PromptStream,
@@ -228,6 +234,7 @@ def run(config: VRPOConfig, *, model=None, train_dataset=None, eval_dataset=None
     frozen = None if config.use_lora else copy.deepcopy(model).requires_grad_(False).eval()
     if config.use_lora:
         add_lora(model, config)
+    hold_master_weights(config, model)  # after the frozen copy: the reference stays in the checkpoint's dtype
     estimator = PreferenceEstimator(config.n_t, config.n_yt, config.antithetic, config.estimator_form)
     parameters = [p for p in model.parameters() if p.requires_grad]
     distributed.broadcast_parameters(parameters)
