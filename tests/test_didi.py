@@ -754,3 +754,15 @@ def test_trainer_runs_reads_the_reward_after_the_discriminator_update_and_saves_
         DiDiConfig(rollout_steps=1)
     with pytest.raises(ValueError, match="likelihood_folds"):
         DiDiConfig(likelihood_folds=0)
+
+
+def test_evaluation_draws_eval_batch_size_samples_at_a_time():
+    from dlm_rl.trainers.didi import DiDiConfig, _evaluate
+
+    model, batches = tiny_model(hidden_size=32, num_layers=1, intermediate_size=64), []
+    model.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
+    rows = [{"prompt": "", "completion": "1+2=3"}] * 3
+    config = DiDiConfig(teacher="tiny", dataset_name="facts", eval_samples=5, eval_batch_size=2, eval_nfe=2)
+    metrics = _evaluate(model, config, rows, 8, torch.device("cpu"), "facts")
+    assert set(batches) == {2, 1}  # 5 samples: 2, 2 and 1
+    assert 0 <= metrics["eval/validity"] <= 1 and metrics["eval/entropy"] > 0

@@ -307,9 +307,16 @@ def test_held_out_check_of_the_trainers_still_reports_greedy_accuracy():
     from dlm_rl.testbed import TASKS
     from dlm_rl.trainers.online import held_out_metrics
 
+    from dlm_rl.trainers.tracerl import TraceRLConfig
+
     model = tiny_model(hidden_size=32, num_layers=1, intermediate_size=64)
-    rows = TASKS["addition3"].dataset("test", 4, seed=1)
-    metrics = held_out_metrics(model, rows, "addition", 8, None, Rewards(["rewards.format:boxed"]))
+    rows = TASKS["addition3"].dataset("test", 5, seed=1)
+    rewards = Rewards(["rewards.format:boxed"])
+    metrics = held_out_metrics(model, rows, "addition", 8, TraceRLConfig(), rewards)
     assert set(metrics) == {"eval/greedy_accuracy", "eval/reward/boxed", "eval/reward/total"}
     assert model.training
     assert math.isfinite(metrics["eval/reward/total"])
+    batches = []  # eval_batch_size bounds the rows of every forward, and the greedy check is the same
+    model.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
+    assert held_out_metrics(model, rows, "addition", 8, TraceRLConfig(eval_batch_size=2), rewards) == metrics
+    assert set(batches) == {2, 1}  # 5 prompts: 2, 2 and 1

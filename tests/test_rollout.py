@@ -144,6 +144,21 @@ def test_an_empty_request_returns_no_trajectories(caplog):
     assert "empty request" in caplog.text
 
 
+def test_rollout_batch_size_bounds_the_trainers_sampler_batches():
+    from dlm_rl.trainers.online import rollout_engine
+    from dlm_rl.trainers.tracerl import TraceRLConfig
+
+    model, batches = tiny(), []
+    model.register_forward_pre_hook(lambda module, args: batches.append(len(args[0])))
+    config = TraceRLConfig(prompts_per_step=5, num_generations=2, rollout_batch_size=5)
+    trajectories = rollout_engine(config, model, None).generate(PROMPTS[:5], 2, CONFIG)
+    assert sum(len(t.prompt_index) for t in trajectories) == 10
+    assert max(batches) == 4  # whole prompts, at most 5 rows: 2 + 2 + 1 prompts (finished rows leave a batch)
+    batches.clear()
+    rollout_engine(TraceRLConfig(prompts_per_step=5, num_generations=2), model, None).generate(PROMPTS[:5], 2, CONFIG)
+    assert max(batches) == 10  # unset: the step's share at once
+
+
 def test_lora_sync_sends_only_the_adapter():
     model = tiny_with_lora()
     adapter = weight_snapshot(model, full=False)

@@ -184,6 +184,8 @@ class DiDiConfig(CheckpointArguments, ReportArguments, HubArguments, Optimizatio
     """Evaluate the student's samples every this many steps (and before and after)."""
     eval_samples: int = 64
     """Samples per evaluation (prompts cycled from the training rows)."""
+    eval_batch_size: int = 64
+    """Evaluation samples drawn at once (the evaluation's memory)."""
     eval_nfe: int = 16
     """Ancestral steps of the periodic evaluation."""
     output_dir: str = "runs/didi"
@@ -211,7 +213,7 @@ class DiDiConfig(CheckpointArguments, ReportArguments, HubArguments, Optimizatio
         if not self.use_discriminator and self.kl_coef == 0 and self.conditional_kl_coef == 0:
             raise ValueError("with use_discriminator false the student learns from kl_coef and conditional_kl_coef "
                              "alone; set one above 0")
-        require_positive(self, "max_steps", "train_size", "gen_length", "eval_steps", "eval_samples", "eval_nfe",
+        require_positive(self, "max_steps", "train_size", "gen_length", "eval_steps", "eval_samples", "eval_batch_size", "eval_nfe",
                          "likelihood_folds", "conditional_folds")
         require_range(self, learning_rate=(0, None), discriminator_learning_rate=(0, None), weight_decay=(0, None),
                       discriminator_warmup_steps=(0, None), kl_coef=(0, None), entropy_coef=(0, None),
@@ -475,13 +477,17 @@ def _evaluate(model, config: DiDiConfig, rows, gen_length: int, device, task: st
 
     model.eval()
     picked = [rows[i % len(rows)] for i in range(config.eval_samples)]
-    prompts = [encode_prompt(model.tokenizer, row["prompt"]) for row in picked]
-    prompt_ids, prompt_mask = left_pad(prompts, model.tokenizer.pad_token_id)
     generator = torch.Generator(device).manual_seed(config.seed + 1)
-    samples = ancestral_sample(model, prompt_ids.to(device), prompt_mask.to(device), gen_length, config.eval_nfe,
-                               generator=generator)
+    responses = []
+    for start in range(0, len(picked), config.eval_batch_size):
+        batch = picked[start : start + config.eval_batch_size]
+        prompts = [encode_prompt(model.tokenizer, row["prompt"]) for row in batch]
+        prompt_ids, prompt_mask = left_pad(prompts, model.tokenizer.pad_token_id)
+        samples = ancestral_sample(model, prompt_ids.to(device), prompt_mask.to(device), gen_length, config.eval_nfe,
+                                   generator=generator)
+        responses.append(samples.response_ids.cpu())
     scorer = TASKS[task].generator if task is not None else None
-    quality = sample_quality(samples.response_ids.cpu(), model.tokenizer, scorer, picked)
+    quality = sample_quality(torch.cat(responses), model.tokenizer, scorer, picked)
     return {f"eval/{name}": value for name, value in quality.items()}
 
 

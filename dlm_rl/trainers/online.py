@@ -77,6 +77,12 @@ class OnlineArguments(DatasetArguments, CheckpointArguments, ReportArguments, Hu
     """With rollout_actors: the Ray cluster to join ('auto', 'ray://HEAD:10001'); unset starts a local instance."""
     eval_steps: int = 10
     """Greedy accuracy on the held-out prompts every this many steps (and before and after)."""
+    eval_batch_size: int = 32
+    """Held-out prompts sampled at once: the check's memory is this many canvases' logits (batch × length ×
+    vocabulary), not eval_size's."""
+    rollout_batch_size: int | None = None
+    """Rollout rows (prompts × num_generations) sampled at once, whole prompts per batch (at least one); unset: the
+    step's share in one batch. Each batch draws its own seeded noise, so changing it changes the samples."""
     output_dir: str = "runs/online"
     """Where metrics.jsonl, TensorBoard logs, completions.jsonl, curves.png and the final model go."""
     seed: int = 0
@@ -88,7 +94,8 @@ class OnlineArguments(DatasetArguments, CheckpointArguments, ReportArguments, Hu
         if isinstance(self.reward_funcs, str) or not self.reward_funcs:
             raise ValueError(f"reward_funcs must be a non-empty list of 'module:function' references, got "
                              f"{self.reward_funcs!r}")
-        require_positive(self, "max_steps", "prompts_per_step", "eval_steps", "gen_length", "block_length")
+        require_positive(self, "max_steps", "prompts_per_step", "eval_steps", "gen_length", "block_length",
+                         "eval_batch_size", "rollout_batch_size")
         require_range(self, learning_rate=(0, None), weight_decay=(0, None), temperature=(0, None),
                       constant_reward_patience=(0, None))
         if not 0 < self.max_grad_norm < math.inf:
@@ -141,8 +148,8 @@ def rollout_engine(config: OnlineArguments, model, rewards):
     from dlm_rl.rollout import LocalEngine, RayEngine
 
     if not config.rollout_actors:
-        return LocalEngine(model, rows_per_chunk=config.prompts_per_step * config.num_generations,
-                           seed=config.seed + distributed.rank(), rewards=rewards)
+        rows = config.rollout_batch_size or config.prompts_per_step * config.num_generations
+        return LocalEngine(model, rows_per_chunk=rows, seed=config.seed + distributed.rank(), rewards=rewards)
     if not distributed.is_main():
         return None
     return RayEngine(functools.partial(rollout_policy, config), num_actors=config.rollout_actors,
@@ -151,11 +158,12 @@ def rollout_engine(config: OnlineArguments, model, rewards):
 
 
 def _prompts_per_chunk(config: OnlineArguments) -> int:
-    """The largest chunk (in prompts) that divides every rank's share, so that no chunk straddles two ranks, and
-    that still gives every actor a chunk when there are enough prompts."""
+    """The largest chunk (in prompts) that divides every rank's share, so that no chunk straddles two ranks, that
+    still gives every actor a chunk when there are enough prompts, and that holds at most rollout_batch_size rows."""
     n, bounds = config.prompts_per_step, distributed.share_bounds(config.prompts_per_step)
     common = math.gcd(*(end - start for start, end in zip(bounds, bounds[1:])))
-    fitting = [d for d in range(1, common + 1) if common % d == 0 and -(-n // d) >= config.rollout_actors]
+    fitting = [d for d in range(1, common + 1) if common % d == 0 and -(-n // d) >= config.rollout_actors
+               and (config.rollout_batch_size is None or d * config.num_generations <= config.rollout_batch_size)]
     return max(fitting, default=1)
 
 
@@ -239,13 +247,14 @@ class PromptStream:
         self.permutation, self.position = list(state["permutation"]), state["position"]
 
 
-def held_out_metrics(model, rows, scorer: str | None, gen_length: int, block_length: int | None, rewards) -> dict:
+def held_out_metrics(model, rows, scorer: str | None, gen_length: int, config: OnlineArguments, rewards) -> dict:
     """Greedy accuracy on the held-out prompts (by the dataset's scorer, when it has one) and the rewards' means
-    there."""
+    there, eval_batch_size prompts at a time."""
     from dlm_rl.evaluation import evaluate
 
     result = evaluate(model, rows, scorer, gen_length=gen_length, samples=0, progress=False,
-                      sampler={"block_length": block_length}, rewards=rewards)
+                      batch_size=config.eval_batch_size, sampler={"block_length": config.block_length},
+                      rewards=rewards)
     model.train()
     metrics = {f"eval/reward/{name}": value for name, value in result["rewards"].items()}
     if "greedy_accuracy" in result:

@@ -188,7 +188,7 @@ def run(config: TraceRLConfig, *, model=None, train_dataset=None, eval_dataset=N
     events = Callbacks(callbacks, config, done)
 
     def held_out() -> dict:
-        return held_out_metrics(model, data.held_out, data.scorer, gen_length, config.block_length, rewards)
+        return held_out_metrics(model, data.held_out, data.scorer, gen_length, config, rewards)
 
     line = {"step": done}
     if main and not config.resume:

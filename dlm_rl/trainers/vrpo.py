@@ -258,7 +258,7 @@ def run(config: VRPOConfig, *, model=None, train_dataset=None, eval_dataset=None
     def held_out() -> dict:
         if pairs:
             return held_out_pairs(model, data.held_out, gen_length, estimator, config, frozen)
-        return held_out_metrics(model, data.held_out, data.scorer, gen_length, config.block_length, rewards)
+        return held_out_metrics(model, data.held_out, data.scorer, gen_length, config, rewards)
 
     line = {"step": done}
     if main and not config.resume:
