@@ -26,15 +26,17 @@ SHARDED = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed
 TIMEOUT = datetime.timedelta(hours=2)
 
 
-def setup() -> torch.device:
-    """Join the process group when launched with WORLD_SIZE > 1 (gloo on CPU, NCCL on GPUs); this rank's device."""
+def setup(fsdp: bool = False) -> torch.device:
+    """Join the process group when launched with WORLD_SIZE > 1 (gloo on CPU, NCCL on GPUs); this rank's device.
+    An accelerate FSDP launch needs `fsdp` (the trainer shards the model itself: `dlm_rl.sharding`)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         for variable, name in SHARDED.items():
-            if os.environ.get(variable, "").lower() == "true":
+            if os.environ.get(variable, "").lower() == "true" and not (fsdp and name == "FSDP"):
                 raise ValueError(
                     f"launched with an accelerate {name} config: the dlm-rl RL trainers replicate the model on every "
-                    "process (data parallel); launch them with configs/accelerate/ddp.yaml or torchrun. FSDP and "
-                    "DeepSpeed configs are for `trainer: mdm` (the transformers Trainer); see docs/scaling.md")
+                    "process (data parallel) unless the recipe sets `fsdp: true` (VRPO); launch them with "
+                    "configs/accelerate/ddp.yaml or torchrun. DeepSpeed configs are for `trainer: mdm` (the "
+                    "transformers Trainer); see docs/scaling.md")
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=TIMEOUT)
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

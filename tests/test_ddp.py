@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -179,6 +180,32 @@ def vrpo(inputs, pairs) -> dict:
     return _grads(model.named_parameters())
 
 
+def vrpo_fsdp(inputs, pairs, use_lora: bool) -> dict:
+    """VRPO's step with the model sharded (FSDP2) over the ranks, whole weights gathered for the step: the summed
+    gradients, gathered whole from their shards."""
+    from dlm_rl import distributed, sharding
+    from dlm_rl.rl.vrpo import PreferenceEstimator, collate_pairs
+    from dlm_rl.trainers.vrpo import VRPOConfig, _update
+
+    class RowNoise(PreferenceEstimator):
+        def sample(self, response_mask, generator, blocks=None):
+            return row_noise(response_mask, n_t=self.n_t, n_yt=self.n_yt, form=self.form)
+
+    model = loaded(lora_model, inputs["policy"]) if use_lora else loaded(tiny, inputs["teacher"])
+    frozen = None if use_lora else copy.deepcopy(model).requires_grad_(False)
+    if distributed.world_size() > 1:
+        sharding.shard(model)
+    config = VRPOConfig(model="tiny", micro_batch_pairs=2, max_grad_norm=1e9, n_t=4, use_lora=use_lora)
+    chosen, rejected = collate_pairs(model.tokenizer, pairs, 8)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    assert distributed.world_size() == 1 or all(type(p).__name__ == "DTensor" for p in parameters), "not sharded"
+    sharding.gather(model)
+    _update(model, torch.optim.SGD(parameters, lr=0.0), parameters, chosen, rejected, RowNoise(n_t=4), config,
+            None, frozen, NonFiniteLoss(1, "VRPO"))
+    grads = _grads(model.named_parameters())
+    return {name: g.full_tensor() if hasattr(g, "full_tensor") else g for name, g in grads.items()}
+
+
 def _didi(inputs):
     from dlm_rl.rl.didi import Discriminator
     from dlm_rl.trainers.didi import DiDiConfig
@@ -296,6 +323,8 @@ def rl_cases(inputs, part, world: int) -> dict:
         "tracerl_value_model": lambda: tracerl(inputs, trajectories, with_value=True),
         "tracerl_rank_without_rows": lambda: tracerl(inputs, emptied),
         "vrpo": lambda: vrpo(inputs, part(inputs["pairs"])),
+        "vrpo_fsdp_lora": lambda: vrpo_fsdp(inputs, part(inputs["pairs"]), use_lora=True),
+        "vrpo_fsdp_full": lambda: vrpo_fsdp(inputs, part(inputs["pairs"]), use_lora=False),
         "didi_student": lambda: didi_student(inputs, didi_rows(part([0, 1, 2]))),
         "didi_discriminator": lambda: didi_discriminator(inputs, didi_rows(part([0, 1, 2]))),
     }
@@ -315,7 +344,7 @@ def test_two_processes_give_the_single_process_gradients_of_every_trainers_loss(
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["exact"]) == {"tracerl", "tracerl_value_model", "tracerl_rank_without_rows", "vrpo",
-                                     "didi_student", "didi_discriminator", "mdm"}
+                                     "vrpo_fsdp_lora", "vrpo_fsdp_full", "didi_student", "didi_discriminator", "mdm"}
     for name, (diff, size) in results["exact"].items():
         assert size > 1e-3, f"{name}: no gradient to compare"
         assert diff <= TOLERANCE, f"{name}: the gradients differ by {diff}"
@@ -497,7 +526,9 @@ def _worker(directory: str) -> None:
     results["scattered"] = gathered(distributed.scatter_from_main(lambda: [f"part {r}" for r in range(WORLD)]))
     results["main_fails_while_scattering"] = gathered(_scatter_outcome(distributed))
 
-    real_sum, real_all_sum = distributed.sum_gradients, distributed.all_sum
+    from dlm_rl import sharding
+
+    real_sum, real_all_sum, real_dist = distributed.sum_gradients, distributed.all_sum, sharding.dist
 
     def averaged(parameters):  # DDP's average of the gradients, of losses normalised on each rank
         parameters = [p for p in parameters if p.requires_grad]
@@ -505,16 +536,20 @@ def _worker(directory: str) -> None:
         for p in parameters:
             p.grad /= WORLD
 
-    mutations = {"gradients_not_summed": {"sum_gradients": lambda parameters: None},
+    class NoSum:  # the sharded sum without its all-reduce: each rank keeps its own gradients
+        all_reduce = staticmethod(lambda tensor: None)
+
+    mutations = {"gradients_not_summed": {"sum_gradients": lambda parameters: None, "sharding.dist": NoSum},
                  "mean_of_per_rank_means": {"sum_gradients": averaged, "all_sum": lambda value: value}}
     for mutation, patch in mutations.items():
-        for name in ("tracerl", "vrpo", "didi_student", "didi_discriminator"):  # both ranks have rows
+        for name in ("tracerl", "vrpo", "vrpo_fsdp_lora", "vrpo_fsdp_full", "didi_student",
+                     "didi_discriminator"):  # both ranks have rows
             for attribute, function in patch.items():
-                setattr(distributed, attribute, function)
+                setattr(*((sharding, "dist") if attribute == "sharding.dist" else (distributed, attribute)), function)
             try:
                 grads = cases[name]()
             finally:
-                distributed.sum_gradients, distributed.all_sum = real_sum, real_all_sum
+                distributed.sum_gradients, distributed.all_sum, sharding.dist = real_sum, real_all_sum, real_dist
             if main:
                 results["broken"][mutation][name] = max_diff(grads, reference[name])
     if main:
@@ -524,3 +559,66 @@ def _worker(directory: str) -> None:
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_vrpo_under_fsdp_trains_and_saves_whole_weights(tmp_path, use_lora):
+    """VRPO sharded with FSDP2 over two gloo processes, through `dlm-rl train` on a pairs file: it trains, and the
+    saved weights (or adapter) are whole, with the names and shapes a one-process run saves."""
+    from safetensors.torch import load_file
+
+    pairs = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i + 2)} for i in range(20)]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(row) for row in pairs))
+    recipe = (f"trainer: vrpo\nmodel: tiny\ndataset_path: {tmp_path / 'pairs.jsonl'}\neval_size: 4\n"
+              f"prompts_per_step: 5\nmax_steps: 2\neval_steps: 1\nuse_lora: {str(use_lora).lower()}\nlora_r: 4\n"
+              "gen_length: 4\nn_t: 2\nreport_to: none\n")
+    (tmp_path / "single.yaml").write_text(recipe)
+    (tmp_path / "fsdp.yaml").write_text(recipe + "fsdp: true\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}"]
+
+    def launch(command):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-4000:]
+
+    launch([*torchrun, "-m", "dlm_rl.cli", "train", str(tmp_path / "fsdp.yaml"), "--output_dir", str(tmp_path / "fsdp")])
+    launch([sys.executable, "-m", "dlm_rl.cli", "train", str(tmp_path / "single.yaml"), "--output_dir",
+            str(tmp_path / "single"), "--max_steps", "1"])
+
+    def saved(name):
+        (file,) = [f for f in os.listdir(tmp_path / name / "final") if f.endswith(".safetensors")]
+        return load_file(str(tmp_path / name / "final" / file))
+
+    sharded, single = saved("fsdp"), saved("single")
+    assert {k: v.shape for k, v in sharded.items()} == {k: v.shape for k, v in single.items()}
+    lines = [json.loads(x) for x in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["pairs"] for line in lines[1:]] == [5, 5] and all(math.isfinite(line["loss"]) for line in lines[1:])
+    if use_lora:  # LoRA B starts at zero: a trained adapter has moved it
+        assert any(float(tensor.abs().max()) > 0 for name, tensor in sharded.items() if "lora_B" in name)
+    else:  # the saved model loads and has moved from the recipe's initial tiny model
+        from dlm_rl.models import load
+
+        trained = dict(load(str(tmp_path / "fsdp" / "final")).named_parameters())
+        initial = dict(tiny_default().named_parameters())
+        assert trained.keys() == initial.keys()
+        assert any(not torch.equal(trained[name], initial[name]) for name in initial)
+
+
+def tiny_default():
+    from dlm_rl.models.tiny import tiny_model
+
+    return tiny_model()  # the recipe's `model: tiny`
+
+
+def test_fsdp_halves_the_per_rank_memory_of_weights_gradients_and_adamw():
+    """scripts/fsdp_memory.py on the tiny model: one VRPO step's weights, gradients and AdamW state per rank, two
+    processes against one (data parallelism would hold all of it on each: a ratio of 1)."""
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "fsdp_memory.py")], capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [row["setting"] for row in rows] == ["full", "lora"]
+    for row in rows:
+        assert row["one_process"]["optimizer"] > 0 and row["one_process"]["gradients"] > 0
+        assert 0.49 < row["ratio"] < 0.52, row

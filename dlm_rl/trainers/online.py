@@ -77,6 +77,9 @@ class OnlineArguments(DatasetArguments, CheckpointArguments, ReportArguments, Hu
     """With rollout_actors: the Ray cluster to join ('auto', 'ray://HEAD:10001'); unset starts a local instance."""
     eval_steps: int = 10
     """Greedy accuracy on the held-out prompts every this many steps (and before and after)."""
+    fsdp: bool = False
+    """Under torchrun / accelerate, shard the trained weights, their gradients and AdamW's state over the processes
+    (FSDP2: `dlm_rl.sharding`) instead of holding them whole on each (data parallel). VRPO only so far."""
     eval_batch_size: int = 32
     """Held-out prompts sampled at once: the check's memory is this many canvases' logits (batch × length ×
     vocabulary), not eval_size's."""
@@ -112,6 +115,9 @@ class OnlineArguments(DatasetArguments, CheckpointArguments, ReportArguments, Hu
             raise ValueError(f"max_reward_failures must be at least 1, got {self.max_reward_failures!r}")
         if self.rollout_actors < 0:
             raise ValueError(f"rollout_actors must be 0 (generate in this process) or more, got {self.rollout_actors}")
+        if self.fsdp and self.rollout_actors:
+            raise ValueError("fsdp with rollout_actors is not supported yet: the actors would need the whole weights "
+                             "gathered from the shards at every sync; generate in the trainer's processes")
         if not self.generated or self.dataset_name.startswith("reasoning_gym:"):
             if self.gen_length is None:
                 raise ValueError(f"dataset {self.dataset_path or self.dataset_name!r} needs gen_length (the response "

@@ -133,6 +133,8 @@ class TraceRLConfig(OnlineArguments):
             raise ValueError("value_model needs method 'tracerl' (values are read on the visited states)")
         if self.normaliser not in ("tokens", "length"):
             raise ValueError(f"normaliser must be 'tokens' or 'length', got {self.normaliser!r}")
+        if self.fsdp:
+            raise ValueError("fsdp: TraceRL does not shard yet (VRPO does); run it data parallel (fsdp: false)")
         if self.kl_reference not in ("old", "reference"):
             raise ValueError(f"kl_reference must be 'old' or 'reference', got {self.kl_reference!r}")
         if self.kl_reference == "reference" and not self.use_lora:

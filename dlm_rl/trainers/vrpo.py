@@ -20,6 +20,7 @@ gradients are summed once per step; rank 0 logs, evaluates and saves.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import os
@@ -30,7 +31,7 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from dlm_rl import distributed
+from dlm_rl import distributed, sharding
 from dlm_rl.checkpoint import checkpoint_due, prepare_output_dir, save_checkpoint, write_directory
 from dlm_rl.data.benchmarks import FILE_EXTENSIONS
 from dlm_rl.data.collate import require_columns
@@ -217,7 +218,7 @@ def run(config: VRPOConfig, *, model=None, train_dataset=None, eval_dataset=None
     torch.manual_seed(config.seed)
     rewards = Rewards(config.reward_funcs, config.reward_weights, timeout=config.reward_timeout,
                       max_failures=config.max_reward_failures)
-    device = distributed.setup()
+    device = distributed.setup(config.fsdp)
     main = distributed.is_main()
     tokenizer = (model.tokenizer if model is not None else known_tokenizer(config.model)) if pairs else None
     if tokenizer is not None:  # the pairs are checked before the model loads
@@ -236,8 +237,10 @@ def run(config: VRPOConfig, *, model=None, train_dataset=None, eval_dataset=None
         add_lora(model, config)
     hold_master_weights(config, model)  # after the frozen copy: the reference stays in the checkpoint's dtype
     estimator = PreferenceEstimator(config.n_t, config.n_yt, config.antithetic, config.estimator_form)
+    distributed.broadcast_parameters(model.parameters())
+    if config.fsdp and distributed.world_size() > 1:
+        sharding.shard(model)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    distributed.broadcast_parameters(parameters)
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = lr_scheduler(config, optimizer)
     generator = torch.Generator(device).manual_seed(config.seed + distributed.rank())
@@ -261,6 +264,7 @@ def run(config: VRPOConfig, *, model=None, train_dataset=None, eval_dataset=None
         return held_out_metrics(model, data.held_out, data.scorer, gen_length, config, rewards)
 
     line = {"step": done}
+    sharding.gather(model)  # every rank: the whole weights for the rollout, the update and rank 0's checks
     if main and not config.resume:
         line.update(held_out())
         log.log(line)
@@ -289,6 +293,7 @@ def run(config: VRPOConfig, *, model=None, train_dataset=None, eval_dataset=None
                     logger.warning("step %d: no preference pair (every prompt's rewards tied or were too close)",
                                    step)
                 line["skipped"] = 1
+            sharding.gather(model)  # the updated weights, whole again
             line["learning_rate"] = advance(scheduler)
             line["time/training"] = time.perf_counter() - start
             sync_rollout_weights(engine, model, config)
@@ -315,10 +320,15 @@ def run(config: VRPOConfig, *, model=None, train_dataset=None, eval_dataset=None
     finally:
         if engine is not None:
             engine.close()
-        if main and stepped:
+        if main and stepped and not sharding.is_sharded(model):  # a sharded model's whole weights need every rank
             write_directory(os.path.join(config.output_dir, "final"), model.save_pretrained)
         if main:
             log.close(curve=("reward/total", "eval/greedy_accuracy", "implicit_accuracy", "eval/implicit_accuracy"))
+    if stepped and sharding.is_sharded(model):
+        whole = sharding.whole_state_dict(model)
+        if main:
+            write_directory(os.path.join(config.output_dir, "final"),
+                            functools.partial(model.save_pretrained, state_dict=whole))
     if main and stepped:
         push_final(config, os.path.join(config.output_dir, "final"))
     return line
@@ -345,7 +355,7 @@ def _update(model, optimizer, parameters, chosen, rejected, estimator, config, g
         for name in ("score_mean", "implicit_accuracy", "reward_margin", "estimator_var"):
             sums[name] += stats[name] * share
     sums = distributed.all_sum(sums)
-    distributed.sum_gradients(parameters)
+    sharding.sum_gradients(model, parameters)
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
     if not nonfinite.skip([optimizer], loss=sums["loss"], grad_norm=float(grad_norm)):
         optimizer.step()
