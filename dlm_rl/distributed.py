@@ -34,7 +34,7 @@ def setup(fsdp: bool = False) -> torch.device:
             if os.environ.get(variable, "").lower() == "true" and not (fsdp and name == "FSDP"):
                 raise ValueError(
                     f"launched with an accelerate {name} config: the dlm-rl RL trainers replicate the model on every "
-                    "process (data parallel) unless the recipe sets `fsdp: true` (VRPO); launch them with "
+                    "process (data parallel) unless the recipe sets `fsdp: true`; launch them with "
                     "configs/accelerate/ddp.yaml or torchrun. DeepSpeed configs are for `trainer: mdm` (the "
                     "transformers Trainer); see docs/scaling.md")
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=TIMEOUT)

@@ -31,7 +31,7 @@ def shard(model: nn.Module) -> None:
     compute = getattr(model, "compute_dtype", None)
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute else None
     options = {"mp_policy": policy} if policy else {}
-    blocks = set(getattr(_backbone(model), "_no_split_modules", None) or ())
+    blocks = set().union(*(getattr(module, "_no_split_modules", None) or () for module in model.modules()))
     for module in list(model.modules()):
         if type(module).__name__ in blocks:
             fully_shard(module, **options)
@@ -97,20 +97,12 @@ def sum_gradients(model: nn.Module, parameters) -> None:
 
 
 def whole_state_dict(model: nn.Module) -> dict:
-    """The sharded DiffusionLM `model`'s backbone state dict, whole and on the CPU, on rank 0 (empty elsewhere): what
-    `model.save_pretrained(path, state_dict=...)` writes. A collective: every rank calls it."""
+    """The sharded `model`'s state dict, whole and on the CPU, on rank 0 (empty elsewhere). A collective: every rank
+    calls it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    first = {name for name, _ in model.named_parameters()}  # a tied weight (lm_head = embeddings) once
-    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - first
-    return {name.removeprefix("model."): tensor for name, tensor in whole.items() if name not in tied}
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _units(model: nn.Module) -> list:
     return [module for module in model.modules() if isinstance(module, FSDPModule)]
-
-
-def _backbone(model: nn.Module) -> nn.Module:
-    inner = getattr(model, "model", model)
-    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner

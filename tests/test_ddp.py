@@ -145,22 +145,30 @@ def _grads(named) -> dict:
             for name, p in named if p.requires_grad}
 
 
-def tracerl(inputs, trajectories, with_value=False) -> dict:
+def tracerl(inputs, trajectories, with_value=False, fsdp=False) -> dict:
+    """TraceRL's step; with `fsdp`, the policy and value model sharded (FSDP2) over the ranks: the summed gradients,
+    gathered whole from their shards."""
+    from dlm_rl import distributed
     from dlm_rl.trainers.tracerl import Learner, TraceRLConfig
 
     policy = loaded(lora_model, inputs["policy"])
     value = loaded(value_model, inputs["value"]) if with_value else None
     config = TraceRLConfig(model="tiny", beta=0.1, kl_reference="reference", micro_batch_rows=5, max_grad_norm=1e9,
-                           value_model=with_value, ppo_minibatches=1)  # one step: its gradients are compared
+                           value_model=with_value, ppo_minibatches=1,  # one step: its gradients are compared
+                           fsdp=fsdp)
     learner = Learner(policy, config, gen_length=4, value=value)
     learner.optimizer = torch.optim.SGD(learner.parameters, lr=0.0)  # the gradients stay, the weights do not move
     if value is not None:
         learner.value_optimizer = torch.optim.SGD(learner.value_parameters, lr=0.0)
+    sharded = [p for p in learner.parameters + getattr(learner, "value_parameters", [])
+               if type(p).__name__ == "DTensor"]
+    assert len(sharded) == (len(learner.parameters) + len(getattr(learner, "value_parameters", []))
+                            if fsdp and distributed.world_size() > 1 else 0), "sharded as asked"
     learner.update(trajectories)
     grads = _grads(policy.named_parameters())
     if value is not None:
         grads.update(_grads((f"value.{n}", p) for n, p in value.named_parameters()))
-    return grads
+    return {name: g.full_tensor() if hasattr(g, "full_tensor") else g for name, g in grads.items()}
 
 
 def vrpo(inputs, pairs) -> dict:
@@ -220,29 +228,46 @@ def _didi(inputs):
     return teacher, student, discriminator, config
 
 
-def didi_student(inputs, rows) -> dict:
+def sharded(module, fsdp: bool) -> list:
+    """With `fsdp` (and several ranks), `module` sharded (FSDP2) and its whole weights gathered for a step; its
+    trainable (sharded) weights."""
+    from dlm_rl import distributed, sharding
+
+    if fsdp and distributed.world_size() > 1:
+        sharding.shard(module)
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    assert all(type(p).__name__ == "DTensor" for p in parameters) == (fsdp and distributed.world_size() > 1)
+    sharding.gather(module)
+    return parameters
+
+
+def whole(grads: dict) -> dict:
+    return {name: g.full_tensor() if hasattr(g, "full_tensor") else g for name, g in grads.items()}
+
+
+def didi_student(inputs, rows, fsdp=False) -> dict:
     from dlm_rl.rl.didi import Rollout
     from dlm_rl.trainers.didi import _student_update
 
     teacher, student, _, config = _didi(inputs)
+    parameters = sharded(student, fsdp)
     d = {k: v[rows] for k, v in inputs["didi"].items()}
     logits = [student(d["start"], d["attention"]).logits, student(d["middle"], d["attention"]).logits]
     sample = Rollout([d["start"], d["middle"]], [d["first"], d["second"]], logits, d["final"], d["tau"])
-    parameters = [p for p in student.parameters() if p.requires_grad]
     _student_update(student, teacher, torch.optim.SGD(parameters, lr=0.0), parameters, sample, d["reward"],
                     d["response"], d["attention"], config, NonFiniteLoss(1, "DiDi"), None)
-    return _grads(student.named_parameters())
+    return whole(_grads(student.named_parameters()))
 
 
-def didi_discriminator(inputs, rows) -> dict:
+def didi_discriminator(inputs, rows, fsdp=False) -> dict:
     from dlm_rl.trainers.didi import _discriminator_update
 
     _, _, discriminator, config = _didi(inputs)
+    optimizer = torch.optim.SGD(sharded(discriminator, fsdp), lr=0.0)
     d = {k: v[rows] for k, v in inputs["didi"].items()}
-    optimizer = torch.optim.SGD([p for p in discriminator.parameters() if p.requires_grad], lr=0.0)
     _discriminator_update(discriminator, optimizer, d["real"], d["real_masked"], d["fake"], d["fake_masked"],
                           d["tau"], d["attention"], None, config, None, NonFiniteLoss(1, "DiDi"))  # no likelihood prior
-    return _grads(discriminator.named_parameters())
+    return whole(_grads(discriminator.named_parameters()))
 
 
 def mdm(inputs, shard, directory, sync=True) -> tuple[dict, dict]:
@@ -322,11 +347,15 @@ def rl_cases(inputs, part, world: int) -> dict:
         "tracerl": lambda: tracerl(inputs, trajectories),
         "tracerl_value_model": lambda: tracerl(inputs, trajectories, with_value=True),
         "tracerl_rank_without_rows": lambda: tracerl(inputs, emptied),
+        "tracerl_fsdp_value_model": lambda: tracerl(inputs, trajectories, with_value=True, fsdp=True),
+        "tracerl_fsdp_rank_without_rows": lambda: tracerl(inputs, emptied, fsdp=True),
         "vrpo": lambda: vrpo(inputs, part(inputs["pairs"])),
         "vrpo_fsdp_lora": lambda: vrpo_fsdp(inputs, part(inputs["pairs"]), use_lora=True),
         "vrpo_fsdp_full": lambda: vrpo_fsdp(inputs, part(inputs["pairs"]), use_lora=False),
         "didi_student": lambda: didi_student(inputs, didi_rows(part([0, 1, 2]))),
         "didi_discriminator": lambda: didi_discriminator(inputs, didi_rows(part([0, 1, 2]))),
+        "didi_fsdp_student": lambda: didi_student(inputs, didi_rows(part([0, 1, 2])), fsdp=True),
+        "didi_fsdp_discriminator": lambda: didi_discriminator(inputs, didi_rows(part([0, 1, 2])), fsdp=True),
     }
 
 
@@ -343,8 +372,10 @@ def test_two_processes_give_the_single_process_gradients_of_every_trainers_loss(
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["exact"]) == {"tracerl", "tracerl_value_model", "tracerl_rank_without_rows", "vrpo",
-                                     "vrpo_fsdp_lora", "vrpo_fsdp_full", "didi_student", "didi_discriminator", "mdm"}
+    assert set(results["exact"]) == {"tracerl", "tracerl_value_model", "tracerl_rank_without_rows",
+                                     "tracerl_fsdp_value_model", "tracerl_fsdp_rank_without_rows", "vrpo",
+                                     "vrpo_fsdp_lora", "vrpo_fsdp_full", "didi_student", "didi_discriminator",
+                                     "didi_fsdp_student", "didi_fsdp_discriminator", "mdm"}
     for name, (diff, size) in results["exact"].items():
         assert size > 1e-3, f"{name}: no gradient to compare"
         assert diff <= TOLERANCE, f"{name}: the gradients differ by {diff}"
@@ -455,7 +486,7 @@ def test_gpu_recipes_validate_and_carry_their_launch_command_and_memory_estimate
     launch = [line for line in header if line.startswith("# accelerate launch --config_file configs/accelerate/")]
     assert launch and launch[0].split()[-1] == f"recipes/{recipe}.yaml", "the data-parallel launch command"
     config_file = launch[0].split("--config_file ")[1].split()[0]
-    assert config_file == "configs/accelerate/ddp.yaml", "the RL trainers run data parallel only"
+    assert config_file == "configs/accelerate/ddp.yaml", "the RL trainers shard themselves (fsdp: true)"
     module, config = parse_recipe(path)
     assert callable(module.run)
     with open(os.path.join(ROOT, "docs", "scaling.md")) as f:
@@ -542,8 +573,9 @@ def _worker(directory: str) -> None:
     mutations = {"gradients_not_summed": {"sum_gradients": lambda parameters: None, "sharding.dist": NoSum},
                  "mean_of_per_rank_means": {"sum_gradients": averaged, "all_sum": lambda value: value}}
     for mutation, patch in mutations.items():
-        for name in ("tracerl", "vrpo", "vrpo_fsdp_lora", "vrpo_fsdp_full", "didi_student",
-                     "didi_discriminator"):  # both ranks have rows
+        for name in ("tracerl", "tracerl_fsdp_value_model", "vrpo", "vrpo_fsdp_lora", "vrpo_fsdp_full",
+                     "didi_student", "didi_discriminator", "didi_fsdp_student",
+                     "didi_fsdp_discriminator"):  # both ranks have rows
             for attribute, function in patch.items():
                 setattr(*((sharding, "dist") if attribute == "sharding.dist" else (distributed, attribute)), function)
             try:
@@ -561,17 +593,32 @@ if __name__ == "__main__":
     _worker(sys.argv[1])
 
 
-@pytest.mark.parametrize("use_lora", [False, True])
-def test_vrpo_under_fsdp_trains_and_saves_whole_weights(tmp_path, use_lora):
-    """VRPO sharded with FSDP2 over two gloo processes, through `dlm-rl train` on a pairs file: it trains, and the
-    saved weights (or adapter) are whole, with the names and shapes a one-process run saves."""
+FSDP_RECIPES = {
+    "vrpo_full": "trainer: vrpo\nmodel: tiny\ndataset_path: PAIRS\nuse_lora: false\nprompts_per_step: 5\nn_t: 2\n"
+                 "gen_length: 4\neval_size: 4\n",
+    "vrpo_lora": "trainer: vrpo\nmodel: tiny\ndataset_path: PAIRS\nprompts_per_step: 5\nn_t: 2\ngen_length: 4\n"
+                 "eval_size: 4\nlora_r: 4\n",
+    "tracerl_value_model": "trainer: tracerl\nmodel: tiny\ndataset_name: addition3\ntrain_size: 64\n"
+                           "prompts_per_step: 3\nnum_generations: 4\nvalue_model: true\nreward_funcs: [REWARD]\n"
+                           "eval_size: 4\nlora_r: 4\n",
+    "didi": "trainer: didi\nteacher: tiny\ndataset_name: addition3\ntrain_size: 64\nprompts_per_step: 3\n"
+            "group_size: 2\nrollout_steps: 2\neval_samples: 4\neval_nfe: 2\nema: 0.9\n",
+}
+
+
+@pytest.mark.parametrize("case", list(FSDP_RECIPES))
+def test_rl_trainers_under_fsdp_train_and_save_whole_weights(tmp_path, case):
+    """VRPO (on a pairs file), TraceRL (with its value model) and DiDi sharded with FSDP2 over two gloo processes
+    through `dlm-rl train`: they train, and the saved weights (or adapter, value model, discriminator) are whole,
+    with the names and shapes a one-process run saves."""
     from safetensors.torch import load_file
 
     pairs = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i + 2)} for i in range(20)]
     (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(row) for row in pairs))
-    recipe = (f"trainer: vrpo\nmodel: tiny\ndataset_path: {tmp_path / 'pairs.jsonl'}\neval_size: 4\n"
-              f"prompts_per_step: 5\nmax_steps: 2\neval_steps: 1\nuse_lora: {str(use_lora).lower()}\nlora_r: 4\n"
-              "gen_length: 4\nn_t: 2\nreport_to: none\n")
+    (tmp_path / "digits.py").write_text(  # a reward that differs between an untrained model's samples
+        "def digits(prompts, completions, **columns):\n    return [sum(c.isdigit() for c in x) for x in completions]\n")
+    recipe = (FSDP_RECIPES[case] + "max_steps: 2\neval_steps: 1\nreport_to: none\n").replace(
+        "REWARD", f"{tmp_path / 'digits.py'}:digits").replace("PAIRS", str(tmp_path / "pairs.jsonl"))
     (tmp_path / "single.yaml").write_text(recipe)
     (tmp_path / "fsdp.yaml").write_text(recipe + "fsdp: true\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
@@ -582,8 +629,9 @@ def test_vrpo_under_fsdp_trains_and_saves_whole_weights(tmp_path, use_lora):
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-4000:]
 
-    launch([*torchrun, "-m", "dlm_rl.cli", "train", str(tmp_path / "fsdp.yaml"), "--output_dir", str(tmp_path / "fsdp")])
-    launch([sys.executable, "-m", "dlm_rl.cli", "train", str(tmp_path / "single.yaml"), "--output_dir",
+    train = ["-m", "dlm_rl.cli", "train"]
+    launch([*torchrun, *train, str(tmp_path / "fsdp.yaml"), "--output_dir", str(tmp_path / "fsdp")])
+    launch([sys.executable, *train, str(tmp_path / "single.yaml"), "--output_dir",
             str(tmp_path / "single"), "--max_steps", "1"])
 
     def saved(name):
@@ -593,16 +641,21 @@ def test_vrpo_under_fsdp_trains_and_saves_whole_weights(tmp_path, use_lora):
     sharded, single = saved("fsdp"), saved("single")
     assert {k: v.shape for k, v in sharded.items()} == {k: v.shape for k, v in single.items()}
     lines = [json.loads(x) for x in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]
-    assert [line["pairs"] for line in lines[1:]] == [5, 5] and all(math.isfinite(line["loss"]) for line in lines[1:])
-    if use_lora:  # LoRA B starts at zero: a trained adapter has moved it
-        assert any(float(tensor.abs().max()) > 0 for name, tensor in sharded.items() if "lora_B" in name)
-    else:  # the saved model loads and has moved from the recipe's initial tiny model
+    assert len(lines) == 3 and all(math.isfinite(line["grad_norm"]) for line in lines[1:])
+    if case in ("vrpo_full", "didi"):  # the saved model loads and has moved from the recipe's initial tiny model
         from dlm_rl.models import load
 
         trained = dict(load(str(tmp_path / "fsdp" / "final")).named_parameters())
         initial = dict(tiny_default().named_parameters())
         assert trained.keys() == initial.keys()
         assert any(not torch.equal(trained[name], initial[name]) for name in initial)
+    else:  # LoRA B starts at zero: a trained adapter has moved it
+        assert any(float(tensor.abs().max()) > 0 for name, tensor in sharded.items() if "lora_B" in name)
+    extra = {"tracerl_value_model": "value_model.pt", "didi": "discriminator.pt"}
+    if case in extra:
+        values = [torch.load(tmp_path / name / "final" / extra[case]) for name in ("fsdp", "single")]
+        assert {k: v.shape for k, v in values[0].items()} == {k: v.shape for k, v in values[1].items()}
+        assert all(type(v) is torch.Tensor for v in values[0].values())
 
 
 def tiny_default():

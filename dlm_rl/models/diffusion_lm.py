@@ -165,8 +165,14 @@ class DiffusionLM(nn.Module):
         )
 
     def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
-        """Save weights (or the LoRA adapter), tokenizer and `dlm_rl.json` so that `load` restores all three."""
+        """Save weights (or the LoRA adapter), tokenizer and `dlm_rl.json` so that `load` restores all three. A
+        `state_dict` given (with this module's names, e.g. gathered from shards) is saved instead of the weights'."""
         os.makedirs(path, exist_ok=True)
+        if kwargs.get("state_dict") is not None:  # a tied weight (lm_head = embeddings) once, as transformers saves it
+            tied = ({name for name, _ in self.named_parameters(remove_duplicate=False)}
+                    - {name for name, _ in self.named_parameters()})
+            kwargs["state_dict"] = {name.removeprefix("model."): value for name, value in kwargs["state_dict"].items()
+                                    if name not in tied}
         self.model.save_pretrained(path, **kwargs)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)

@@ -139,9 +139,10 @@ def time_features(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([angles.cos(), angles.sin()], -1)
 
 
-def save_discriminator(discriminator: Discriminator, directory: str) -> None:
-    """`discriminator.pt` (the weights) and `discriminator.json` (its settings) in `directory`."""
-    torch.save(discriminator.state_dict(), os.path.join(directory, "discriminator.pt"))
+def save_discriminator(discriminator: Discriminator, directory: str, weights: dict | None = None) -> None:
+    """`discriminator.pt` (the weights, or `weights`: its state dict gathered from shards) and `discriminator.json`
+    (its settings) in `directory`."""
+    torch.save(discriminator.state_dict() if weights is None else weights, os.path.join(directory, "discriminator.pt"))
     with open(os.path.join(directory, "discriminator.json"), "w") as f:
         json.dump(discriminator.settings, f)
 

@@ -41,7 +41,8 @@ class ValueModel(nn.Module):
     def forward(self, rows: Rows) -> torch.Tensor:
         """[N, R] values of the response tokens in each row's state."""
         out = self.backbone(rows.input_ids, **rows.forward_kwargs(self.backbone.dtype), output_hidden_states=True)
-        return self.head(out.hidden_states[:, -rows.response_length :]).squeeze(-1).float()
+        hidden = out.hidden_states[:, -rows.response_length :]
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()  # a float32 master head
 
 
 def trace_gae(

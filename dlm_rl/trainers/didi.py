@@ -24,6 +24,7 @@ section 6.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import os
@@ -34,7 +35,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from dlm_rl import distributed
+from dlm_rl import distributed, sharding
 from dlm_rl.checkpoint import (
     CheckpointArguments,
     checkpoint_due,
@@ -186,6 +187,10 @@ class DiDiConfig(CheckpointArguments, ReportArguments, HubArguments, Optimizatio
     """Samples per evaluation (prompts cycled from the training rows)."""
     eval_batch_size: int = 64
     """Evaluation samples drawn at once (the evaluation's memory)."""
+    fsdp: bool = False
+    """Under torchrun / accelerate, shard the student, the discriminator and the EMA (weights, gradients, AdamW
+    state) over the processes (FSDP2: `dlm_rl.sharding`) instead of holding them whole on each; the frozen teacher
+    stays whole."""
     eval_nfe: int = 16
     """Ancestral steps of the periodic evaluation."""
     output_dir: str = "runs/didi"
@@ -213,8 +218,8 @@ class DiDiConfig(CheckpointArguments, ReportArguments, HubArguments, Optimizatio
         if not self.use_discriminator and self.kl_coef == 0 and self.conditional_kl_coef == 0:
             raise ValueError("with use_discriminator false the student learns from kl_coef and conditional_kl_coef "
                              "alone; set one above 0")
-        require_positive(self, "max_steps", "train_size", "gen_length", "eval_steps", "eval_samples", "eval_batch_size", "eval_nfe",
-                         "likelihood_folds", "conditional_folds")
+        require_positive(self, "max_steps", "train_size", "gen_length", "eval_steps", "eval_samples",
+                         "eval_batch_size", "eval_nfe", "likelihood_folds", "conditional_folds")
         require_range(self, learning_rate=(0, None), discriminator_learning_rate=(0, None), weight_decay=(0, None),
                       discriminator_warmup_steps=(0, None), kl_coef=(0, None), entropy_coef=(0, None),
                       label_smoothing=(0, 0.5), likelihood_prior=(0, None), tau_beta_a=(0, None),
@@ -253,7 +258,7 @@ def run(config: DiDiConfig, *, model=None, train_dataset=None, eval_dataset=None
     rows, gen_length = completion_rows(name, source, config.train_size, config.seed, config.gen_length, tokenizer,
                                        config.dataset_config, config.dataset_train_split)
     torch.manual_seed(config.seed)
-    device = distributed.setup()
+    device = distributed.setup(config.fsdp)
     main = distributed.is_main()
     teacher = (model or resolve_model(config.teacher, trust_remote_code=config.trust_remote_code)).to(device)
     teacher.requires_grad_(False).eval()
@@ -268,6 +273,9 @@ def run(config: DiDiConfig, *, model=None, train_dataset=None, eval_dataset=None
     distributed.broadcast_parameters(discriminator.parameters())  # the same head and time embedding on every rank
     hold_master_weights(config, student, discriminator)
     ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(config.ema)) if config.ema else None
+    if config.fsdp and distributed.world_size() > 1:
+        for module in (student, discriminator) + ((ema.module,) if ema is not None else ()):
+            sharding.shard(module)
     student_parameters = [p for p in student.parameters() if p.requires_grad]
     student_optimizer = torch.optim.AdamW(student_parameters, lr=config.learning_rate,
                                           weight_decay=config.weight_decay)
@@ -288,13 +296,18 @@ def run(config: DiDiConfig, *, model=None, train_dataset=None, eval_dataset=None
     done, log = start_run(config, state, main)  # steps done before (0 for a new run)
     events = Callbacks(callbacks, config, done)
 
+    evaluated = ema.module if ema is not None else student
+
     def evaluate() -> dict:
-        return _evaluate(ema.module if ema is not None else student, config, rows, gen_length, device, task)
+        return _evaluate(evaluated, config, rows, gen_length, device, task)
 
     line = {"step": done}
-    if main and not config.resume:
-        line.update(evaluate())
-        log.log(line)
+    if not config.resume:
+        sharding.gather(evaluated)  # every rank: rank 0 evaluates the whole weights
+        if main:
+            line.update(evaluate())
+            log.log(line)
+        sharding.release(evaluated)
     stepped = False
     try:
         events.event("on_train_begin", model=student)
@@ -303,20 +316,28 @@ def run(config: DiDiConfig, *, model=None, train_dataset=None, eval_dataset=None
             start = time.perf_counter()
             rows_now = distributed.share(stream.next())
             batch = {k: v.to(device) for k, v in collate(rows_now).items()}
+            sharding.gather(student)
+            sharding.gather(discriminator)
             line = {"step": step, **_step(student, teacher, discriminator, student_optimizer, discriminator_optimizer,
                                           student_parameters, batch, rows_now, config, generator, nonfinite, task,
                                           update_student=step > config.discriminator_warmup_steps)}
             line["learning_rate"] = advance(scheduler)
             if ema is not None and step > config.discriminator_warmup_steps:
+                sharding.release(student)  # the EMA averages shards
                 ema.update_parameters(student)
             line["time/step"] = time.perf_counter() - start
             stepped = True
+            due = step % config.eval_steps == 0 or step == config.max_steps
+            if due:
+                sharding.gather(evaluated)  # every rank: rank 0 evaluates the whole weights
             if not main:
+                sharding.release(evaluated)
                 if events.step_end(line):
                     break
                 continue
-            if step % config.eval_steps == 0 or step == config.max_steps:
+            if due:
                 line.update(evaluate())
+                sharding.release(evaluated)
             bar.set_postfix(reward=f"{line['reward']:.3f}", d_loss=f"{line['discriminator_loss']:.3f}")
             log.log(line)
             if checkpoint_due(config, step):
@@ -327,19 +348,27 @@ def run(config: DiDiConfig, *, model=None, train_dataset=None, eval_dataset=None
                 break
         events.event("on_train_end", model=student)
     finally:
-        if main and stepped:
-            final = ema.module if ema is not None else student
-
-            def write_final(directory: str) -> None:
-                final.save_pretrained(directory)
-                save_discriminator(discriminator, directory)
-
-            write_directory(os.path.join(config.output_dir, "final"), write_final)
+        if main and stepped and not sharding.is_sharded(evaluated):  # sharded weights need every rank
+            write_directory(os.path.join(config.output_dir, "final"),
+                            functools.partial(write_final, model=evaluated, discriminator=discriminator))
         if main:
             log.close(curve=("reward", "discriminator_loss", "eval/validity"))
+    if stepped and sharding.is_sharded(evaluated):
+        weights, discriminator_weights = sharding.whole_state_dict(evaluated), sharding.whole_state_dict(discriminator)
+        if main:
+            write_directory(os.path.join(config.output_dir, "final"), functools.partial(
+                write_final, model=evaluated, discriminator=discriminator, weights=weights,
+                discriminator_weights=discriminator_weights))
     if main and stepped:
         push_final(config, os.path.join(config.output_dir, "final"))
     return line
+
+
+def write_final(directory: str, model, discriminator, weights=None, discriminator_weights=None) -> None:
+    """The final student (the EMA's, if any; `weights`: its state dict gathered from shards) and the
+    discriminator in `directory`."""
+    model.save_pretrained(directory, **({"state_dict": weights} if weights is not None else {}))
+    save_discriminator(discriminator, directory, discriminator_weights)
 
 
 def _step(student, teacher, discriminator, student_optimizer, discriminator_optimizer, student_parameters, batch,
@@ -364,6 +393,7 @@ def _step(student, teacher, discriminator, student_optimizer, discriminator_opti
     line = {"discriminator_loss": _discriminator_update(discriminator, discriminator_optimizer, real, real_masked,
                                                        fake, fake_masked, tau, attention_mask, response_mask,
                                                        config, generator, nonfinite)}
+    sharding.gather(discriminator)  # the updated weights, whole again
     discriminator.eval()  # read, not trained: no spectral-norm power iteration, no dropout
     with torch.no_grad():
         fake_logits = discriminator(fake, attention_mask, time=tau, response_mask=response_mask, generator=generator)
@@ -391,8 +421,8 @@ def _discriminator_update(discriminator, optimizer, real, real_masked, fake, fak
     d_loss = discriminator_loss(real_logits, real_masked, fake_logits, fake_masked, config.label_smoothing,
                                 counts=(counts["real"], counts["fake"]))
     d_loss.backward()
-    parameters = [p for p in discriminator.parameters() if p.requires_grad]
-    distributed.sum_gradients(parameters)
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    sharding.sum_gradients(discriminator, parameters)
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.discriminator_max_grad_norm)
     total = distributed.all_sum(d_loss.item())
     if not nonfinite.skip([optimizer], discriminator_loss=total, discriminator_grad_norm=float(grad_norm)):
@@ -447,7 +477,7 @@ def _student_update(student, teacher, optimizer, parameters, sample, reward, res
                                 "advantage_abs": float(advantage.abs().mean()) * share["rows"]})
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    distributed.sum_gradients(parameters)
+    sharding.sum_gradients(student, parameters)
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
     if not nonfinite.skip([optimizer], loss=line["loss"], grad_norm=float(grad_norm)):
         optimizer.step()

@@ -196,12 +196,10 @@ class MDMTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Save the DiffusionLM (weights or adapter, tokenizer, conventions) so `dlm_rl.models.load` reads it. The
         Trainer's `save_model` calls this in the writing process, with the state dict it gathered when the weights
-        are sharded (FSDP, DeepSpeed ZeRO-3): the wrapper's names, saved under the wrapped model's."""
+        are sharded (FSDP, DeepSpeed ZeRO-3), with the DiffusionLM's names."""
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
-        if state_dict is not None:
-            state_dict = {name.removeprefix("model."): tensor for name, tensor in state_dict.items()}
         self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, state_dict=state_dict)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 

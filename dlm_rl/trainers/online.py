@@ -79,7 +79,7 @@ class OnlineArguments(DatasetArguments, CheckpointArguments, ReportArguments, Hu
     """Greedy accuracy on the held-out prompts every this many steps (and before and after)."""
     fsdp: bool = False
     """Under torchrun / accelerate, shard the trained weights, their gradients and AdamW's state over the processes
-    (FSDP2: `dlm_rl.sharding`) instead of holding them whole on each (data parallel). VRPO only so far."""
+    (FSDP2: `dlm_rl.sharding`) instead of holding them whole on each (data parallel)."""
     eval_batch_size: int = 32
     """Held-out prompts sampled at once: the check's memory is this many canvases' logits (batch × length ×
     vocabulary), not eval_size's."""

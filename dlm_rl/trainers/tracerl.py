@@ -21,6 +21,7 @@ objective and where the defaults depart from the papers.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from dlm_rl import distributed
+from dlm_rl import distributed, sharding
 from dlm_rl.checkpoint import checkpoint_due, prepare_output_dir, save_checkpoint, write_directory
 from dlm_rl.guards import NonFiniteLoss, RolloutGuards
 from dlm_rl.hub import push_final
@@ -133,8 +134,6 @@ class TraceRLConfig(OnlineArguments):
             raise ValueError("value_model needs method 'tracerl' (values are read on the visited states)")
         if self.normaliser not in ("tokens", "length"):
             raise ValueError(f"normaliser must be 'tokens' or 'length', got {self.normaliser!r}")
-        if self.fsdp:
-            raise ValueError("fsdp: TraceRL does not shard yet (VRPO does); run it data parallel (fsdp: false)")
         if self.kl_reference not in ("old", "reference"):
             raise ValueError(f"kl_reference must be 'old' or 'reference', got {self.kl_reference!r}")
         if self.kl_reference == "reference" and not self.use_lora:
@@ -160,7 +159,7 @@ def run(config: TraceRLConfig, *, model=None, train_dataset=None, eval_dataset=N
     torch.manual_seed(config.seed)
     rewards = Rewards(config.reward_funcs, config.reward_weights, timeout=config.reward_timeout,
                       max_failures=config.max_reward_failures)  # bad references fail before any work
-    device = distributed.setup()
+    device = distributed.setup(config.fsdp)
     main = distributed.is_main()
     model = (model or resolve_model(config.model, trust_remote_code=config.trust_remote_code)).to(device)
     check_prompts_fit(model, data)
@@ -193,6 +192,7 @@ def run(config: TraceRLConfig, *, model=None, train_dataset=None, eval_dataset=N
         return held_out_metrics(model, data.held_out, data.scorer, gen_length, config, rewards)
 
     line = {"step": done}
+    sharding.gather(model)  # every rank: the whole weights for the rollout and rank 0's checks
     if main and not config.resume:
         line.update(held_out())
         log.log(line)
@@ -211,6 +211,7 @@ def run(config: TraceRLConfig, *, model=None, train_dataset=None, eval_dataset=N
             rollout = gather_rollout(trajectories)
             start = time.perf_counter()
             line.update(learner.update(trajectories))
+            sharding.gather(model)  # the updated weights, whole again
             line["learning_rate"] = advance(*learner.schedulers)
             line["time/training"] = time.perf_counter() - start
             sync_rollout_weights(engine, model, config)
@@ -239,18 +240,28 @@ def run(config: TraceRLConfig, *, model=None, train_dataset=None, eval_dataset=N
     finally:
         if engine is not None:
             engine.close()
-        if main and stepped:
-            def write_final(directory: str) -> None:
-                model.save_pretrained(directory)
-                if value is not None:
-                    torch.save(value.state_dict(), os.path.join(directory, "value_model.pt"))
-
-            write_directory(os.path.join(config.output_dir, "final"), write_final)
+        if main and stepped and not sharding.is_sharded(model):  # a sharded model's whole weights need every rank
+            write_directory(os.path.join(config.output_dir, "final"),
+                            functools.partial(write_final, model=model, value=value))
         if main:
             log.close()
+    if stepped and sharding.is_sharded(model):
+        weights = sharding.whole_state_dict(model)
+        value_weights = sharding.whole_state_dict(value) if value is not None else None
+        if main:
+            write_directory(os.path.join(config.output_dir, "final"), functools.partial(
+                write_final, model=model, value=value, weights=weights, value_weights=value_weights))
     if main and stepped:
         push_final(config, os.path.join(config.output_dir, "final"))
     return line
+
+
+def write_final(directory: str, model, value, weights=None, value_weights=None) -> None:
+    """The final policy (`weights`: its state dict gathered from shards) and value model in `directory`."""
+    model.save_pretrained(directory, **({"state_dict": weights} if weights is not None else {}))
+    if value is not None:
+        torch.save(value_weights if value_weights is not None else value.state_dict(),
+                   os.path.join(directory, "value_model.pt"))
 
 
 class Learner:
@@ -258,13 +269,16 @@ class Learner:
 
     def __init__(self, model, config: TraceRLConfig, gen_length: int, value: ValueModel | None = None):
         self.model, self.config, self.value = model, config, value
-        hold_master_weights(config, model, *([value] if value is not None else []))
+        self.models = [model] + ([value] if value is not None else [])
+        hold_master_weights(config, *self.models)
+        for module in self.models:
+            distributed.broadcast_parameters(module.parameters())
+            if config.fsdp and distributed.world_size() > 1:
+                sharding.shard(module)
         self.parameters = [p for p in model.parameters() if p.requires_grad]
-        distributed.broadcast_parameters(self.parameters)
         self.optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
         if value is not None:
             self.value_parameters = [p for p in value.parameters() if p.requires_grad]
-            distributed.broadcast_parameters(self.value_parameters)
             self.value_optimizer = torch.optim.AdamW(self.value_parameters, lr=config.value_learning_rate)
         self.schedulers = [lr_scheduler(config, optimizer) for optimizer in
                            [self.optimizer] + ([self.value_optimizer] if value is not None else [])]
@@ -272,6 +286,11 @@ class Learner:
         self.normaliser = gen_length if random_rows or config.normaliser == "length" else "tokens"
         self.generator = torch.Generator().manual_seed(config.seed + distributed.rank())  # the baselines' masks
         self.nonfinite = NonFiniteLoss(config.max_nonfinite_steps, "TraceRL")
+
+    def gather(self) -> None:
+        """Sharded models (fsdp): their whole weights, until the next gradient sum (`dlm_rl.sharding`)."""
+        for module in self.models:
+            sharding.gather(module)
 
     def rows(self, trajectory) -> Rows:
         method, mask_id = self.config.method, self.model.mask_token_id
@@ -285,6 +304,7 @@ class Learner:
     def update(self, trajectories) -> dict:
         """Build every epoch's rows and score them under π_old first, then take `ppo_minibatches` PPO steps per
         epoch; returns the metrics (averaged over the optimiser steps)."""
+        self.gather()
         epochs, counts = self.prepare(trajectories)
         metrics = {"kept_fraction": counts["kept"] / max(1, counts["total"])}
         if not counts["kept"]:
@@ -391,6 +411,7 @@ class Learner:
         if not total_rows:  # fewer samples than minibatches: nothing to step on
             return None
         sums = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "value_loss": 0.0}
+        self.gather()
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
         if self.value is not None:
@@ -421,7 +442,9 @@ class Learner:
         if self.value is not None:
             sums["value_sum"] = float(sum((b["old_values"] * b["rows"].targets).sum() for b in batches))
         sums = distributed.all_sum(sums)
-        distributed.sum_gradients(self.parameters)
+        sharding.sum_gradients(model, self.parameters)
+        if self.value is not None:
+            sharding.sum_gradients(self.value, self.value_parameters)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, config.max_grad_norm)
         optimizers = [self.optimizer] + ([self.value_optimizer] if self.value is not None else [])
         skipped = self.nonfinite.skip(optimizers, loss=sums["loss"], value_loss=sums["value_loss"],
@@ -437,7 +460,6 @@ class Learner:
             return metrics
         self.optimizer.step()
         if self.value is not None:
-            distributed.sum_gradients(self.value_parameters)
             torch.nn.utils.clip_grad_norm_(self.value_parameters, config.max_grad_norm)
             self.value_optimizer.step()
             metrics["value_mean"] = value_sum / counts["targets"]
