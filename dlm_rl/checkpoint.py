@@ -3,6 +3,10 @@
 - `state.pt`: the step; the trained tensors of each model (a LoRA adapter and any head, or every weight); optimizer
   and `torch.Generator` states; the data position; the rollout engine's call counter and weight version; and the
   process's RNG states (torch CPU and CUDA, python `random`, numpy).
+- Under torchrun / accelerate, `state.pt` holds what every process shares (rank 0's), and `rank-R.pt` each process's
+  own generators, rollout engine and RNG states. The models sharded with `fsdp` and their optimizers are saved
+  by every process into `sharded/` with `torch.distributed.checkpoint`, which loads them into any number of
+  processes (one included).
 - `config.json`: the config class and the run's settings, compared with the resuming run's.
 - `manifest.json`, written last: each other file's size and SHA-256. Resuming checks them before loading: `latest`
   skips a damaged or incomplete checkpoint with a warning naming it and resumes from the newest good one; a damaged
@@ -107,28 +111,98 @@ def checkpoint_due(config, step: int) -> bool:
 
 def save_checkpoint(config, step: int, objects: dict) -> str:
     """Write output_dir/checkpoint-STEP with the state of `objects` (models, optimizers, generators, and anything
-    with `state_dict`) and the RNG states; drop the oldest checkpoints beyond `save_total_limit`; returns the path."""
+    with `state_dict`) and the RNG states; drop the oldest checkpoints beyond `save_total_limit`; returns the path.
+    Under torchrun every process calls it (module docstring)."""
+    from dlm_rl import distributed
+
     final = os.path.join(config.output_dir, f"checkpoint-{step}")
     temporary = os.path.join(config.output_dir, f".checkpoint-{step}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)  # left by a run killed mid-save
-    os.makedirs(temporary)
-    state = {"step": step, "rng": rng_states(), **{name: _state_of(obj) for name, obj in objects.items()}}
-    with open(os.path.join(temporary, STATE), "wb") as f:
+    main = distributed.is_main()
+    if main:
+        shutil.rmtree(temporary, ignore_errors=True)  # left by a run killed mid-save
+        os.makedirs(temporary)
+    distributed.barrier()
+    shared, own, sharded = _split(objects)
+    if main:
+        state = {"step": step, "rng": rng_states(), "world_size": distributed.world_size(),
+                 "sharded": sorted(sharded), **{name: _state_of(obj) for name, obj in shared.items()}}
+        _save(state, os.path.join(temporary, STATE))
+    if distributed.world_size() > 1:
+        own_state = {"rng": rng_states(), **{name: _state_of(obj) for name, obj in own.items()}}
+        _save(own_state, os.path.join(temporary, f"rank-{distributed.rank()}.pt"))
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(_sharded_states(sharded, objects), checkpoint_id=os.path.join(temporary, "sharded"))
+    distributed.barrier()
+    if main:
+        with open(os.path.join(temporary, CONFIG), "w") as f:
+            json.dump({"config_class": type(config).__name__, "step": step, "config": _plain(config)}, f, indent=2)
+            _sync(f)
+        write_manifest(temporary)
+        if os.path.exists(final):  # a run resumed from an earlier checkpoint reaches this step again
+            _remove(final)
+        os.rename(temporary, final)
+        found = checkpoints(config.output_dir)
+        if config.save_total_limit is not None:
+            for old in found[: -config.save_total_limit]:
+                _remove(old)
+        logger.info("saved %s", final)
+    distributed.barrier()
+    return final
+
+
+def _save(state: dict, path: str) -> None:
+    with open(path, "wb") as f:
         torch.save(state, f)
         _sync(f)
-    with open(os.path.join(temporary, CONFIG), "w") as f:
-        json.dump({"config_class": type(config).__name__, "step": step, "config": _plain(config)}, f, indent=2)
-        _sync(f)
-    write_manifest(temporary)
-    if os.path.exists(final):  # a run resumed from an earlier checkpoint reaches this step again
-        _remove(final)
-    os.rename(temporary, final)
-    found = checkpoints(config.output_dir)
-    if config.save_total_limit is not None:
-        for old in found[: -config.save_total_limit]:
-            _remove(old)
-    logger.info("saved %s", final)
-    return final
+
+
+def _split(objects: dict) -> tuple[dict, dict, dict]:
+    """`objects` as (shared by every process: rank 0 saves them, each process's own: its generators and rollout
+    engine, sharded: models with sharded weights and their optimizers). In one process every object is shared."""
+    from dlm_rl import distributed
+
+    if distributed.world_size() == 1:
+        return dict(objects), {}, {}
+    sharded = {name: obj for name, obj in objects.items() if _is_sharded(obj)}
+    sharded_parameters = {id(p) for obj in sharded.values() for p in obj.parameters()}
+    sharded.update({name: obj for name, obj in objects.items() if isinstance(obj, torch.optim.Optimizer)
+                    and any(id(p) in sharded_parameters for group in obj.param_groups for p in group["params"])})
+    own = {name: obj for name, obj in objects.items()
+           if name not in sharded and (isinstance(obj, torch.Generator) or name == "engine")}
+    shared = {name: obj for name, obj in objects.items() if name not in sharded and name not in own}
+    return shared, own, sharded
+
+
+def _is_sharded(obj) -> bool:
+    """A module holding weights sharded by `dlm_rl.sharding`; gathered ones are released to their shards."""
+    from dlm_rl import sharding
+
+    if not isinstance(obj, torch.nn.Module):
+        return False
+    for module in obj.modules():
+        sharding.release(module)
+    return any(type(p).__name__ == "DTensor" for p in obj.parameters())
+
+
+def _sharded_states(names, objects: dict) -> dict:
+    """The `torch.distributed.checkpoint` state of the objects `names` in `objects`: a model's trained tensors, an
+    optimizer's state keyed by its model's parameter names (that model being among `objects`)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    models = [obj for obj in objects.values() if isinstance(obj, torch.nn.Module)]
+    states = {}
+    for name in names:
+        obj = objects[name]
+        if isinstance(obj, torch.nn.Module):
+            keep = trained_tensors(obj).keys()
+            states[name] = {k: v for k, v in get_model_state_dict(obj).items() if k in keep}
+        else:
+            first = obj.param_groups[0]["params"][0]
+            (model,) = [m for m in models if any(p is first for p in m.parameters())][:1]
+            states[name] = get_optimizer_state_dict(model, obj)
+    return states
 
 
 def load_checkpoint(config, objects: dict) -> int:
@@ -136,21 +210,52 @@ def load_checkpoint(config, objects: dict) -> int:
     `resume`, 0)."""
     from dlm_rl import distributed
 
-    if distributed.world_size() > 1 and (config.resume or config.save_steps):
-        raise ValueError("save_steps and resume work in single-process runs only for now: a checkpoint holds one "
-                         "process's RNG and generator states; run without them under torchrun / accelerate")
     if config.resume is None:
         return 0
     path, saved, state = _read_good_checkpoint(config)
     _compare(saved, config, path)
+    world, saved_world = distributed.world_size(), state.get("world_size", 1)
+    if world > 1 and world != saved_world:
+        raise ValueError(f"checkpoint {path} was saved by {saved_world} process(es); resume it with as many (each "
+                         "has its own generators and RNG states), or in one process")
+    if saved_world > 1:  # this process's own part (in one process, rank 0's)
+        own = torch.load(os.path.join(path, f"rank-{distributed.rank()}.pt"), map_location="cpu", weights_only=True)
+        state = {**state, **own}
+    sharded = set(state.get("sharded", ()))
     for name, obj in objects.items():
-        if name not in state:
+        if name not in state and name not in sharded:
             raise ValueError(f"checkpoint {path} has no {name!r} (it has {sorted(state)}); it was saved by another "
                              "kind of run")
-        _restore(obj, state[name], f"checkpoint {path}: {name}")
+        if name not in sharded:
+            _restore(obj, state[name], f"checkpoint {path}: {name}")
+    if sharded:
+        _load_sharded(sorted(sharded), objects, os.path.join(path, "sharded"))
     set_rng_states(state["rng"])
     logger.info("resumed from %s at step %d", path, state["step"])
     return state["step"]
+
+
+def _load_sharded(names: list[str], objects: dict, directory: str) -> None:
+    """Load the objects `names` from a `torch.distributed.checkpoint` directory, resharded to this run's processes
+    (or whole, in one process)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    states = _sharded_states(names, objects)
+    dcp.load(states, checkpoint_id=directory)
+    models = [obj for obj in objects.values() if isinstance(obj, torch.nn.Module)]
+    for name in names:
+        obj = objects[name]
+        if isinstance(obj, torch.nn.Module):
+            set_model_state_dict(obj, states[name], options=StateDictOptions(strict=False))
+        else:
+            first = obj.param_groups[0]["params"][0]
+            (model,) = [m for m in models if any(p is first for p in m.parameters())][:1]
+            set_optimizer_state_dict(model, obj, states[name])
 
 
 def prepare_output_dir(config) -> None:

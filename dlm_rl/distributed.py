@@ -58,6 +58,12 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def barrier() -> None:
+    """Wait for every rank; in one process, nothing."""
+    if world_size() > 1:
+        dist.barrier()
+
+
 def share(items: list) -> list:
     """This rank's contiguous share of a global batch; shares differ in size by at most one item."""
     n, world, r = len(items), world_size(), rank()

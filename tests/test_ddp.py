@@ -675,3 +675,46 @@ def test_fsdp_halves_the_per_rank_memory_of_weights_gradients_and_adamw():
     for row in rows:
         assert row["one_process"]["optimizer"] > 0 and row["one_process"]["gradients"] > 0
         assert 0.49 < row["ratio"] < 0.52, row
+
+
+@pytest.mark.parametrize("case, fsdp", [("tracerl_value_model", False), ("tracerl_value_model", True),
+                                        ("vrpo_full", True), ("didi", True)])
+def test_two_process_runs_resume_exactly_and_a_two_process_checkpoint_resumes_in_one(tmp_path, case, fsdp):
+    """Under torchrun (two gloo processes; data parallel, or sharded with FSDP2), a run resumed from checkpoint-2
+    logs the same metrics at steps 3 to 5 as the run that went on. Each process saved its own generators and RNG
+    states; the sharded weights and AdamW states went through torch.distributed.checkpoint, which also loads them
+    into one process."""
+    pairs = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i + 2)} for i in range(20)]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(row) for row in pairs))
+    (tmp_path / "digits.py").write_text(
+        "def digits(prompts, completions, **columns):\n    return [sum(c.isdigit() for c in x) for x in completions]\n")
+    recipe = (FSDP_RECIPES[case] + f"max_steps: 5\neval_steps: 2\nsave_steps: 2\nsave_total_limit: null\n"
+              f"report_to: none\nfsdp: {str(fsdp).lower()}\n").replace(
+        "REWARD", f"{tmp_path / 'digits.py'}:digits").replace("PAIRS", str(tmp_path / "pairs.jsonl"))
+    (tmp_path / "recipe.yaml").write_text(recipe)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}"]
+    train = ["-m", "dlm_rl.cli", "train", str(tmp_path / "recipe.yaml"), "--output_dir"]
+
+    def launch(command):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-4000:]
+
+    def metrics(name):
+        lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in line.items() if not k.startswith("time/")} for line in lines]
+
+    launch([*torchrun, *train, str(tmp_path / "whole")])
+    saved = sorted(os.listdir(tmp_path / "whole" / "checkpoint-2"))
+    assert {"rank-0.pt", "rank-1.pt", "state.pt", "manifest.json"} <= set(saved)
+    assert ("sharded" in saved) == fsdp
+    for name in ("resumed", "one"):
+        shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / name / "checkpoint-2")
+    launch([*torchrun, *train, str(tmp_path / "resumed"), "--resume"])
+    whole, resumed = metrics("whole"), metrics("resumed")
+    assert [line["step"] for line in resumed] == [3, 4, 5]
+    assert resumed == whole[3:]
+    launch([sys.executable, *train, str(tmp_path / "one"), "--resume", "--max_steps", "3"])
+    (line,) = metrics("one")
+    assert line["step"] == 3 and math.isfinite(line["grad_norm"])

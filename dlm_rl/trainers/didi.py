@@ -332,6 +332,8 @@ def run(config: DiDiConfig, *, model=None, train_dataset=None, eval_dataset=None
                 sharding.gather(evaluated)  # every rank: rank 0 evaluates the whole weights
             if not main:
                 sharding.release(evaluated)
+                if checkpoint_due(config, step):
+                    save_checkpoint(config, step, state)  # every process saves its own part
                 if events.step_end(line):
                     break
                 continue

@@ -205,6 +205,7 @@ def run(config: TraceRLConfig, *, model=None, train_dataset=None, eval_dataset=N
         for step in (bar := tqdm(steps, desc=f"{config.method}", initial=done, total=config.max_steps,
                                  disable=not main)):
             line = {"step": step}
+            sharding.gather(model)  # whole again after a checkpoint
             start = time.perf_counter()
             trajectories = rollout_share(engine, prompts.next(), config, sampler)
             line["time/generation_and_reward"] = time.perf_counter() - start
@@ -217,6 +218,8 @@ def run(config: TraceRLConfig, *, model=None, train_dataset=None, eval_dataset=N
             sync_rollout_weights(engine, model, config)
             stepped = True
             if not main:
+                if checkpoint_due(config, step):
+                    save_checkpoint(config, step, state)  # every process saves its own part
                 if events.step_end(line):
                     break
                 continue

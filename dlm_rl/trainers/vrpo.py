@@ -274,6 +274,7 @@ def run(config: VRPOConfig, *, model=None, train_dataset=None, eval_dataset=None
         steps = range(done + 1, config.max_steps + 1)
         for step in (bar := tqdm(steps, desc="vrpo", initial=done, total=config.max_steps, disable=not main)):
             line = {"step": step}
+            sharding.gather(model)  # whole again after a checkpoint
             start = time.perf_counter()
             rollout = None
             if pairs:
@@ -299,6 +300,8 @@ def run(config: VRPOConfig, *, model=None, train_dataset=None, eval_dataset=None
             sync_rollout_weights(engine, model, config)
             stepped = True
             if not main:
+                if checkpoint_due(config, step):
+                    save_checkpoint(config, step, state)  # every process saves its own part
                 if events.step_end(line):
                     break
                 continue
