@@ -436,20 +436,13 @@ def test_mdm_under_fsdp_saves_whole_weights_and_resumes_exactly(tmp_path, use_lo
     (tmp_path / "single.yaml").write_text(recipe)
     (tmp_path / "fsdp.yaml").write_text(recipe + "fsdp: true\nfsdp_config: {fsdp_version: 2, state_dict_type: "
                                         "FULL_STATE_DICT, transformer_layer_cls_to_wrap: [LlamaDecoderLayer]}\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}"]
     train = ["-m", "dlm_rl.cli", "train", str(tmp_path / "fsdp.yaml"), "--output_dir"]
 
-    def launch(command):
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-        assert done.returncode == 0, done.stderr[-4000:]
-
-    launch([*torchrun, *train, str(tmp_path / "whole")])
+    launch(tmp_path, [*TORCHRUN, *train, str(tmp_path / "whole")])
     shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
-    launch([*torchrun, *train, str(tmp_path / "resumed"), "--resume"])
-    launch([sys.executable, "-m", "dlm_rl.cli", "train", str(tmp_path / "single.yaml"), "--output_dir",
-            str(tmp_path / "single"), "--max_steps", "1"])
+    launch(tmp_path, [*TORCHRUN, *train, str(tmp_path / "resumed"), "--resume"])
+    launch(tmp_path, [sys.executable, "-m", "dlm_rl.cli", "train", str(tmp_path / "single.yaml"), "--output_dir",
+                      str(tmp_path / "single"), "--max_steps", "1"])
 
     def saved(name):
         (file,) = [f for f in os.listdir(tmp_path / name) if f.endswith(".safetensors")]
@@ -613,26 +606,14 @@ def test_rl_trainers_under_fsdp_train_and_save_whole_weights(tmp_path, case):
     with the names and shapes a one-process run saves."""
     from safetensors.torch import load_file
 
-    pairs = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i + 2)} for i in range(20)]
-    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(row) for row in pairs))
-    (tmp_path / "digits.py").write_text(  # a reward that differs between an untrained model's samples
-        "def digits(prompts, completions, **columns):\n    return [sum(c.isdigit() for c in x) for x in completions]\n")
-    recipe = (FSDP_RECIPES[case] + "max_steps: 2\neval_steps: 1\nreport_to: none\n").replace(
-        "REWARD", f"{tmp_path / 'digits.py'}:digits").replace("PAIRS", str(tmp_path / "pairs.jsonl"))
+    recipe = fsdp_recipe(tmp_path, case) + "max_steps: 2\neval_steps: 1\nreport_to: none\n"
     (tmp_path / "single.yaml").write_text(recipe)
     (tmp_path / "fsdp.yaml").write_text(recipe + "fsdp: true\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}"]
-
-    def launch(command):
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-        assert done.returncode == 0, done.stderr[-4000:]
 
     train = ["-m", "dlm_rl.cli", "train"]
-    launch([*torchrun, *train, str(tmp_path / "fsdp.yaml"), "--output_dir", str(tmp_path / "fsdp")])
-    launch([sys.executable, *train, str(tmp_path / "single.yaml"), "--output_dir",
-            str(tmp_path / "single"), "--max_steps", "1"])
+    launch(tmp_path, [*TORCHRUN, *train, str(tmp_path / "fsdp.yaml"), "--output_dir", str(tmp_path / "fsdp")])
+    launch(tmp_path, [sys.executable, *train, str(tmp_path / "single.yaml"), "--output_dir",
+                      str(tmp_path / "single"), "--max_steps", "1"])
 
     def saved(name):
         (file,) = [f for f in os.listdir(tmp_path / name / "final") if f.endswith(".safetensors")]
@@ -656,6 +637,27 @@ def test_rl_trainers_under_fsdp_train_and_save_whole_weights(tmp_path, case):
         values = [torch.load(tmp_path / name / "final" / extra[case]) for name in ("fsdp", "single")]
         assert {k: v.shape for k, v in values[0].items()} == {k: v.shape for k, v in values[1].items()}
         assert all(type(v) is torch.Tensor for v in values[0].values())
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}"]
+
+
+def launch(directory, command) -> None:
+    """Run `command` (a torchrun launch, or one process) in `directory` with this checkout on the path."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=directory)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def fsdp_recipe(directory, case: str) -> str:
+    """FSDP_RECIPES[case] with its data (a pairs file) and reward (a file) written in `directory`."""
+    pairs = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i + 2)} for i in range(20)]
+    (directory / "pairs.jsonl").write_text("\n".join(json.dumps(row) for row in pairs))
+    (directory / "digits.py").write_text(  # a reward that differs between an untrained model's samples
+        "def digits(prompts, completions, **columns):\n    return [sum(c.isdigit() for c in x) for x in completions]\n")
+    return FSDP_RECIPES[case].replace("REWARD", f"{directory / 'digits.py'}:digits").replace(
+        "PAIRS", str(directory / "pairs.jsonl"))
 
 
 def tiny_default():
@@ -684,37 +686,25 @@ def test_two_process_runs_resume_exactly_and_a_two_process_checkpoint_resumes_in
     logs the same metrics at steps 3 to 5 as the run that went on. Each process saved its own generators and RNG
     states; the sharded weights and AdamW states went through torch.distributed.checkpoint, which also loads them
     into one process."""
-    pairs = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i + 2)} for i in range(20)]
-    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(row) for row in pairs))
-    (tmp_path / "digits.py").write_text(
-        "def digits(prompts, completions, **columns):\n    return [sum(c.isdigit() for c in x) for x in completions]\n")
-    recipe = (FSDP_RECIPES[case] + f"max_steps: 5\neval_steps: 2\nsave_steps: 2\nsave_total_limit: null\n"
-              f"report_to: none\nfsdp: {str(fsdp).lower()}\n").replace(
-        "REWARD", f"{tmp_path / 'digits.py'}:digits").replace("PAIRS", str(tmp_path / "pairs.jsonl"))
+    recipe = fsdp_recipe(tmp_path, case) + ("max_steps: 5\neval_steps: 2\nsave_steps: 2\nsave_total_limit: null\n"
+                                             f"report_to: none\nfsdp: {str(fsdp).lower()}\n")
     (tmp_path / "recipe.yaml").write_text(recipe)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}"]
     train = ["-m", "dlm_rl.cli", "train", str(tmp_path / "recipe.yaml"), "--output_dir"]
-
-    def launch(command):
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-        assert done.returncode == 0, done.stderr[-4000:]
 
     def metrics(name):
         lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         return [{k: v for k, v in line.items() if not k.startswith("time/")} for line in lines]
 
-    launch([*torchrun, *train, str(tmp_path / "whole")])
+    launch(tmp_path, [*TORCHRUN, *train, str(tmp_path / "whole")])
     saved = sorted(os.listdir(tmp_path / "whole" / "checkpoint-2"))
     assert {"rank-0.pt", "rank-1.pt", "state.pt", "manifest.json"} <= set(saved)
     assert ("sharded" in saved) == fsdp
     for name in ("resumed", "one"):
         shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / name / "checkpoint-2")
-    launch([*torchrun, *train, str(tmp_path / "resumed"), "--resume"])
+    launch(tmp_path, [*TORCHRUN, *train, str(tmp_path / "resumed"), "--resume"])
     whole, resumed = metrics("whole"), metrics("resumed")
     assert [line["step"] for line in resumed] == [3, 4, 5]
     assert resumed == whole[3:]
-    launch([sys.executable, *train, str(tmp_path / "one"), "--resume", "--max_steps", "3"])
+    launch(tmp_path, [sys.executable, *train, str(tmp_path / "one"), "--resume", "--max_steps", "3"])
     (line,) = metrics("one")
     assert line["step"] == 3 and math.isfinite(line["grad_norm"])
