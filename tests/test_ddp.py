@@ -607,7 +607,8 @@ FSDP_RECIPES = {
 }
 
 
-@pytest.mark.parametrize("case", list(FSDP_RECIPES))
+@pytest.mark.parametrize("case", [pytest.param(case, marks=[pytest.mark.slow] if case == "vrpo_lora" else [])
+                                  for case in FSDP_RECIPES])  # VRPO with LoRA: `make test-slow`
 def test_rl_trainers_under_fsdp_train_and_save_whole_weights(tmp_path, case):
     """VRPO (on a pairs file), TraceRL (with its value model) and DiDi sharded with FSDP2 over two gloo processes
     through `dlm-rl train`: they train, and the saved weights (or adapter, value model, discriminator) are whole,
@@ -688,7 +689,7 @@ def test_fsdp_halves_the_per_rank_memory_of_weights_gradients_and_adamw():
 
 
 @pytest.mark.parametrize("case, fsdp", [("tracerl_value_model", False), ("tracerl_value_model", True),
-                                        ("vrpo_full", True), ("didi", True)])
+                                        pytest.param("vrpo_full", True, marks=pytest.mark.slow), ("didi", True)])
 def test_two_process_runs_resume_exactly_and_a_two_process_checkpoint_resumes_in_one(tmp_path, case, fsdp):
     """Under torchrun (two gloo processes; data parallel, or sharded with FSDP2), a run resumed from checkpoint-2
     logs the same metrics at steps 3 to 5 as the run that went on. Each process saved its own generators and RNG
