@@ -29,7 +29,9 @@ def shard(model: nn.Module) -> None:
     each transformer block (the backbone's `_no_split_modules`) is one unit, the rest the root's. A model computing
     in bfloat16 over float32 master weights (`dlm_rl.models.precision`) gathers its weights in bfloat16."""
     compute = getattr(model, "compute_dtype", None)
-    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute else None
+    # reduce_dtype = the compute dtype: FSDP then leaves the gathered weights' gradients on them (with another dtype
+    # it would move them to a buffer of its own); `sum_gradients` sums them in float32 itself.
+    policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=compute) if compute else None
     options = {"mp_policy": policy} if policy else {}
     blocks = set().union(*(getattr(module, "_no_split_modules", None) or () for module in model.modules()))
     for module in list(model.modules()):

@@ -188,8 +188,8 @@ def vrpo(inputs, pairs) -> dict:
     return _grads(model.named_parameters())
 
 
-def vrpo_fsdp(inputs, pairs, use_lora: bool) -> dict:
-    """VRPO's step with the model sharded (FSDP2) over the ranks, whole weights gathered for the step: the summed
+def vrpo_fsdp(model, pairs, use_lora: bool) -> dict:
+    """VRPO's step with `model` sharded (FSDP2) over the ranks, whole weights gathered for the step: the summed
     gradients, gathered whole from their shards."""
     from dlm_rl import distributed, sharding
     from dlm_rl.rl.vrpo import PreferenceEstimator, collate_pairs
@@ -199,7 +199,6 @@ def vrpo_fsdp(inputs, pairs, use_lora: bool) -> dict:
         def sample(self, response_mask, generator, blocks=None):
             return row_noise(response_mask, n_t=self.n_t, n_yt=self.n_yt, form=self.form)
 
-    model = loaded(lora_model, inputs["policy"]) if use_lora else loaded(tiny, inputs["teacher"])
     frozen = None if use_lora else copy.deepcopy(model).requires_grad_(False)
     if distributed.world_size() > 1:
         sharding.shard(model)
@@ -356,8 +355,8 @@ def rl_cases(inputs, part, world: int) -> dict:
         "tracerl_fsdp_rank_without_rows": lambda: tracerl(inputs, emptied, fsdp=True),
         "tracerl_fsdp_full": lambda: tracerl(inputs, trajectories, fsdp=True, use_lora=False),
         "vrpo": lambda: vrpo(inputs, part(inputs["pairs"])),
-        "vrpo_fsdp_lora": lambda: vrpo_fsdp(inputs, part(inputs["pairs"]), use_lora=True),
-        "vrpo_fsdp_full": lambda: vrpo_fsdp(inputs, part(inputs["pairs"]), use_lora=False),
+        "vrpo_fsdp_lora": lambda: vrpo_fsdp(loaded(lora_model, inputs["policy"]), part(inputs["pairs"]), True),
+        "vrpo_fsdp_full": lambda: vrpo_fsdp(loaded(tiny, inputs["teacher"]), part(inputs["pairs"]), False),
         "didi_student": lambda: didi_student(inputs, didi_rows(part([0, 1, 2]))),
         "didi_discriminator": lambda: didi_discriminator(inputs, didi_rows(part([0, 1, 2]))),
         "didi_fsdp_student": lambda: didi_student(inputs, didi_rows(part([0, 1, 2])), fsdp=True),
@@ -590,8 +589,100 @@ def _worker(directory: str) -> None:
             json.dump(results, f, indent=1)
 
 
+def _bfloat16_worker(directory: str) -> None:
+    """One rank of a VRPO step at lr 5e-7 on a bfloat16 tiny model sharded with FSDP2, with float32 master weights
+    and with the bfloat16 weights themselves (`master_weights: model`); rank 0 writes how far the weights moved."""
+    from dlm_rl import distributed, sharding
+    from dlm_rl.rl.vrpo import PreferenceEstimator, collate_pairs
+    from dlm_rl.trainers.optimization import hold_master_weights
+    from dlm_rl.trainers.vrpo import VRPOConfig, _update
+
+    torch.set_num_threads(1)
+    distributed.setup(fsdp=True)
+    results = {}
+    for master_weights in ("float32", "model"):
+        torch.manual_seed(0)
+        model = tiny().to(torch.bfloat16)
+        frozen = copy.deepcopy(model).requires_grad_(False)
+        config = VRPOConfig(model="tiny", use_lora=False, learning_rate=5e-7, n_t=2, micro_batch_pairs=1,
+                            master_weights=master_weights, fsdp=True)
+        hold_master_weights(config, model)
+        sharding.shard(model)
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        before = [p.full_tensor().float() for p in parameters]
+        pairs = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS]
+        chosen, rejected = collate_pairs(model.tokenizer, distributed.share(pairs), 8)
+        sharding.gather(model)
+        _update(model, torch.optim.AdamW(parameters, lr=5e-7), parameters, chosen, rejected, PreferenceEstimator(2),
+                config, torch.Generator().manual_seed(distributed.rank()), frozen, NonFiniteLoss(1, "VRPO"))
+        changes = torch.cat([(p.full_tensor().float() - old).abs().flatten() for p, old in zip(parameters, before)])
+        moved = changes[changes > 0]
+        results[master_weights] = {"dtype": str(parameters[0].dtype), "moved": float((changes > 0).float().mean()),
+                                   "median_step": float(moved.median()) if len(moved) else 0.0}
+    if distributed.is_main():
+        with open(os.path.join(directory, "bfloat16.json"), "w") as f:
+            json.dump(results, f)
+
+
+def smollm2(use_lora: bool):
+    from dlm_rl.model_spec import resolve_model
+    from dlm_rl.models.lora import LoraArguments, add_lora
+
+    torch.manual_seed(0)  # the same adapter in every process
+    model = resolve_model("smollm2")
+    return add_lora(model, LoraArguments(use_lora=True, lora_r=4)) if use_lora else model
+
+
+def _smollm2_worker(directory: str) -> None:
+    """One rank of VRPO's step on SmolLM2-135M-Instruct, with LoRA and with full fine-tuning: rank 0 first takes
+    the one-process steps on all pairs, then every rank its share, sharded with FSDP2; rank 0 writes the
+    differences."""
+    from dlm_rl import distributed
+
+    torch.set_num_threads(1)
+    pairs = [{"prompt": p, "chosen": f"\\boxed{{{c}}}", "rejected": f"\\boxed{{{r}}}"} for p, c, r in PAIRS]
+    reference = None
+    if os.environ["RANK"] == "0":
+        reference = {lora: vrpo_fsdp(smollm2(lora), pairs, lora) for lora in (True, False)}
+    distributed.setup(fsdp=True)
+    results = {}
+    for lora in (True, False):
+        grads = vrpo_fsdp(smollm2(lora), distributed.share(pairs), lora)
+        if reference is not None:
+            results["lora" if lora else "full"] = (max_diff(grads, reference[lora]),
+                                                   max(float(g.abs().max()) for g in reference[lora].values()))
+    if distributed.is_main():
+        with open(os.path.join(directory, "smollm2.json"), "w") as f:
+            json.dump(results, f)
+
+
+@pytest.mark.slow
+def test_smollm2_sharded_vrpo_gradients_equal_one_process(tmp_path):
+    """SmolLM2-135M-Instruct (offline) under FSDP2 on two gloo processes, uneven pair shares (2 and 3): VRPO's
+    sharded gradients, with LoRA and with full fine-tuning, equal the one-process ones (`make test-slow`)."""
+    launch(tmp_path, [*TORCHRUN, os.path.abspath(__file__), str(tmp_path), "smollm2"])
+    results = json.loads((tmp_path / "smollm2.json").read_text())
+    assert set(results) == {"lora", "full"}
+    for name, (diff, size) in results.items():
+        assert size > 1e-3, f"{name}: no gradient to compare"
+        assert diff <= TOLERANCE * max(1.0, size), f"{name}: the gradients differ by {diff} (largest {size})"
+
+
+def test_fsdp_keeps_an_update_of_5e_7_on_bfloat16_weights(tmp_path):
+    """Sharded (FSDP2, two gloo processes, bfloat16 gathered weights) full fine-tuning of a bfloat16 model at lr 5e-7:
+    with float32 master weights AdamW's first step moves nearly every weight by the learning rate; holding the
+    bfloat16 weights themselves (the control), it rounds the update away."""
+    launch(tmp_path, [*TORCHRUN, os.path.abspath(__file__), str(tmp_path), "bfloat16"])
+    results = json.loads((tmp_path / "bfloat16.json").read_text())
+    assert results["float32"]["dtype"] == "torch.float32" and results["model"]["dtype"] == "torch.bfloat16"
+    assert results["float32"]["moved"] > 0.9
+    assert results["float32"]["median_step"] == pytest.approx(5e-7, rel=0.01)
+    assert results["model"]["moved"] < 0.02
+
+
 if __name__ == "__main__":
-    _worker(sys.argv[1])
+    workers = {"bfloat16": _bfloat16_worker, "smollm2": _smollm2_worker}
+    (workers[sys.argv[2]] if len(sys.argv) > 2 else _worker)(sys.argv[1])
 
 
 FSDP_RECIPES = {
