@@ -624,50 +624,6 @@ def _bfloat16_worker(directory: str) -> None:
             json.dump(results, f)
 
 
-def smollm2(use_lora: bool):
-    from dlm_rl.model_spec import resolve_model
-    from dlm_rl.models.lora import LoraArguments, add_lora
-
-    torch.manual_seed(0)  # the same adapter in every process
-    model = resolve_model("smollm2")
-    return add_lora(model, LoraArguments(use_lora=True, lora_r=4)) if use_lora else model
-
-
-def _smollm2_worker(directory: str) -> None:
-    """One rank of VRPO's step on SmolLM2-135M-Instruct, with LoRA and with full fine-tuning: rank 0 first takes
-    the one-process steps on all pairs, then every rank its share, sharded with FSDP2; rank 0 writes the
-    differences."""
-    from dlm_rl import distributed
-
-    torch.set_num_threads(1)
-    pairs = [{"prompt": p, "chosen": f"\\boxed{{{c}}}", "rejected": f"\\boxed{{{r}}}"} for p, c, r in PAIRS]
-    reference = None
-    if os.environ["RANK"] == "0":
-        reference = {lora: vrpo_fsdp(smollm2(lora), pairs, lora) for lora in (True, False)}
-    distributed.setup(fsdp=True)
-    results = {}
-    for lora in (True, False):
-        grads = vrpo_fsdp(smollm2(lora), distributed.share(pairs), lora)
-        if reference is not None:
-            results["lora" if lora else "full"] = (max_diff(grads, reference[lora]),
-                                                   max(float(g.abs().max()) for g in reference[lora].values()))
-    if distributed.is_main():
-        with open(os.path.join(directory, "smollm2.json"), "w") as f:
-            json.dump(results, f)
-
-
-@pytest.mark.slow
-def test_smollm2_sharded_vrpo_gradients_equal_one_process(tmp_path):
-    """SmolLM2-135M-Instruct (offline) under FSDP2 on two gloo processes, uneven pair shares (2 and 3): VRPO's
-    sharded gradients, with LoRA and with full fine-tuning, equal the one-process ones (`make test-slow`)."""
-    launch(tmp_path, [*TORCHRUN, os.path.abspath(__file__), str(tmp_path), "smollm2"])
-    results = json.loads((tmp_path / "smollm2.json").read_text())
-    assert set(results) == {"lora", "full"}
-    for name, (diff, size) in results.items():
-        assert size > 1e-3, f"{name}: no gradient to compare"
-        assert diff <= TOLERANCE * max(1.0, size), f"{name}: the gradients differ by {diff} (largest {size})"
-
-
 def test_fsdp_keeps_an_update_of_5e_7_on_bfloat16_weights(tmp_path):
     """Sharded (FSDP2, two gloo processes, bfloat16 gathered weights) full fine-tuning of a bfloat16 model at lr 5e-7:
     with float32 master weights AdamW's first step moves nearly every weight by the learning rate; holding the
@@ -681,8 +637,7 @@ def test_fsdp_keeps_an_update_of_5e_7_on_bfloat16_weights(tmp_path):
 
 
 if __name__ == "__main__":
-    workers = {"bfloat16": _bfloat16_worker, "smollm2": _smollm2_worker}
-    (workers[sys.argv[2]] if len(sys.argv) > 2 else _worker)(sys.argv[1])
+    (_bfloat16_worker if sys.argv[2:] == ["bfloat16"] else _worker)(sys.argv[1])
 
 
 FSDP_RECIPES = {
