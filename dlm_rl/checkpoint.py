@@ -122,6 +122,7 @@ def save_checkpoint(config, step: int, objects: dict) -> str:
         shutil.rmtree(temporary, ignore_errors=True)  # left by a run killed mid-save
         os.makedirs(temporary)
     distributed.barrier()
+    _release(objects)
     shared, own, sharded = _split(objects)
     if main:
         state = {"step": step, "rng": rng_states(), "world_size": distributed.world_size(),
@@ -175,15 +176,25 @@ def _split(objects: dict) -> tuple[dict, dict, dict]:
     return shared, own, sharded
 
 
-def _is_sharded(obj) -> bool:
-    """A module holding weights sharded by `dlm_rl.sharding`; gathered ones are released to their shards."""
+def _release(objects: dict) -> None:
+    """Models whose sharded weights are gathered (`dlm_rl.sharding`) back to their shards, which are saved."""
     from dlm_rl import sharding
 
-    if not isinstance(obj, torch.nn.Module):
-        return False
-    for module in obj.modules():
-        sharding.release(module)
-    return any(type(p).__name__ == "DTensor" for p in obj.parameters())
+    for obj in objects.values():
+        if isinstance(obj, torch.nn.Module):
+            for module in obj.modules():
+                sharding.release(module)
+
+
+def _is_sharded(obj) -> bool:
+    return isinstance(obj, torch.nn.Module) and any(type(p).__name__ == "DTensor" for p in obj.parameters())
+
+
+def _model_of(optimizer, objects: dict) -> torch.nn.Module:
+    """The model among `objects` that holds `optimizer`'s (first) parameters."""
+    first = optimizer.param_groups[0]["params"][0]
+    return next(obj for obj in objects.values()
+                if isinstance(obj, torch.nn.Module) and any(p is first for p in obj.parameters()))
 
 
 def _sharded_states(names, objects: dict) -> dict:
@@ -191,7 +202,6 @@ def _sharded_states(names, objects: dict) -> dict:
     optimizer's state keyed by its model's parameter names (that model being among `objects`)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    models = [obj for obj in objects.values() if isinstance(obj, torch.nn.Module)]
     states = {}
     for name in names:
         obj = objects[name]
@@ -199,9 +209,7 @@ def _sharded_states(names, objects: dict) -> dict:
             keep = trained_tensors(obj).keys()
             states[name] = {k: v for k, v in get_model_state_dict(obj).items() if k in keep}
         else:
-            first = obj.param_groups[0]["params"][0]
-            (model,) = [m for m in models if any(p is first for p in m.parameters())][:1]
-            states[name] = get_optimizer_state_dict(model, obj)
+            states[name] = get_optimizer_state_dict(_model_of(obj, objects), obj)
     return states
 
 
@@ -247,15 +255,12 @@ def _load_sharded(names: list[str], objects: dict, directory: str) -> None:
 
     states = _sharded_states(names, objects)
     dcp.load(states, checkpoint_id=directory)
-    models = [obj for obj in objects.values() if isinstance(obj, torch.nn.Module)]
     for name in names:
         obj = objects[name]
         if isinstance(obj, torch.nn.Module):
             set_model_state_dict(obj, states[name], options=StateDictOptions(strict=False))
         else:
-            first = obj.param_groups[0]["params"][0]
-            (model,) = [m for m in models if any(p is first for p in m.parameters())][:1]
-            set_optimizer_state_dict(model, obj, states[name])
+            set_optimizer_state_dict(_model_of(obj, objects), obj, states[name])
 
 
 def prepare_output_dir(config) -> None:
