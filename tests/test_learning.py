@@ -1,8 +1,8 @@
 """Learning claims, checked in every run of the suite on the shipped base checkpoint (`testbed:addition3-base`, the same
 weights on every machine) with fixed seeds: TraceRL and on-policy VRPO each raise held-out greedy accuracy by at least
-8 points, diffu-GRPO raises it, MDM SFT lowers its held-out loss; and the control, TraceRL with each step's rewards
-shuffled across its samples (the same reward values, no longer tied to the answers), gains nothing, so the claims can
-fail. Each run takes a minute or two on 2 CPU cores."""
+8 points, as does wd1, diffu-GRPO raises it, MDM SFT lowers its held-out loss; and the controls, TraceRL and wd1
+with each step's rewards shuffled across its samples (the same reward values, no longer tied to the answers), gain
+nothing, so the claims can fail. Each run takes a minute or two on 2 CPU cores."""
 
 from __future__ import annotations
 
@@ -52,15 +52,24 @@ def test_tracerl_raises_held_out_accuracy(tmp_path):
     assert after - before >= GAIN, (before, after)
 
 
-def test_tracerl_with_shuffled_rewards_gains_nothing(tmp_path):
+WD1 = dict(method="wd1", inner_epochs=2)  # its recipe's: two fresh prompt masks per rollout (its paper reuses 12)
+
+
+@pytest.mark.parametrize("method", [{}, WD1], ids=["tracerl", "wd1"])
+def test_with_shuffled_rewards_nothing_is_gained(tmp_path, method):
     (tmp_path / "shuffled.py").write_text(SHUFFLED)
-    before, after = tracerl(tmp_path, reward_funcs=[f"{tmp_path / 'shuffled.py'}:shuffled_accuracy"])
+    before, after = tracerl(tmp_path, reward_funcs=[f"{tmp_path / 'shuffled.py'}:shuffled_accuracy"], **method)
     assert after - before < GAIN / 2, (before, after)
 
 
 def test_diffu_grpo_raises_held_out_accuracy(tmp_path):
     before, after = tracerl(tmp_path, method="diffu_grpo")
     assert after - before >= GAIN / 2, (before, after)
+
+
+def test_wd1_raises_held_out_accuracy(tmp_path):
+    before, after = tracerl(tmp_path, **WD1)
+    assert after - before >= GAIN, (before, after)
 
 
 def test_on_policy_vrpo_raises_held_out_accuracy(tmp_path):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dlm_rl.models.tiny import tiny_model
-from dlm_rl.rl.advantages import group_advantages, step_gae
-from dlm_rl.rl.losses import k3_kl, ppo_trace_loss
+from dlm_rl.rl.advantages import group_advantages, step_gae, wd1_weights
+from dlm_rl.rl.losses import k3_kl, ppo_trace_loss, weighted_likelihood_loss
 from dlm_rl.rl.rows import response_log_probs
 from dlm_rl.rl.trace import shrink_steps, trace_rows
 from dlm_rl.rollout import LocalEngine
@@ -124,6 +124,29 @@ def test_group_advantages_z_score_and_drop_groups_without_variance():
     assert advantages[4:].tolist() == [0.0] * 4
     _, none_kept = group_advantages(torch.ones(6), torch.tensor([0, 0, 0, 1, 1, 1]))
     assert not none_kept.any()  # an all-filtered batch: the trainer skips it
+
+
+def test_wd1_weights_are_the_group_softmax_of_centred_rewards_minus_that_of_their_negation():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 2.0, 2.0, 5.0, 5.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    weights, keep = wd1_weights(rewards, groups)
+    centred = [2 / 3, -1 / 3, -1 / 3]  # group 0: mean 1/3
+    plus = [math.exp(a) / sum(math.exp(b) for b in centred) for a in centred]
+    minus = [math.exp(-a) / sum(math.exp(-b) for b in centred) for a in centred]
+    assert weights[:3].tolist() == pytest.approx([3 * (p - m) for p, m in zip(plus, minus)])
+    assert weights[0] > 0 > weights[1] and abs(float(weights[:3].sum())) < 1e-12  # the group's weights sum to 0
+    assert keep.tolist() == [True] * 3 + [False] * 4 and weights[3:].abs().max() == 0  # no variance: no signal
+
+
+def test_wd1_loss_weighs_each_rows_summed_log_likelihood():
+    logp = torch.tensor([[-1.0, -2.0, -7.0], [-0.5, -9.0, -9.0]], requires_grad=True)
+    targets = torch.tensor([[True, True, False], [True, False, False]])  # up to the first EOS
+    weights = torch.tensor([0.8, -0.4])
+    loss, stats = weighted_likelihood_loss(logp, weights[:, None], targets)
+    assert loss.item() == pytest.approx(-(0.8 * -3.0 + -0.4 * -0.5) / 2)
+    assert stats["log_likelihood"] == pytest.approx((-3.0 - 0.5) / 2)
+    loss.backward()  # no length normaliser: every trained token of a row gets the row's weight / N
+    assert logp.grad.flatten().tolist() == pytest.approx([-0.4, -0.4, 0.0, 0.2, 0.0, 0.0])
 
 
 def test_gae_with_gamma_lambda_one_reduces_to_reward_minus_value():

@@ -134,8 +134,9 @@ def test_with_lora_only_the_adapter_gets_gradients_and_the_reference_is_the_disa
         {"method": "coupled"},
         {"method": "random_masking"},
         {"method": "tracerl", "value_model": True, "inner_epochs": 2, "shrink": 2},
+        {"method": "wd1", "inner_epochs": 2},
     ],
-    ids=["diffu_grpo", "coupled", "random_masking", "tracerl+value"],
+    ids=["diffu_grpo", "coupled", "random_masking", "tracerl+value", "wd1"],
 )
 def test_every_method_trains_and_writes_tensorboard_and_a_curve(tmp_path, extra):
     from dlm_rl.trainers.tracerl import TraceRLConfig, run
@@ -149,8 +150,11 @@ def test_every_method_trains_and_writes_tensorboard_and_a_curve(tmp_path, extra)
     trained = [m for m in metrics[1:] if not m.get("skipped")]
     assert trained, "no step trained"
     for m in trained:
-        assert math.isfinite(m["loss"]) and m["rows"] > 0 and math.isfinite(m["entropy"])
-        assert m["kl"] >= 0 and 0 <= m["clip_fraction"] <= 1
+        assert math.isfinite(m["loss"]) and m["rows"] > 0
+        if extra["method"] == "wd1":  # no π_old: no ratio, KL or entropy; the likelihood it weighs instead
+            assert m["log_likelihood"] < 0 and not {"kl", "clip_fraction", "entropy"} & m.keys()
+        else:
+            assert math.isfinite(m["entropy"]) and m["kl"] >= 0 and 0 <= m["clip_fraction"] <= 1
         if extra.get("value_model"):
             assert math.isfinite(m["value_loss"]) and "value_mean" in m
     assert last["step"] == 2

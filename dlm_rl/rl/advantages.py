@@ -1,4 +1,5 @@
-"""Advantages: GRPO-style group z-scores of rewards, and step-level GAE for a diffusion value model."""
+"""Advantages: GRPO-style group z-scores of rewards, wd1's group softmax weights, and step-level GAE for a diffusion
+value model."""
 
 from __future__ import annotations
 
@@ -22,6 +23,25 @@ def group_advantages(
         advantages[members] = (values - values.mean()) / (values.std(correction=0) + eps)
         keep[members] = True
     return advantages, keep
+
+
+def wd1_weights(rewards: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, keep) for wd1's weighted likelihood (arXiv 2507.08838): with A the reward minus its group's mean,
+    softmax(A) − softmax(−A) over the group, times the group's size, so that a mean over the rows of several groups
+    is the mean over groups of wd1's per-group sum. `keep` as `group_advantages` (a group whose rewards are all equal
+    has weights that cancel exactly: no gradient)."""
+    rewards = rewards.double()
+    weights = torch.zeros_like(rewards)
+    keep = torch.zeros_like(rewards, dtype=torch.bool)
+    for group in torch.unique(groups):
+        members = groups == group
+        values = rewards[members]
+        if len(values) < 2 or values.max() == values.min():
+            continue
+        centred = values - values.mean()
+        weights[members] = len(values) * (torch.softmax(centred, 0) - torch.softmax(-centred, 0))
+        keep[members] = True
+    return weights, keep
 
 
 def step_gae(

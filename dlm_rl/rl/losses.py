@@ -1,4 +1,4 @@
-"""The PPO-clip policy loss on trace tokens, with a k3 KL penalty.
+"""The PPO-clip policy loss on trace tokens, with a k3 KL penalty; wd1's ratio-free weighted likelihood.
 
 The loss as TraceRL and the baselines train it, and where it departs from TraceRL's reference code:
 docs/algorithms.md, sections 4 and 5.
@@ -76,3 +76,12 @@ def ppo_trace_loss(
             "ratio_mean": float((ratio * targets).sum() / count),
         }
     return loss, stats
+
+
+def weighted_likelihood_loss(logp: torch.Tensor, weights: torch.Tensor, targets: torch.Tensor
+                             ) -> tuple[torch.Tensor, dict[str, float]]:
+    """wd1's loss: −(1/N) Σ_rows w_row · Σ_targets log p, the log-likelihood of each row's response summed over its
+    trained tokens (no length normaliser, no ratio, no KL). `logp` and `targets` [N, R], `weights` [N] or [N, 1]."""
+    likelihood = torch.where(targets.bool(), logp, torch.zeros_like(logp)).sum(dim=1)
+    loss = -(weights.reshape(-1).to(logp.dtype) * likelihood).mean()
+    return loss, {"log_likelihood": float(likelihood.detach().mean())}

@@ -14,7 +14,8 @@ optimiser step; rank 0 gathers the rollout for the logs, evaluates and saves.
 
 `method` swaps how log-probabilities are read, everything else equal, for ablations: `tracerl` (the visited
 states; plain rows for full attention, packed rows for block attention), `diffu_grpo`, `coupled` and
-`random_masking` (random masks, `dlm_rl.rl.masking`). `value_model: true` adds TraceRL's value model
+`random_masking` (random masks, `dlm_rl.rl.masking`). `wd1` also swaps the loss: diffu-GRPO's rows under wd1's
+ratio-free weighted likelihood (no π_old, no KL). `value_model: true` adds TraceRL's value model
 (`dlm_rl.rl.value`): per-token advantages by step-level GAE of the group z-scores. docs/algorithms.md states each
 objective and where the defaults depart from the papers.
 """
@@ -35,8 +36,8 @@ from dlm_rl.checkpoint import checkpoint_due, prepare_output_dir, save_checkpoin
 from dlm_rl.guards import NonFiniteLoss, RolloutGuards
 from dlm_rl.hub import push_final
 from dlm_rl.models.lora import add_lora
-from dlm_rl.rl.advantages import group_advantages
-from dlm_rl.rl.losses import ppo_trace_loss
+from dlm_rl.rl.advantages import group_advantages, wd1_weights
+from dlm_rl.rl.losses import ppo_trace_loss, weighted_likelihood_loss
 from dlm_rl.rl.masking import diffu_grpo_rows, random_mask_rows
 from dlm_rl.diffusion.packed import packed_block_size
 from dlm_rl.rl.rows import Rows, reference_log_probs, response_log_probs
@@ -69,7 +70,7 @@ from dlm_rl.trainers.online import (
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("tracerl", "diffu_grpo", "coupled", "random_masking")
+METHODS = ("tracerl", "diffu_grpo", "coupled", "random_masking", "wd1")
 
 
 @dataclass
@@ -79,7 +80,8 @@ class TraceRLConfig(OnlineArguments):
     method: str = "tracerl"
     """How log-probabilities are read: 'tracerl' (the visited states), or the baselines 'diffu_grpo',
     'coupled', 'random_masking' (random masks; coupled and random_masking use the constant normaliser, as their
-    1/t weights require)."""
+    1/t weights require); or 'wd1' (diffu-GRPO's rows, wd1's weighted likelihood instead of PPO: epsilon, beta and
+    kl_reference play no part)."""
     inner_epochs: int = 1
     """PPO epochs μ over each rollout's rows."""
     ppo_minibatches: int = 8
@@ -300,7 +302,7 @@ class Learner:
         if method == "tracerl":
             return model_trace_rows(trajectory, self.model, self.config.shrink)
         block_size = packed_block_size(self.model)  # block models: earlier blocks clean, as the sampler saw them
-        if method == "diffu_grpo":
+        if method in ("diffu_grpo", "wd1"):
             return diffu_grpo_rows(trajectory, mask_id, self.generator, block_size=block_size)
         return random_mask_rows(trajectory, mask_id, self.generator, coupled=method == "coupled", block_size=block_size)
 
@@ -340,7 +342,8 @@ class Learner:
             advantages = torch.zeros(len(rewards), dtype=torch.float64)
             keep = torch.zeros(len(rewards), dtype=torch.bool)
             groups = torch.tensor(trajectory.prompt_index)
-            advantages[scored], keep[scored] = group_advantages(rewards[scored], groups[scored])
+            weigh = wd1_weights if config.method == "wd1" else group_advantages
+            advantages[scored], keep[scored] = weigh(rewards[scored], groups[scored])
             if not keep.any():
                 continue
             kept_samples += int(keep.sum())
@@ -351,8 +354,12 @@ class Learner:
                 rows = self.rows(trajectory)
                 rows = rows.select(keep.to(rows.sample.device)[rows.sample]).to(model.device)
                 batch = {"rows": rows}
-                batch["old"], batch["entropy"] = self.score_old(rows, trajectory)
-                if config.kl_reference == "reference":
+                if config.method == "wd1":  # no π_old (its entropy is unknown); minibatches keep groups whole
+                    batch["entropy"] = torch.full((len(rows),), float("nan"), device=model.device)
+                    batch["group"] = groups.to(model.device)[rows.sample]
+                else:
+                    batch["old"], batch["entropy"] = self.score_old(rows, trajectory)
+                if config.kl_reference == "reference" and config.method != "wd1":
                     batch["reference"] = self.forward(lambda r: reference_log_probs(model, r), rows)
                 if self.value is None:
                     batch["advantages"] = advantages.to(model.device, torch.float32)[rows.sample][:, None]
@@ -365,10 +372,11 @@ class Learner:
         return epochs, distributed.all_sum({"kept": kept_samples, "total": total_samples})
 
     def minibatches(self, batches: list[dict]) -> list[list[dict]]:
-        """`batches` split into `ppo_minibatches` parts by sample (a sample's rows stay together), in a random
-        order from the learner's generator; a part may be empty on a rank with few samples."""
+        """`batches` split into `ppo_minibatches` parts by sample (a sample's rows stay together; with wd1, whose
+        weights sum to zero over a group, a group's), in a random order from the learner's generator; a part may be
+        empty on a rank with few samples."""
         parts = self.config.ppo_minibatches
-        samples = [(i, b) for i, batch in enumerate(batches) for b in torch.unique(batch["rows"].sample).tolist()]
+        samples = [(i, b) for i, batch in enumerate(batches) for b in torch.unique(_unit(batch)).tolist()]
         order = torch.randperm(len(samples), generator=self.generator).tolist()
         split = [[] for _ in range(parts)]
         for rank, index in enumerate(order):
@@ -379,7 +387,7 @@ class Learner:
             for i, batch in enumerate(batches):
                 picked = [b for j, b in part if j == i]
                 if picked:
-                    rows_of = torch.isin(batch["rows"].sample, torch.tensor(picked, device=batch["rows"].sample.device))
+                    rows_of = torch.isin(_unit(batch), torch.tensor(picked, device=batch["rows"].sample.device))
                     chosen.append(_select(batch, rows_of))
             minibatches.append(chosen)
         return minibatches
@@ -413,7 +421,8 @@ class Learner:
         total_rows = counts["rows"]
         if not total_rows:  # fewer samples than minibatches: nothing to step on
             return None
-        sums = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0, "value_loss": 0.0}
+        ppo = ("kl", "clip_fraction") if config.method != "wd1" else ("log_likelihood",)
+        sums = {"loss": 0.0, "value_loss": 0.0, **dict.fromkeys(ppo, 0.0)}
         self.gather()
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -426,15 +435,18 @@ class Learner:
                 rows = batch["rows"].select(part)
                 share = len(rows) / total_rows
                 logp = response_log_probs(model, rows)
-                loss, stats = ppo_trace_loss(
-                    logp, batch["old"][part], batch["advantages"][part], rows.targets, epsilon=config.epsilon,
-                    beta=config.beta, logp_ref=batch["reference"][part] if "reference" in batch else None,
-                    normaliser=self.normaliser, weights=rows.weight,
-                )
+                if config.method == "wd1":
+                    loss, stats = weighted_likelihood_loss(logp, batch["advantages"][part], rows.targets)
+                else:
+                    loss, stats = ppo_trace_loss(
+                        logp, batch["old"][part], batch["advantages"][part], rows.targets, epsilon=config.epsilon,
+                        beta=config.beta, logp_ref=batch["reference"][part] if "reference" in batch else None,
+                        normaliser=self.normaliser, weights=rows.weight,
+                    )
                 (loss * share).backward()
                 sums["loss"] += loss.item() * share
-                sums["kl"] += stats["kl"] * share
-                sums["clip_fraction"] += stats["clip_fraction"] * share
+                for name in stats.keys() & sums.keys():
+                    sums[name] += stats[name] * share
                 if self.value is not None:  # averaged over every target token of the step
                     value_loss = clipped_value_loss(self.value(rows), batch["old_values"][part],
                                                     batch["returns"][part], rows.targets, config.value_clip,
@@ -455,7 +467,7 @@ class Learner:
         entropy, value_sum = sums.pop("entropy"), sums.pop("value_sum", None)
         metrics = {**sums, "grad_norm": float(grad_norm), "rows": int(total_rows),
                    "guard/nonfinite_steps": self.nonfinite.count}
-        if self.config.old_log_probs == "recompute":
+        if self.config.old_log_probs == "recompute" and self.config.method != "wd1":
             metrics["entropy"] = entropy
         if self.value is None:
             del metrics["value_loss"]
@@ -475,6 +487,11 @@ class TraceRLTrainer(RLTrainer):
 
     config_class = TraceRLConfig
     run = staticmethod(run)
+
+
+def _unit(batch: dict) -> torch.Tensor:
+    """Per row of a learner batch, what minibatches keep together: its sample, or (wd1) its group."""
+    return batch["group"] if "group" in batch else batch["rows"].sample
 
 
 def _select(batch: dict, rows: torch.Tensor) -> dict:
