@@ -1,4 +1,5 @@
-"""DiffusionCollator layout [pad…, prompt, response, eos…], prompt encoding (text and chat) and require_columns."""
+"""DiffusionCollator layout [pad…, prompt, response, eos…], prompt encoding (text and chat), dropping the padding a
+micro-batch shares, and require_columns."""
 
 from __future__ import annotations
 
@@ -6,7 +7,14 @@ import pytest
 import torch
 from datasets import Dataset
 
-from dlm_rl.data.collate import DiffusionCollator, encode_completion, encode_prompt, left_pad, require_columns
+from dlm_rl.data.collate import (
+    DiffusionCollator,
+    drop_shared_padding,
+    encode_completion,
+    encode_prompt,
+    left_pad,
+    require_columns,
+)
 from dlm_rl.data.tokenizer import char_tokenizer
 
 PAD, EOS, MASK, BOXED = 0, 1, 2, 3  # ids of the char tokenizer's special tokens and `\boxed{`
@@ -71,6 +79,17 @@ def test_completion_filling_the_canvas_but_one_gets_exactly_one_eos(tokenizer):
     assert batch["input_ids"].tolist() == [[ONE, EQ, ONE, TWO, THREE, EOS]]
     with pytest.raises(ValueError, match="completion of 4 tokens \\(\\+1 EOS\\) does not fit response_length=4"):
         DiffusionCollator(tokenizer, response_length=4)([{"prompt": "1=", "completion": "1234"}])
+
+
+def test_a_micro_batch_without_its_shared_padding_equals_its_rows_collated_alone(tokenizer):
+    rows = [{"prompt": p, "completion": "\\boxed{3}"} for p in ("1+2=", "11+22+333=", "3=", "12=")]
+    collate = DiffusionCollator(tokenizer, 6)
+    together = collate(rows)
+    for start, stop in ((0, 2), (2, 4), (3, 4)):
+        part = drop_shared_padding({k: v[start:stop] for k, v in together.items()})
+        alone = collate(rows[start:stop])
+        assert {k: v.tolist() for k, v in part.items()} == {k: v.tolist() for k, v in alone.items()}
+    assert drop_shared_padding(together)["input_ids"].shape == together["input_ids"].shape  # nothing shared
 
 
 def test_left_pad_empty_sequence():

@@ -34,7 +34,17 @@ GPU_RECIPES = ["tracerl_llada8b_math", "tracerl_dream7b_math", "tracerl_sdar8b_m
 PAIRS = [("1+2=", "3", "4"), ("33+4=", "37", "7"), ("5+16=", "21", "2"), ("8+8=", "16", "61"), ("12+30=", "42", "4")]
 
 
-def tiny():
+BASE = {"model": "tiny"}  # the model every case starts from: "smollm2" in the slow SmolLM2 run
+
+
+def base():
+    """A fresh copy of the cases' model: the tiny model, or SmolLM2-135M-Instruct with its mask token (drawn from the
+    same seed in every process)."""
+    if BASE["model"] == "smollm2":
+        from dlm_rl.model_spec import resolve_model
+
+        torch.manual_seed(0)
+        return resolve_model("smollm2")
     from dlm_rl.models.tiny import tiny_model
 
     return tiny_model(hidden_size=32, num_layers=2, intermediate_size=64, seed=0)
@@ -43,14 +53,14 @@ def tiny():
 def lora_model():
     from dlm_rl.models.lora import LoraArguments, add_lora
 
-    return add_lora(tiny(), LoraArguments(use_lora=True, lora_r=4))
+    return add_lora(base(), LoraArguments(use_lora=True, lora_r=4))
 
 
 def value_model():
     from dlm_rl.models.lora import LoraArguments
     from dlm_rl.rl.value import ValueModel
 
-    return ValueModel.from_policy(tiny(), LoraArguments(use_lora=True, lora_r=4))
+    return ValueModel.from_policy(base(), LoraArguments(use_lora=True, lora_r=4))
 
 
 def perturb(module, scale: float, names: tuple[str, ...] = ("",)) -> None:
@@ -111,13 +121,14 @@ def build_inputs() -> dict:
     for trajectory, rewards in ((two, [0, 1, 2, 0, 1, 1, 3, 0]), (one, [0, 2, 2, 1]), (tied, [1, 1, 1, 1])):
         trajectory.rewards = {"total": [float(r) for r in rewards], "errors": [None] * len(rewards)}
 
-    teacher = tiny().requires_grad_(False).eval()
+    teacher = base().requires_grad_(False).eval()
     student = copy.deepcopy(teacher).requires_grad_(True)
     perturb(student, 0.02)
     discriminator = Discriminator(teacher, trainable_blocks=1)
     perturb(discriminator, 0.5, ("head", "time_embedding"))  # the time embedding starts at zero
     rows = list(TASKS["addition3"].dataset("train", 3, seed=0))
-    batch = DiffusionCollator(teacher.tokenizer, TASKS["addition3"].response_length)(rows)
+    width = TASKS["addition3"].response_length if BASE["model"] == "tiny" else 12  # SmolLM2: 8 tokens + EOS
+    batch = DiffusionCollator(teacher.tokenizer, width)(rows)
     group = 2
     ids, attention, response = (batch[k].repeat_interleave(group, 0) for k in
                                 ("input_ids", "attention_mask", "response_mask"))
@@ -151,7 +162,7 @@ def tracerl(inputs, trajectories, with_value=False, fsdp=False, use_lora=True) -
     from dlm_rl import distributed
     from dlm_rl.trainers.tracerl import Learner, TraceRLConfig
 
-    policy = loaded(lora_model, inputs["policy"]) if use_lora else loaded(tiny, inputs["student"])
+    policy = loaded(lora_model, inputs["policy"]) if use_lora else loaded(base, inputs["student"])
     value = loaded(value_model, inputs["value"]) if with_value else None
     config = TraceRLConfig(model="tiny", beta=0.1, kl_reference="reference" if use_lora else "old",
                            micro_batch_rows=5, max_grad_norm=1e9, value_model=with_value, use_lora=use_lora,
@@ -217,8 +228,8 @@ def _didi(inputs):
     from dlm_rl.rl.didi import Discriminator
     from dlm_rl.trainers.didi import DiDiConfig
 
-    teacher = loaded(tiny, inputs["teacher"]).requires_grad_(False).eval()
-    student = loaded(tiny, inputs["student"])
+    teacher = loaded(base, inputs["teacher"]).requires_grad_(False).eval()
+    student = loaded(base, inputs["student"])
     discriminator = Discriminator(teacher, trainable_blocks=1)
     discriminator.load_state_dict(inputs["discriminator"])
     config = DiDiConfig(teacher="tiny", dataset_name="addition3", group_size=2, kl_coef=0.5, entropy_coef=0.1,
@@ -288,7 +299,7 @@ def mdm(inputs, shard, directory, sync=True) -> tuple[dict, dict]:
     class RowNoise(MCNoise):
         sample = staticmethod(row_noise)
 
-    model, rows = tiny(), inputs["mdm_rows"]
+    model, rows = base(), inputs["mdm_rows"]
     args = module.MDMConfig(output_dir=directory, dataset_name="addition3", use_cpu=True, report_to="none")
     trainer = module.MDMTrainer(model, args, Dataset.from_list(rows), TASKS["addition3"].response_length)
     wrapped = trainer.accelerator.prepare_model(model)
@@ -317,7 +328,7 @@ def mdm_first_masks(inputs, directory) -> torch.Tensor:
     from dlm_rl.trainers import mdm as module
 
     args = module.MDMConfig(output_dir=directory, dataset_name="addition3", use_cpu=True, report_to="none")
-    module.MDMTrainer(tiny(), args, Dataset.from_list(inputs["mdm_rows"]), TASKS["addition3"].response_length)
+    module.MDMTrainer(base(), args, Dataset.from_list(inputs["mdm_rows"]), TASKS["addition3"].response_length)
     return MCNoise.sample(torch.ones(4, 32, dtype=torch.bool)).masked
 
 
@@ -333,7 +344,7 @@ def mdm_epoch_rows(directory) -> list[tuple]:
     assert len({row["prompt"] for row in rows}) == 16
     args = module.MDMConfig(output_dir=directory, dataset_name="addition3", use_cpu=True, report_to="none",
                             per_device_train_batch_size=2)
-    trainer = module.MDMTrainer(tiny(), args, Dataset.from_list(rows), TASKS["addition3"].response_length)
+    trainer = module.MDMTrainer(base(), args, Dataset.from_list(rows), TASKS["addition3"].response_length)
     return [tuple(ids.tolist()) for batch in trainer.get_train_dataloader() for ids in batch["input_ids"]]
 
 
@@ -356,7 +367,7 @@ def rl_cases(inputs, part, world: int) -> dict:
         "tracerl_fsdp_full": lambda: tracerl(inputs, trajectories, fsdp=True, use_lora=False),
         "vrpo": lambda: vrpo(inputs, part(inputs["pairs"])),
         "vrpo_fsdp_lora": lambda: vrpo_fsdp(loaded(lora_model, inputs["policy"]), part(inputs["pairs"]), True),
-        "vrpo_fsdp_full": lambda: vrpo_fsdp(loaded(tiny, inputs["teacher"]), part(inputs["pairs"]), False),
+        "vrpo_fsdp_full": lambda: vrpo_fsdp(loaded(base, inputs["teacher"]), part(inputs["pairs"]), False),
         "didi_student": lambda: didi_student(inputs, didi_rows(part([0, 1, 2]))),
         "didi_discriminator": lambda: didi_discriminator(inputs, didi_rows(part([0, 1, 2]))),
         "didi_fsdp_student": lambda: didi_student(inputs, didi_rows(part([0, 1, 2])), fsdp=True),
@@ -368,6 +379,14 @@ def rl_cases(inputs, part, world: int) -> dict:
 def max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def assert_equal_gradients(exact: dict) -> None:
+    """Each case's (largest difference, largest gradient): float32 sums in another order stay within 1e-6 of the
+    largest gradient when it exceeds 1 (DiDi's student: 2-3; SmolLM2: up to 18)."""
+    for name, (diff, size) in exact.items():
+        assert size > 1e-3, f"{name}: no gradient to compare"
+        assert diff <= TOLERANCE * max(1.0, size), f"{name}: the gradients differ by {diff} (largest {size})"
 
 
 def test_two_processes_give_the_single_process_gradients_of_every_trainers_loss(tmp_path):
@@ -382,10 +401,7 @@ def test_two_processes_give_the_single_process_gradients_of_every_trainers_loss(
                                      "tracerl_fsdp_value_model", "tracerl_fsdp_rank_without_rows", "tracerl_fsdp_full",
                                      "vrpo", "vrpo_fsdp_lora", "vrpo_fsdp_full", "didi_student", "didi_discriminator",
                                      "didi_fsdp_student", "didi_fsdp_student_lora", "didi_fsdp_discriminator", "mdm"}
-    for name, (diff, size) in results["exact"].items():
-        assert size > 1e-3, f"{name}: no gradient to compare"
-        # float32 sums in another order: 1e-6 of the largest gradient when it exceeds 1 (DiDi's student: 2-3)
-        assert diff <= TOLERANCE * max(1.0, size), f"{name}: the gradients differ by {diff} (largest {size})"
+    assert_equal_gradients(results["exact"])
     assert not results["mdm_ranks_draw_the_same_masks"]
     assert results["mdm_epoch_rows"] == [8, 8, 16]  # each rank 8 rows, 16 distinct together
     assert results["scattered"] == [f"part {r}" for r in range(WORLD)]
@@ -396,6 +412,17 @@ def test_two_processes_give_the_single_process_gradients_of_every_trainers_loss(
         assert len(diffs) >= 4
         for name, diff in diffs.items():
             assert diff > 100 * TOLERANCE, f"{name} with {mutation}: only {diff}"
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_single_process_gradients_on_smollm2(tmp_path):
+    """The sharded (FSDP2) RL cases above on SmolLM2-135M-Instruct (offline): VRPO and TraceRL (LoRA with the value
+    model, and full), DiDi's student (full and LoRA) and discriminator. In a 30-layer model a micro-batch's numbers
+    would show any dependence on the rows or padding of the rest of its rank's batch (`make test-slow`)."""
+    launch(tmp_path, [*TORCHRUN, os.path.abspath(__file__), str(tmp_path), "smollm2"], timeout=3600)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results["exact"]) == 8
+    assert_equal_gradients(results["exact"])
 
 
 def test_under_torchrun_rank_0s_ray_actors_sample_every_ranks_share(tmp_path):
@@ -521,29 +548,45 @@ def _scatter_outcome(distributed) -> str:
     return "returned"
 
 
-def _worker(directory: str) -> None:
+def _worker(directory: str, model: str = "tiny") -> None:
     """One rank. Rank 0 first takes every single-process step on the global batches (before joining the process
-    group, so the trainers run their one-process code); then every rank takes its share, also with the mistakes
-    the test must catch, and rank 0 writes the differences."""
+    group, so the trainers run their one-process code); then every rank takes its share and rank 0 writes the
+    differences. On the tiny model the ranks also take the MDM steps and the mistakes the test must catch."""
     from dlm_rl import distributed
 
     torch.set_num_threads(1)
+    BASE["model"] = model
     main = os.environ["RANK"] == "0"
+    chosen = (lambda name: True) if model == "tiny" else (lambda name: "fsdp" in name)  # SmolLM2: the sharded ones
     inputs = reference = None
     if main:
         inputs = build_inputs()
-        reference = {name: case() for name, case in rl_cases(inputs, lambda items: items, world=1).items()}
+        single = rl_cases(inputs, lambda items: items, world=1)
+        reference = {name: case() for name, case in single.items() if chosen(name)}
     distributed.setup()
     shared = [inputs]
     torch.distributed.broadcast_object_list(shared, src=0)
     inputs = shared[0]
-    cases = rl_cases(inputs, distributed.share, WORLD)
+    cases = {name: case for name, case in rl_cases(inputs, distributed.share, WORLD).items() if chosen(name)}
     results = {"exact": {}, "broken": {"gradients_not_summed": {}, "mean_of_per_rank_means": {}}}
     for name, case in cases.items():
         grads = case()
         if main:
             results["exact"][name] = (max_diff(grads, reference[name]),
                                       max(float(g.abs().max()) for g in reference[name].values()))
+    if model == "tiny":
+        _mdm_and_mistakes(directory, inputs, cases, reference, results)
+    if main:
+        with open(os.path.join(directory, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def _mdm_and_mistakes(directory, inputs, cases, reference, results) -> None:
+    """The MDM steps, the ranks' masks and data, the scatter from rank 0, and the RL cases with the mistakes the
+    test must catch, into `results`."""
+    from dlm_rl import distributed, sharding
+
+    main = distributed.is_main()
     work = os.path.join(directory, f"work{distributed.rank()}")
     single, parallel = mdm(inputs, distributed.share, work)
     results["exact"]["mdm"] = (max_diff(parallel, single), max(float(g.abs().max()) for g in single.values()))
@@ -556,8 +599,6 @@ def _worker(directory: str) -> None:
 
     results["scattered"] = gathered(distributed.scatter_from_main(lambda: [f"part {r}" for r in range(WORLD)]))
     results["main_fails_while_scattering"] = gathered(_scatter_outcome(distributed))
-
-    from dlm_rl import sharding
 
     real_sum, real_all_sum, real_dist = distributed.sum_gradients, distributed.all_sum, sharding.dist
 
@@ -584,9 +625,6 @@ def _worker(directory: str) -> None:
                 distributed.sum_gradients, distributed.all_sum, sharding.dist = real_sum, real_all_sum, real_dist
             if main:
                 results["broken"][mutation][name] = max_diff(grads, reference[name])
-    if main:
-        with open(os.path.join(directory, "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
 
 
 def _bfloat16_worker(directory: str) -> None:
@@ -602,7 +640,7 @@ def _bfloat16_worker(directory: str) -> None:
     results = {}
     for master_weights in ("float32", "model"):
         torch.manual_seed(0)
-        model = tiny().to(torch.bfloat16)
+        model = base().to(torch.bfloat16)
         frozen = copy.deepcopy(model).requires_grad_(False)
         config = VRPOConfig(model="tiny", use_lora=False, learning_rate=5e-7, n_t=2, micro_batch_pairs=1,
                             master_weights=master_weights, fsdp=True)
@@ -637,7 +675,10 @@ def test_fsdp_keeps_an_update_of_5e_7_on_bfloat16_weights(tmp_path):
 
 
 if __name__ == "__main__":
-    (_bfloat16_worker if sys.argv[2:] == ["bfloat16"] else _worker)(sys.argv[1])
+    if sys.argv[2:] == ["bfloat16"]:
+        _bfloat16_worker(sys.argv[1])
+    else:
+        _worker(*sys.argv[1:])
 
 
 FSDP_RECIPES = {
@@ -697,11 +738,11 @@ def test_rl_trainers_under_fsdp_train_and_save_whole_weights(tmp_path, case):
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}"]
 
 
-def launch(directory, command) -> None:
+def launch(directory, command, timeout: int = 600) -> None:
     """Run `command` (a torchrun launch, or one process) in `directory` with this checkout on the path."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=directory)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=directory)
     assert done.returncode == 0, done.stderr[-4000:]
 
 

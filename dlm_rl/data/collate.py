@@ -48,6 +48,15 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
+def drop_shared_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`batch` (left-padded [B, L] tensors, one of them `attention_mask`) without the leading columns that are padding
+    in every row: a micro-batch sliced from a larger batch then holds the same tensors as the same rows collated
+    alone, so its numbers do not depend on which other rows shared the batch (or the rank)."""
+    attended = batch["attention_mask"].any(0).nonzero()
+    start = int(attended[0]) if len(attended) else 0
+    return {name: tensor[:, start:] for name, tensor in batch.items()}
+
+
 @dataclass
 class DiffusionCollator:
     """Collate rows with `prompt` and `completion` into input_ids, attention_mask and response_mask."""

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from dlm_rl import distributed, sharding
 from dlm_rl.checkpoint import checkpoint_due, prepare_output_dir, save_checkpoint, write_directory
 from dlm_rl.data.benchmarks import FILE_EXTENSIONS
-from dlm_rl.data.collate import require_columns
+from dlm_rl.data.collate import drop_shared_padding, require_columns
 from dlm_rl.data.files import refuse_empty_file
 from dlm_rl.data.sources import (
     PromptData,
@@ -348,8 +348,8 @@ def _update(model, optimizer, parameters, chosen, rejected, estimator, config, g
     model.train()
     optimizer.zero_grad(set_to_none=True)
     for i in range(0, local, config.micro_batch_pairs):
-        part = {k: v[i : i + config.micro_batch_pairs].to(device) for k, v in chosen.items()}
-        other = {k: v[i : i + config.micro_batch_pairs].to(device) for k, v in rejected.items()}
+        part = drop_shared_padding({k: v[i : i + config.micro_batch_pairs].to(device) for k, v in chosen.items()})
+        other = drop_shared_padding({k: v[i : i + config.micro_batch_pairs].to(device) for k, v in rejected.items()})
         share = len(part["input_ids"]) / total
         loss, stats = vrpo_loss(model, part, other, estimator, config.beta, generator=generator, frozen=frozen,
                                 draws_per_graph=config.draws_per_graph)
