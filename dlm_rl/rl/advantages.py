@@ -12,17 +12,7 @@ def group_advantages(
     """(advantages, keep): each reward's z-score within its group (same prompt), with the group's population std (as
     TraceRL's reference code); `keep` is False for groups whose rewards are all equal (no signal: the dynamic filter
     drops them)."""
-    rewards = rewards.double()
-    advantages = torch.zeros_like(rewards)
-    keep = torch.zeros_like(rewards, dtype=torch.bool)
-    for group in torch.unique(groups):
-        members = groups == group
-        values = rewards[members]
-        if len(values) < 2 or values.max() == values.min():
-            continue
-        advantages[members] = (values - values.mean()) / (values.std(correction=0) + eps)
-        keep[members] = True
-    return advantages, keep
+    return _per_group(rewards, groups, lambda values: (values - values.mean()) / (values.std(correction=0) + eps))
 
 
 def wd1_weights(rewards: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,18 +20,28 @@ def wd1_weights(rewards: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tens
     softmax(A) − softmax(−A) over the group, times the group's size, so that a mean over the rows of several groups
     is the mean over groups of wd1's per-group sum. `keep` as `group_advantages` (a group whose rewards are all equal
     has weights that cancel exactly: no gradient)."""
+
+    def weights(values: torch.Tensor) -> torch.Tensor:
+        centred = values - values.mean()
+        return len(values) * (torch.softmax(centred, 0) - torch.softmax(-centred, 0))
+
+    return _per_group(rewards, groups, weights)
+
+
+def _per_group(rewards: torch.Tensor, groups: torch.Tensor, fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fn of each group's rewards, in float64, at its members; keep): 0 and False for groups whose rewards are all
+    equal."""
     rewards = rewards.double()
-    weights = torch.zeros_like(rewards)
+    out = torch.zeros_like(rewards)
     keep = torch.zeros_like(rewards, dtype=torch.bool)
     for group in torch.unique(groups):
         members = groups == group
         values = rewards[members]
         if len(values) < 2 or values.max() == values.min():
             continue
-        centred = values - values.mean()
-        weights[members] = len(values) * (torch.softmax(centred, 0) - torch.softmax(-centred, 0))
+        out[members] = fn(values)
         keep[members] = True
-    return weights, keep
+    return out, keep
 
 
 def step_gae(
