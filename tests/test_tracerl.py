@@ -135,8 +135,9 @@ def test_with_lora_only_the_adapter_gets_gradients_and_the_reference_is_the_disa
         {"method": "random_masking"},
         {"method": "tracerl", "value_model": True, "inner_epochs": 2, "shrink": 2},
         {"method": "wd1", "inner_epochs": 2},
+        {"method": "justgrpo", "ppo_minibatches": 1, "beta": 0.0},
     ],
-    ids=["diffu_grpo", "coupled", "random_masking", "tracerl+value", "wd1"],
+    ids=["diffu_grpo", "coupled", "random_masking", "tracerl+value", "wd1", "justgrpo"],
 )
 def test_every_method_trains_and_writes_tensorboard_and_a_curve(tmp_path, extra):
     from dlm_rl.trainers.tracerl import TraceRLConfig, run
@@ -251,6 +252,31 @@ def test_old_log_probs_from_the_sampler_equal_the_exact_recompute():
     assert torch.isfinite(b).all() and (a - b)[rows.targets].abs().max() <= 1e-5
     with pytest.raises(ValueError, match="needs method 'tracerl'"):
         TraceRLConfig(model="tiny", method="coupled", old_log_probs="sampler")
+
+
+def test_justgrpo_rolls_out_left_to_right_and_trains_each_token_in_the_state_it_was_drawn_in():
+    import torch
+
+    from dlm_rl.rollout import LocalEngine
+    from dlm_rl.trainers.tracerl import Learner, TraceRLConfig, rollout_sampler
+
+    config = TraceRLConfig(model="tiny", method="justgrpo", block_length=4, threshold=0.5)  # sampler keys overridden
+    model, _ = _tiny_rollout(lambda prompts, completions, **c: [1.0] * len(completions))
+    (trajectory,) = LocalEngine(model, rows_per_chunk=64).generate(["1+2=", "33+4="], 4, rollout_sampler(config, 8))
+    order = torch.arange(8).expand_as(trajectory.step_map)
+    drawn = trajectory.trainable  # up to the first EOS
+    assert drawn[:, 0].all() and torch.equal(trajectory.step_map[drawn], order[drawn])  # token j at step j
+    rows = Learner(model, config, gen_length=8).rows(trajectory)
+    assert (rows.targets.sum(1) == 1).all() and len(rows) == int(drawn.sum())  # one row per token
+    for row in range(len(rows)):  # the row's state: the prompt, the tokens before its target, masks after
+        j = int(rows.targets[row].nonzero())
+        state = rows.input_ids[row, -8:]
+        assert torch.equal(state[:j], rows.response_ids[row, :j])
+        assert (state[j:] == model.mask_token_id).all()
+    parallel = rollout_sampler(TraceRLConfig(model="tiny", block_length=4, threshold=0.5), 8)
+    assert (parallel.block_length, parallel.threshold) == (4, 0.5)
+    with pytest.raises(ValueError, match="justgrpo' needs shrink 1"):
+        TraceRLConfig(model="tiny", method="justgrpo", shrink=2)
 
 
 def test_truncation_penalty_separates_otherwise_equal_rewards():

@@ -15,7 +15,8 @@ optimiser step; rank 0 gathers the rollout for the logs, evaluates and saves.
 `method` swaps how log-probabilities are read, everything else equal, for ablations: `tracerl` (the visited
 states; plain rows for full attention, packed rows for block attention), `diffu_grpo`, `coupled` and
 `random_masking` (random masks, `dlm_rl.rl.masking`). `wd1` also swaps the loss: diffu-GRPO's rows under wd1's
-ratio-free weighted likelihood (no π_old, no KL). `value_model: true` adds TraceRL's value model
+ratio-free weighted likelihood (no π_old, no KL). `justgrpo` swaps the rollout: strictly left to right, one token
+per step, so the visited states give each token's exact log-probability (evaluation keeps the parallel sampler). `value_model: true` adds TraceRL's value model
 (`dlm_rl.rl.value`): per-token advantages by step-level GAE of the group z-scores. docs/algorithms.md states each
 objective and where the defaults depart from the papers.
 """
@@ -70,7 +71,8 @@ from dlm_rl.trainers.online import (
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("tracerl", "diffu_grpo", "coupled", "random_masking", "wd1")
+METHODS = ("tracerl", "diffu_grpo", "coupled", "random_masking", "wd1", "justgrpo")
+TRACE_METHODS = ("tracerl", "justgrpo")  # trained on the visited states
 
 
 @dataclass
@@ -81,7 +83,8 @@ class TraceRLConfig(OnlineArguments):
     """How log-probabilities are read: 'tracerl' (the visited states), or the baselines 'diffu_grpo',
     'coupled', 'random_masking' (random masks; coupled and random_masking use the constant normaliser, as their
     1/t weights require); or 'wd1' (diffu-GRPO's rows, wd1's weighted likelihood instead of PPO: epsilon, beta and
-    kl_reference play no part)."""
+    kl_reference play no part); or 'justgrpo' (rollouts strictly left to right, one token per step, whatever
+    block_length and threshold say; trained on the visited states, whose log-probabilities are then exact)."""
     inner_epochs: int = 1
     """PPO epochs μ over each rollout's rows."""
     ppo_minibatches: int = 8
@@ -127,11 +130,14 @@ class TraceRLConfig(OnlineArguments):
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.old_log_probs == "sampler" and self.method != "tracerl":
-            raise ValueError("old_log_probs: 'sampler' needs method 'tracerl' (the sampler scored the visited states)")
+        if self.old_log_probs == "sampler" and self.method not in TRACE_METHODS:
+            raise ValueError("old_log_probs: 'sampler' needs method 'tracerl' or 'justgrpo' (the sampler scored the "
+                             "visited states)")
         if self.old_log_probs == "sampler" and self.shrink > 1:
             raise ValueError("old_log_probs: 'sampler' needs shrink 1: a shrunk row's state masks tokens the sampler "
                              "had already decoded, so its recorded log-probs are not π_old's in that state")
+        if self.method == "justgrpo" and self.shrink != 1:
+            raise ValueError("method 'justgrpo' needs shrink 1: it trains each token in the one state it was drawn in")
         if self.value_model and self.method != "tracerl":
             raise ValueError("value_model needs method 'tracerl' (values are read on the visited states)")
         if self.normaliser not in ("tokens", "length"):
@@ -171,12 +177,7 @@ def run(config: TraceRLConfig, *, model=None, train_dataset=None, eval_dataset=N
     if config.use_lora:
         add_lora(model, config)
     learner = Learner(model, config, gen_length, value)
-    sampler = SamplerConfig(
-        gen_length=gen_length,
-        block_length=config.block_length,
-        threshold=config.threshold,
-        temperature=config.temperature,
-    )
+    sampler = rollout_sampler(config, gen_length)
     engine = rollout_engine(config, model, rewards)
     guards = RolloutGuards(gen_length, config.constant_reward_patience, config.constant_reward_error)
     state = {"model": model, "optimizer": learner.optimizer, "generator": learner.generator, "prompts": prompts,
@@ -299,7 +300,7 @@ class Learner:
 
     def rows(self, trajectory) -> Rows:
         method, mask_id = self.config.method, self.model.mask_token_id
-        if method == "tracerl":
+        if method in TRACE_METHODS:
             return model_trace_rows(trajectory, self.model, self.config.shrink)
         block_size = packed_block_size(self.model)  # block models: earlier blocks clean, as the sampler saw them
         if method in ("diffu_grpo", "wd1"):
@@ -348,7 +349,7 @@ class Learner:
                 continue
             kept_samples += int(keep.sum())
             for epoch in range(config.inner_epochs):
-                if epoch and config.method == "tracerl":  # the visited states do not change between epochs
+                if epoch and config.method in TRACE_METHODS:  # the visited states do not change between epochs
                     epochs[epoch].append(epochs[0][-1])
                     continue
                 rows = self.rows(trajectory)
@@ -487,6 +488,13 @@ class TraceRLTrainer(RLTrainer):
 
     config_class = TraceRLConfig
     run = staticmethod(run)
+
+
+def rollout_sampler(config: TraceRLConfig, gen_length: int) -> SamplerConfig:
+    """The rollouts' sampler: the recipe's, or with justgrpo one token per one-token block (left to right)."""
+    left_to_right = config.method == "justgrpo"
+    return SamplerConfig(gen_length=gen_length, block_length=1 if left_to_right else config.block_length,
+                         threshold=None if left_to_right else config.threshold, temperature=config.temperature)
 
 
 def _unit(batch: dict) -> torch.Tensor:
