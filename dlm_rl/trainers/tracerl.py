@@ -101,7 +101,7 @@ class TraceRLConfig(OnlineArguments):
     so no second copy of the weights)."""
     old_log_probs: str = "recompute"
     """π_old: 'recompute' (exact, one extra forward) or 'sampler' (the log-probs recorded while decoding; exact
-    only for method tracerl with shrink 1)."""
+    only for methods tracerl and justgrpo with shrink 1)."""
     truncation_penalty: float = 0.0
     """Subtracted from the reward of a response that hit the length limit without EOS."""
     value_model: bool = False
