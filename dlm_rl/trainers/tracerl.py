@@ -16,8 +16,9 @@ optimiser step; rank 0 gathers the rollout for the logs, evaluates and saves.
 states; plain rows for full attention, packed rows for block attention), `diffu_grpo`, `coupled` and
 `random_masking` (random masks, `dlm_rl.rl.masking`). `wd1` also swaps the loss: diffu-GRPO's rows under wd1's
 ratio-free weighted likelihood (no π_old, no KL). `justgrpo` swaps the rollout: strictly left to right, one token
-per step, so the visited states give each token's exact log-probability (evaluation keeps the parallel sampler). `value_model: true` adds TraceRL's value model
-(`dlm_rl.rl.value`): per-token advantages by step-level GAE of the group z-scores. docs/algorithms.md states each
+per step, so the visited states give each token's exact log-probability (evaluation keeps the parallel sampler).
+`value_model: true` adds TraceRL's value model (`dlm_rl.rl.value`): per-token advantages by step-level GAE of the
+group z-scores. docs/algorithms.md states each
 objective and where the defaults depart from the papers.
 """
 
