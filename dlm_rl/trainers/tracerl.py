@@ -18,8 +18,7 @@ states; plain rows for full attention, packed rows for block attention), `diffu_
 ratio-free weighted likelihood (no π_old, no KL). `justgrpo` swaps the rollout: strictly left to right, one token
 per step, so the visited states give each token's exact log-probability (evaluation keeps the parallel sampler).
 `value_model: true` adds TraceRL's value model (`dlm_rl.rl.value`): per-token advantages by step-level GAE of the
-group z-scores. docs/algorithms.md states each
-objective and where the defaults depart from the papers.
+group z-scores. docs/algorithms.md states each objective and where the defaults depart from the papers.
 """
 
 from __future__ import annotations
