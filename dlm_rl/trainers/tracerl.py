@@ -422,8 +422,8 @@ class Learner:
         total_rows = counts["rows"]
         if not total_rows:  # fewer samples than minibatches: nothing to step on
             return None
-        ppo = ("kl", "clip_fraction") if config.method != "wd1" else ("log_likelihood",)
-        sums = {"loss": 0.0, "value_loss": 0.0, **dict.fromkeys(ppo, 0.0)}
+        logged = ("kl", "clip_fraction") if config.method != "wd1" else ("log_likelihood",)  # the loss's statistics
+        sums = {"loss": 0.0, "value_loss": 0.0, **dict.fromkeys(logged, 0.0)}
         self.gather()
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
