@@ -1,7 +1,7 @@
 """Ablation at equal rollout budget: TraceRL with and without the value model vs diffu-GRPO vs coupled vs random
-masking vs wd1 vs JustGRPO. Every run uses the same base model, prompts, rewards, sampler and number of rollout
-steps; only the way log-probabilities are read (and the value model, wd1's loss, JustGRPO's left-to-right rollout)
-differs. Each (method, seed) is a `dlm_rl.trainers.tracerl.run`.
+masking vs wd1 vs JustGRPO vs ESPO vs GDPO. Every run uses the same base model, prompts, rewards, sampler and number
+of rollout steps; only the way log-probabilities are read (and the value model, wd1's loss, JustGRPO's left-to-right
+rollout, the sequence-level loss of ESPO and GDPO) differs. Each (method, seed) is a `dlm_rl.trainers.tracerl.run`.
 
 The score of a run is its held-out greedy accuracy after the last step. Prints one JSON line per run, then
 `{"results": {method: {"mean", "std", "runs"}}, "config": ...}` as the last line.
@@ -28,6 +28,8 @@ METHODS = {
     "random_masking": {"method": "random_masking"},
     "wd1": {"method": "wd1", "inner_epochs": 2},  # its recipe's settings
     "justgrpo": {"method": "justgrpo", "ppo_minibatches": 1, "beta": 0.0},
+    "espo": {"method": "espo", "inner_epochs": 2, "ppo_minibatches": 1},
+    "gdpo": {"method": "gdpo"},
 }
 
 

@@ -9,8 +9,20 @@ import pytest
 import torch
 
 from dlm_rl.models.tiny import tiny_model
-from dlm_rl.rl.advantages import group_advantages, step_gae, wd1_weights
-from dlm_rl.rl.losses import k3_kl, ppo_trace_loss, weighted_likelihood_loss
+from dlm_rl.rl.advantages import (
+    centred_advantages,
+    group_advantages,
+    leave_one_out_advantages,
+    step_gae,
+    wd1_weights,
+)
+from dlm_rl.rl.losses import (
+    k3_kl,
+    ppo_trace_loss,
+    sequence_elbo,
+    sequence_ppo_loss,
+    weighted_likelihood_loss,
+)
 from dlm_rl.rl.rows import response_log_probs
 from dlm_rl.rl.trace import shrink_steps, trace_rows
 from dlm_rl.rollout import LocalEngine
@@ -147,6 +159,37 @@ def test_wd1_loss_weighs_each_rows_summed_log_likelihood():
     assert stats["log_likelihood"] == pytest.approx((-3.0 - 0.5) / 2)
     loss.backward()  # no length normaliser: every trained token of a row gets the row's weight / N
     assert logp.grad.flatten().tolist() == pytest.approx([-0.4, -0.4, 0.0, 0.2, 0.0, 0.0])
+
+
+def test_espo_and_gdpo_advantages_are_differences_of_rewards_without_a_std():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 3.0, 3.0])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1])
+    advantages, keep = leave_one_out_advantages(rewards, groups)
+    assert advantages.tolist() == pytest.approx([1 - 1 / 3, 0 - 2 / 3, 0 - 2 / 3, 1 - 1 / 3, 0, 0])  # no std
+    assert keep.tolist() == [True] * 4 + [False] * 2
+    centred, kept = centred_advantages(rewards, groups)  # GDPO: minus the group's own mean, no std
+    assert centred.tolist() == pytest.approx([0.5, -0.5, -0.5, 0.5, 0, 0]) and torch.equal(kept, keep)
+
+
+def test_sequence_elbo_sums_each_samples_weighted_rows():
+    logp = torch.tensor([[-1.0, -2.0, -4.0], [-0.5, -0.25, -8.0], [-3.0, -1.0, -1.0]])
+    targets = torch.tensor([[True, False, True], [False, True, False], [True, True, True]])
+    elbo = sequence_elbo(logp, targets, torch.tensor([2.0, 4.0, 0.5]), torch.tensor([1, 1, 0]), 2)
+    assert elbo.tolist() == pytest.approx([0.5 * -5.0, 2.0 * -5.0 + 4.0 * -0.25])
+
+
+def test_sequence_ppo_loss_matches_a_hand_computation():
+    elbo = torch.tensor([-10.0, -20.0, -6.0], requires_grad=True)
+    old, reference = torch.tensor([-12.0, -19.0, -6.0]), torch.tensor([-11.0, -20.0, -7.0])
+    advantages = torch.tensor([1.0, -0.5, 2.0])
+    loss, stats = sequence_ppo_loss(elbo, old, advantages, 4, epsilon=0.2, beta=0.1, elbo_ref=reference)
+    ratios = [math.exp(2 / 4), math.exp(-1 / 4), 1.0]  # per token of the canvas: exp((ℓ − ℓ_old) / L)
+    surrogate = [min(ratios[0] * 1.0, 1.2 * 1.0), min(ratios[1] * -0.5, 0.8 * -0.5), 2.0]
+    kl = [1 ** 2 / 8, 0.0, 1 ** 2 / 8]  # k2: (ℓ − ℓ_ref)² / (2L)
+    assert loss.item() == pytest.approx(-sum(surrogate) / 3 + 0.1 * sum(kl) / 3)
+    assert stats["clip_fraction"] == pytest.approx(2 / 3) and stats["kl"] == pytest.approx(sum(kl) / 3)
+    loss.backward()  # the clipped ratios give no gradient; the unclipped one gives A ρ / L, and the KL its share
+    assert elbo.grad.tolist() == pytest.approx([-0 / 3 + 0.1 * (1 / 4) / 3, 0.0, -2.0 / 4 / 3 + 0.1 * (1 / 4) / 3])
 
 
 def test_gae_with_gamma_lambda_one_reduces_to_reward_minus_value():

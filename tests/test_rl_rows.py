@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dlm_rl.models.tiny import tiny_model
-from dlm_rl.rl.masking import MASK_HIGH, MASK_LOW, diffu_grpo_rows, random_mask_rows
+from dlm_rl.rl.losses import sequence_elbo
+from dlm_rl.rl.masking import MASK_HIGH, MASK_LOW, diffu_grpo_rows, quadrature_rows, random_mask_rows, spread_mask_rows
 from dlm_rl.diffusion.packed import packed_block_bias
 from dlm_rl.rl.rows import response_log_probs
 from dlm_rl.rl.trace import model_trace_rows, packed_trace_rows, trace_rows
@@ -145,6 +146,43 @@ def test_random_mask_rows(coupled):
         assert torch.equal(rows.targets[:2] | rows.targets[2:], trajectory.sampled)
         assert not (rows.targets[:2] & rows.targets[2:]).any()
         assert torch.allclose(rows.weight[2:], 1 / (1 - t))
+
+
+def test_espo_rows_mask_spread_counts_and_their_complements():
+    trajectory = block_trajectory()
+    many = Trajectory(**{**vars(trajectory), **{name: getattr(trajectory, name).repeat(7, 1) for name in (
+        "prompt_ids", "prompt_mask", "response_ids", "step_map", "log_probs", "sampled")},
+        "nfe": trajectory.nfe.repeat(7), "block_offset": trajectory.block_offset.repeat(7),
+        "finish_reason": trajectory.finish_reason * 7})
+    length, n = 6, 14
+    rows = spread_mask_rows(many, M, torch.Generator().manual_seed(5))
+    assert len(rows) == 2 * n and rows.sample.tolist() == list(range(n)) * 2
+    masked, complement = rows.input_ids[:n, 3:].eq(M), rows.input_ids[n:, 3:].eq(M)
+    assert torch.equal(masked, ~complement)  # every token is masked in exactly one of a response's two rows
+    counts = masked.sum(1)
+    start = int(counts[0])  # x_i = round(k + i (L + 1) / n) mod (L + 1): the batch's counts spread over 0..L
+    expected = [round(start + i * (length + 1) / n) % (length + 1) for i in range(n)]
+    assert counts.tolist() == expected and len(set(expected)) == length + 1
+    assert torch.equal(rows.targets, torch.cat([masked, complement]) & many.sampled[rows.sample])
+    x = counts.float()
+    assert torch.allclose(rows.weight[:n][x > 0], (length + 1) / (2 * x[x > 0]))
+    assert torch.allclose(rows.weight[n:][x < length], (length + 1) / (2 * (length - x[x < length])))
+
+
+def test_gdpo_rows_take_the_elbos_integral_at_three_gauss_legendre_nodes():
+    trajectory = block_trajectory()
+    rows = quadrature_rows(trajectory, M, torch.Generator().manual_seed(0))
+    assert len(rows) == 6 and rows.sample.tolist() == [0, 1] * 3
+    nodes = [0.5 - math.sqrt(15) / 10, 0.5, 0.5 + math.sqrt(15) / 10]  # on [0, 1], weights 5/18, 8/18, 5/18
+    weights = [5 / 18, 8 / 18, 5 / 18]
+    assert rows.weight.tolist() == pytest.approx([w / t for w, t in zip(weights, nodes) for _ in range(2)])
+    assert torch.equal(rows.targets, rows.input_ids[:, 3:].eq(M) & trajectory.sampled[rows.sample])
+    # with every log-prob equal to c, the estimate's mean is Σ_k w_k/t_k · t_k · (drawn tokens) · c = drawn · c
+    generator, c = torch.Generator().manual_seed(1), -0.7
+    estimates = torch.stack([
+        sequence_elbo(torch.full(r.targets.shape, c), r.targets, r.weight, r.sample, 2)
+        for r in (quadrature_rows(trajectory, M, generator) for _ in range(4000))])
+    assert estimates.mean(0).tolist() == pytest.approx((trajectory.sampled.sum(1) * c).tolist(), rel=0.02)
 
 
 def test_value_model_starts_at_zero_and_gae_gives_reward_minus_value():

@@ -136,8 +136,10 @@ def test_with_lora_only_the_adapter_gets_gradients_and_the_reference_is_the_disa
         {"method": "tracerl", "value_model": True, "inner_epochs": 2, "shrink": 2},
         {"method": "wd1", "inner_epochs": 2},
         {"method": "justgrpo", "ppo_minibatches": 1, "beta": 0.0},
+        {"method": "espo", "inner_epochs": 2, "ppo_minibatches": 1, "micro_batch_rows": 3},
+        {"method": "gdpo", "kl_reference": "reference"},
     ],
-    ids=["diffu_grpo", "coupled", "random_masking", "tracerl+value", "wd1", "justgrpo"],
+    ids=["diffu_grpo", "coupled", "random_masking", "tracerl+value", "wd1", "justgrpo", "espo", "gdpo"],
 )
 def test_every_method_trains_and_writes_tensorboard_and_a_curve(tmp_path, extra):
     from dlm_rl.trainers.tracerl import TraceRLConfig, run
@@ -309,3 +311,31 @@ def test_value_model_reads_packed_rows_of_a_block_attention_model():
     learner.update(trajectories)
     with torch.no_grad():
         assert learner.value(rows).abs().max() > 0  # the head moved
+
+
+@pytest.mark.parametrize("method", ["espo", "gdpo"])
+def test_sequence_level_methods_give_the_same_gradient_whatever_the_micro_batch_size(method):
+    """Their loss is a function of each sample's whole ELBO estimate, so a forward pass must hold all of a sample's
+    rows: cutting them across passes (as row-level methods may) would change the gradient."""
+    import torch
+
+    from dlm_rl.trainers.tracerl import Learner, TraceRLConfig
+
+    model, (trajectory,) = _tiny_rollout(lambda prompts, completions, **c: [float(sum(map(ord, x)) % 3)
+                                                                            for x in completions])
+    with torch.no_grad():  # a trained adapter, so that the KL to the reference (the base) is not flat
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    gradients = []
+    for size in (64, 3):
+        config = TraceRLConfig(model="tiny", method=method, micro_batch_rows=size, ppo_minibatches=1, beta=1.0,
+                               kl_reference="reference", max_grad_norm=1e9)
+        learner = Learner(model, config, gen_length=8)
+        learner.optimizer = torch.optim.SGD(learner.parameters, lr=0.0)
+        assert len(learner.micro_batches({"rows": learner.rows(trajectory)})) == (1 if size == 64 else 8)
+        learner.generator.manual_seed(0)  # the same masks for both sizes
+        learner.update([trajectory])
+        gradients.append(torch.cat([p.grad.flatten() for p in learner.parameters]))
+    assert gradients[0].abs().max() > 0
+    assert torch.allclose(gradients[0], gradients[1], atol=1e-6, rtol=1e-4)

@@ -1,5 +1,5 @@
-"""Advantages: GRPO-style group z-scores of rewards, wd1's group softmax weights, and step-level GAE for a diffusion
-value model."""
+"""Advantages: GRPO-style group z-scores of rewards, centred rewards (GDPO), ESPO's leave-one-out differences, wd1's
+group softmax weights, and step-level GAE for a diffusion value model."""
 
 from __future__ import annotations
 
@@ -13,6 +13,18 @@ def group_advantages(
     TraceRL's reference code); `keep` is False for groups whose rewards are all equal (no signal: the dynamic filter
     drops them)."""
     return _per_group(rewards, groups, lambda values: (values - values.mean()) / (values.std(correction=0) + eps))
+
+
+def centred_advantages(rewards: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, keep): each reward minus its group's mean, not divided by the spread (GDPO); `keep` as
+    `group_advantages`."""
+    return _per_group(rewards, groups, lambda values: values - values.mean())
+
+
+def leave_one_out_advantages(rewards: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, keep) as ESPO's reference code computes them: each reward minus the mean of the other rewards of
+    its group, not divided by any spread; `keep` as `group_advantages`."""
+    return _per_group(rewards, groups, lambda values: values - (values.sum() - values) / (len(values) - 1))
 
 
 def wd1_weights(rewards: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

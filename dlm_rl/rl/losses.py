@@ -1,4 +1,5 @@
-"""The PPO-clip policy loss on trace tokens, with a k3 KL penalty; wd1's ratio-free weighted likelihood.
+"""The PPO-clip policy loss on trace tokens, with a k3 KL penalty; the sequence-level PPO-clip loss on ELBO estimates,
+with a k2 KL penalty (ESPO, GDPO); wd1's ratio-free weighted likelihood.
 
 The loss as TraceRL and the baselines train it, and where it departs from TraceRL's reference code:
 docs/algorithms.md, sections 4 and 5.
@@ -85,3 +86,37 @@ def weighted_likelihood_loss(logp: torch.Tensor, weights: torch.Tensor, targets:
     likelihood = torch.where(targets.bool(), logp, torch.zeros_like(logp)).sum(dim=1)
     loss = -(weights.reshape(-1).to(logp.dtype) * likelihood).mean()
     return loss, {"log_likelihood": float(likelihood.detach().mean())}
+
+
+def sequence_elbo(logp: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, sample: torch.Tensor,
+                  samples: int) -> torch.Tensor:
+    """[S] ELBO estimates: for each sample s < `samples`, Σ over its rows (`sample[n] == s`) of w_row · Σ_targets log p.
+    `logp` and `targets` [N, R], `weights` and `sample` [N]."""
+    per_row = torch.where(targets.bool(), logp, torch.zeros_like(logp)).sum(dim=1) * weights.to(logp.dtype)
+    return torch.zeros(samples, dtype=logp.dtype, device=logp.device).index_add(0, sample, per_row)
+
+
+def sequence_ppo_loss(
+    elbo: torch.Tensor,
+    elbo_old: torch.Tensor,
+    advantages: torch.Tensor,
+    length: int,
+    *,
+    epsilon: float = 0.2,
+    beta: float = 0.0,
+    elbo_ref: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """−mean_s min(ρ_s A_s, clip(ρ_s, 1−ε, 1+ε) A_s)  +  β · mean_s (ℓ_s − ℓ_ref,s)² / (2L), with one ratio per sample
+    ρ_s = exp((ℓ_s − ℓ_old,s) / L) from the ELBO estimates ℓ (ESPO: the sequence's log-likelihood per token, `length`
+    L the response canvas) and the k2 KL of the ELBOs per token. All tensors [S]; the KL anchor `elbo_ref` defaults to
+    `elbo_old`."""
+    log_ratio = ((elbo - elbo_old.detach()) / length).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    ratio = torch.exp(log_ratio)
+    advantages = advantages.to(elbo.dtype)
+    surrogate = torch.minimum(ratio * advantages, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * advantages)
+    kl = (elbo - (elbo_old if elbo_ref is None else elbo_ref).detach()) ** 2 / (2 * length)
+    loss = -surrogate.mean() + beta * kl.mean()
+    with torch.no_grad():
+        stats = {"kl": float(kl.mean()), "clip_fraction": float(((ratio - 1).abs() > epsilon).to(elbo.dtype).mean()),
+                 "ratio_mean": float(ratio.mean())}
+    return loss, stats

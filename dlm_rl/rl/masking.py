@@ -4,6 +4,11 @@
 - random masking: one row per response, each response token masked with probability t ~ U(0.2, 0.8); weight 1/t.
 - coupled (DiffuCoder): the random-masking row plus its complement (the other tokens masked), weight 1/(1 − t),
   so every response token is scored exactly once.
+- ESPO: a row with exactly x of the L response tokens masked, x spread evenly over the batch's responses from a random
+  start (x_i = round(k + i(L + 1)/n) mod (L + 1)), plus its complement; weights (L + 1)/(2x) and (L + 1)/(2(L − x)),
+  so the two rows' weighted sum is the average of two ELBO estimates.
+- GDPO: one row per Gauss–Legendre node t_k of [0, 1] (3 nodes), each token masked with probability t_k, weight
+  w_k/t_k (w_k the node's quadrature weight): the ELBO's integral over t by quadrature.
 A row's targets are its masked response tokens that the model drew, up to the first EOS (`Trajectory.trainable`).
 Rows are drawn from `generator`; a trainer draws fresh rows for every inner epoch and scores old, reference and
 current policy on the same rows.
@@ -19,6 +24,7 @@ Their weights and normalisers: docs/algorithms.md, section 5.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from dlm_rl.diffusion.packed import copy_width, packed_layout
@@ -51,6 +57,44 @@ def random_mask_rows(trajectory: Trajectory, mask_token_id: int, generator: torc
     states = [trajectory.response_ids.masked_fill(m, mask_token_id) for m in halves]
     return _rows(trajectory, trajectory.prompt_ids, states, [m & trajectory.trainable for m in halves],
                  weights[: len(halves)], block_size)
+
+
+def spread_mask_rows(trajectory: Trajectory, mask_token_id: int, generator: torch.Generator,
+                     block_size: int | None = None) -> Rows:
+    device = trajectory.response_ids.device
+    n, length = trajectory.response_ids.shape
+    start = torch.randint(0, length + 1, (), generator=generator, device=generator.device).item()
+    counts = torch.round(start + torch.arange(n, dtype=torch.float64) * (length + 1) / n).long() % (length + 1)
+    order = torch.rand(n, length, generator=generator, device=generator.device).argsort(dim=1).argsort(dim=1)
+    masked = (order < counts[:, None].to(order.device)).to(device)  # exactly counts[i] positions, chosen uniformly
+    counts = counts.to(device).float()
+    weights = [(length + 1) / (2 * counts.clamp(min=1)), (length + 1) / (2 * (length - counts).clamp(min=1))]
+    halves = [masked, ~masked]
+    states = [trajectory.response_ids.masked_fill(m, mask_token_id) for m in halves]
+    return _rows(trajectory, trajectory.prompt_ids, states, [m & trajectory.trainable for m in halves], weights,
+                 block_size)
+
+
+GAUSS_LEGENDRE_NODES = 3
+
+
+def quadrature_rows(trajectory: Trajectory, mask_token_id: int, generator: torch.Generator,
+                    nodes: int = GAUSS_LEGENDRE_NODES, block_size: int | None = None) -> Rows:
+    device = trajectory.response_ids.device
+    points, quadrature = _gauss_legendre(nodes)
+    states, targets, weights = [], [], []
+    for t, w in zip(points, quadrature):
+        masked = (torch.rand(trajectory.response_ids.shape, generator=generator, device=generator.device) < t).to(device)
+        states.append(trajectory.response_ids.masked_fill(masked, mask_token_id))
+        targets.append(masked & trajectory.trainable)
+        weights.append(torch.full((len(trajectory),), w / t, device=device))
+    return _rows(trajectory, trajectory.prompt_ids, states, targets, weights, block_size)
+
+
+def _gauss_legendre(nodes: int) -> tuple[list[float], list[float]]:
+    """The Gauss–Legendre nodes and weights of [0, 1] (the weights sum to 1)."""
+    points, weights = np.polynomial.legendre.leggauss(nodes)
+    return [float((x + 1) / 2) for x in points], [float(w / 2) for w in weights]
 
 
 def _rows(trajectory: Trajectory, prompt_ids, states, targets, weights, block_size: int | None) -> Rows:

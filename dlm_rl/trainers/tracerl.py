@@ -17,6 +17,7 @@ states; plain rows for full attention, packed rows for block attention), `diffu_
 `random_masking` (random masks, `dlm_rl.rl.masking`). `wd1` also swaps the loss: diffu-GRPO's rows under wd1's
 ratio-free weighted likelihood (no π_old, no KL). `justgrpo` swaps the rollout: strictly left to right, one token
 per step, so the visited states give each token's exact log-probability (evaluation keeps the parallel sampler).
+`espo` and `gdpo` swap the loss for a sequence-level one: one clipped ratio per response from its ELBO estimate.
 `value_model: true` adds TraceRL's value model (`dlm_rl.rl.value`): per-token advantages by step-level GAE of the
 group z-scores. docs/algorithms.md states each objective and where the defaults depart from the papers.
 """
@@ -37,9 +38,9 @@ from dlm_rl.checkpoint import checkpoint_due, prepare_output_dir, save_checkpoin
 from dlm_rl.guards import NonFiniteLoss, RolloutGuards
 from dlm_rl.hub import push_final
 from dlm_rl.models.lora import add_lora
-from dlm_rl.rl.advantages import group_advantages, wd1_weights
-from dlm_rl.rl.losses import ppo_trace_loss, weighted_likelihood_loss
-from dlm_rl.rl.masking import diffu_grpo_rows, random_mask_rows
+from dlm_rl.rl.advantages import centred_advantages, group_advantages, leave_one_out_advantages, wd1_weights
+from dlm_rl.rl.losses import ppo_trace_loss, sequence_elbo, sequence_ppo_loss, weighted_likelihood_loss
+from dlm_rl.rl.masking import diffu_grpo_rows, quadrature_rows, random_mask_rows, spread_mask_rows
 from dlm_rl.diffusion.packed import packed_block_size
 from dlm_rl.rl.rows import Rows, reference_log_probs, response_log_probs
 from dlm_rl.rl.trace import model_trace_rows
@@ -71,8 +72,9 @@ from dlm_rl.trainers.online import (
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("tracerl", "diffu_grpo", "coupled", "random_masking", "wd1", "justgrpo")
+METHODS = ("tracerl", "diffu_grpo", "coupled", "random_masking", "wd1", "justgrpo", "espo", "gdpo")
 TRACE_METHODS = ("tracerl", "justgrpo")  # trained on the visited states
+SEQUENCE_METHODS = ("espo", "gdpo")  # one ratio per response, from its ELBO estimate
 
 
 @dataclass
@@ -84,7 +86,10 @@ class TraceRLConfig(OnlineArguments):
     'coupled', 'random_masking' (random masks; coupled and random_masking use the constant normaliser, as their
     1/t weights require); or 'wd1' (diffu-GRPO's rows, wd1's weighted likelihood instead of PPO: epsilon, beta and
     kl_reference play no part); or 'justgrpo' (rollouts strictly left to right, one token per step, whatever
-    block_length and threshold say; trained on the visited states, whose log-probabilities are then exact)."""
+    block_length and threshold say; trained on the visited states, whose log-probabilities are then exact); or the
+    sequence-level 'espo' and 'gdpo' (one PPO ratio per response, exp of the change of its ELBO estimate per token of
+    the canvas, with a k2 KL of the ELBOs: ESPO estimates the ELBO from a mask of spread size and its complement and
+    uses leave-one-out advantages; GDPO from 3 Gauss–Legendre masking rates, with centred rewards as advantages)."""
     inner_epochs: int = 1
     """PPO epochs μ over each rollout's rows."""
     ppo_minibatches: int = 8
@@ -274,7 +279,7 @@ class Learner:
     """Turns a rollout's trajectories into `inner_epochs` policy (and value) updates."""
 
     def __init__(self, model, config: TraceRLConfig, gen_length: int, value: ValueModel | None = None):
-        self.model, self.config, self.value = model, config, value
+        self.model, self.config, self.value, self.gen_length = model, config, value, gen_length
         self.models = [model] + ([value] if value is not None else [])
         hold_master_weights(config, *self.models)
         for module in self.models:
@@ -305,6 +310,10 @@ class Learner:
         block_size = packed_block_size(self.model)  # block models: earlier blocks clean, as the sampler saw them
         if method in ("diffu_grpo", "wd1"):
             return diffu_grpo_rows(trajectory, mask_id, self.generator, block_size=block_size)
+        if method == "espo":
+            return spread_mask_rows(trajectory, mask_id, self.generator, block_size=block_size)
+        if method == "gdpo":
+            return quadrature_rows(trajectory, mask_id, self.generator, block_size=block_size)
         return random_mask_rows(trajectory, mask_id, self.generator, coupled=method == "coupled", block_size=block_size)
 
     def update(self, trajectories) -> dict:
@@ -343,7 +352,8 @@ class Learner:
             advantages = torch.zeros(len(rewards), dtype=torch.float64)
             keep = torch.zeros(len(rewards), dtype=torch.bool)
             groups = torch.tensor(trajectory.prompt_index)
-            weigh = wd1_weights if config.method == "wd1" else group_advantages
+            weigh = {"wd1": wd1_weights, "espo": leave_one_out_advantages, "gdpo": centred_advantages}.get(
+                config.method, group_advantages)
             advantages[scored], keep[scored] = weigh(rewards[scored], groups[scored])
             if not keep.any():
                 continue
@@ -412,13 +422,38 @@ class Learner:
             return tuple(torch.cat(parts) for parts in zip(*outputs))
         return torch.cat(outputs)
 
+    def micro_batches(self, batch: dict) -> list:
+        """How one forward/backward pass after another covers `batch`: slices of `micro_batch_rows` rows, or for the
+        sequence-level methods, whose loss needs every row of a sample at once, whole samples (at least one)."""
+        rows, size = batch["rows"], self.config.micro_batch_rows
+        if self.config.method not in SEQUENCE_METHODS:
+            return [slice(i, i + size) for i in range(0, len(rows), size)]
+        samples = torch.unique(rows.sample)
+        per_pass = max(1, size * len(samples) // len(rows))
+        return [torch.isin(rows.sample, samples[i : i + per_pass]) for i in range(0, len(samples), per_pass)]
+
+    def sequence_loss(self, logp: torch.Tensor, micro: dict, total_samples: int) -> tuple[torch.Tensor, dict, float]:
+        """The sequence-level loss of the whole samples in `micro` and their share of the step's samples."""
+        rows = micro["rows"]
+        samples, index = torch.unique(rows.sample, return_inverse=True)
+
+        def elbo(values: torch.Tensor) -> torch.Tensor:
+            return sequence_elbo(values, rows.targets, rows.weight, index, len(samples))
+
+        advantages = torch.zeros(len(samples), device=logp.device).scatter(0, index, micro["advantages"][:, 0])
+        reference = elbo(micro["reference"]) if "reference" in micro else None
+        loss, stats = sequence_ppo_loss(elbo(logp), elbo(micro["old"]), advantages, self.gen_length,
+                                        epsilon=self.config.epsilon, beta=self.config.beta, elbo_ref=reference)
+        return loss, stats, len(samples) / total_samples
+
     def step(self, batches: list[dict]) -> dict | None:
         """One optimiser step of the policy (and the value model) over all rows of `batches`. Under data parallelism
         `batches` are this rank's, the losses are divided by the global row and token counts, and the metrics are
         the global ones."""
         config, model = self.config, self.model
         counts = distributed.all_sum({"rows": sum(len(b["rows"]) for b in batches),
-                                      "targets": sum(int(b["rows"].targets.sum()) for b in batches)})
+                                      "targets": sum(int(b["rows"].targets.sum()) for b in batches),
+                                      "samples": sum(len(torch.unique(b["rows"].sample)) for b in batches)})
         total_rows = counts["rows"]
         if not total_rows:  # fewer samples than minibatches: nothing to step on
             return None
@@ -429,28 +464,30 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         if self.value is not None:
             self.value_optimizer.zero_grad(set_to_none=True)
-        size = config.micro_batch_rows
         for batch in batches:
-            for i in range(0, len(batch["rows"]), size):
-                part = slice(i, i + size)
-                rows = batch["rows"].select(part)
-                share = len(rows) / total_rows
+            for part in self.micro_batches(batch):
+                micro = _select(batch, part)
+                rows = micro["rows"]
                 logp = response_log_probs(model, rows)
-                if config.method == "wd1":
-                    loss, stats = weighted_likelihood_loss(logp, batch["advantages"][part], rows.targets)
+                if config.method in SEQUENCE_METHODS:
+                    loss, stats, share = self.sequence_loss(logp, micro, counts["samples"])
+                elif config.method == "wd1":
+                    loss, stats = weighted_likelihood_loss(logp, micro["advantages"], rows.targets)
+                    share = len(rows) / total_rows
                 else:
                     loss, stats = ppo_trace_loss(
-                        logp, batch["old"][part], batch["advantages"][part], rows.targets, epsilon=config.epsilon,
-                        beta=config.beta, logp_ref=batch["reference"][part] if "reference" in batch else None,
-                        normaliser=self.normaliser, weights=rows.weight,
+                        logp, micro["old"], micro["advantages"], rows.targets, epsilon=config.epsilon,
+                        beta=config.beta, logp_ref=micro.get("reference"), normaliser=self.normaliser,
+                        weights=rows.weight,
                     )
+                    share = len(rows) / total_rows
                 (loss * share).backward()
                 sums["loss"] += loss.item() * share
                 for name in stats.keys() & sums.keys():
                     sums[name] += stats[name] * share
                 if self.value is not None:  # averaged over every target token of the step
-                    value_loss = clipped_value_loss(self.value(rows), batch["old_values"][part],
-                                                    batch["returns"][part], rows.targets, config.value_clip,
+                    value_loss = clipped_value_loss(self.value(rows), micro["old_values"], micro["returns"],
+                                                    rows.targets, config.value_clip,
                                                     count=counts["targets"])
                     value_loss.backward()
                     sums["value_loss"] += value_loss.item()
