@@ -3,18 +3,23 @@ masking vs wd1 vs JustGRPO vs ESPO vs GDPO. Every run uses the same base model, 
 of rollout steps; only the way log-probabilities are read (and the value model, wd1's loss, JustGRPO's left-to-right
 rollout, the sequence-level loss of ESPO and GDPO) differs. Each (method, seed) is a `dlm_rl.trainers.tracerl.run`.
 
-The score of a run is its held-out greedy accuracy after the last step. Prints one JSON line per run, then
-`{"results": {method: {"mean", "std", "runs"}}, "config": ...}` as the last line.
+The score of a run is its held-out greedy accuracy after the last step. Each run also reports its seconds per step
+(rollout with rewards, and training) and its process's peak resident memory (each run gets a fresh process). Prints
+one JSON line per run, then `{"results": {method: {"mean", "sem", "std", "runs", ...}}, "config": ...}` as the last
+line; `--plot` draws the means with their standard errors.
 
-    python scripts/ablate_tracerl.py                      # addition3-base, 3 seeds, 2 runs in parallel
-    python scripts/ablate_tracerl.py --seeds 0 --steps 5  # a quick look
+    python scripts/ablate.py                                   # addition3-base, 3 seeds, 2 runs in parallel
+    python scripts/ablate.py --seeds 0 --steps 5               # a quick look
+    python scripts/ablate.py --model testbed:chain-base --task chain --steps 40 --eval-size 128
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import resource
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -27,7 +32,7 @@ METHODS = {
     "coupled": {"method": "coupled"},
     "random_masking": {"method": "random_masking"},
     "wd1": {"method": "wd1", "inner_epochs": 2},  # its recipe's settings
-    "justgrpo": {"method": "justgrpo", "ppo_minibatches": 1, "beta": 0.0},
+    "justgrpo": {"method": "justgrpo", "ppo_minibatches": 1, "beta": 0.0, "learning_rate": 3e-4},
     "espo": {"method": "espo", "inner_epochs": 2, "ppo_minibatches": 1},
     "gdpo": {"method": "gdpo"},
 }
@@ -40,17 +45,21 @@ def one_run(method: str, seed: int, settings: dict, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     output_dir = os.path.join(settings.pop("output_root"), f"{method}-seed{seed}")
-    config = TraceRLConfig(**settings, **METHODS[method], seed=seed, output_dir=output_dir, report_to="none")
+    config = TraceRLConfig(**{**settings, **METHODS[method]}, seed=seed, output_dir=output_dir, report_to="none")
     start = time.perf_counter()
     last = run(config)
     with open(os.path.join(output_dir, "metrics.jsonl")) as f:
-        first = json.loads(f.readline())
+        lines = [json.loads(line) for line in f]
+    steps = [line for line in lines if "time/training" in line]
     return {
         "method": method,
         "seed": seed,
-        "initial": first["eval/greedy_accuracy"],
+        "initial": lines[0]["eval/greedy_accuracy"],
         "final": last["eval/greedy_accuracy"],
         "seconds": round(time.perf_counter() - start, 1),
+        "rollout_s_per_step": round(statistics.mean(line["time/generation_and_reward"] for line in steps), 3),
+        "train_s_per_step": round(statistics.mean(line["time/training"] for line in steps), 3),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),  # Linux: kilobytes
     }
 
 
@@ -67,7 +76,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel (each gets cores / workers threads)")
-    parser.add_argument("--output-dir", default="runs/ablate_tracerl")
+    parser.add_argument("--output-dir", default="runs/ablate")
+    parser.add_argument("--plot", help="write a bar chart of the means and standard errors here (png)")
     args = parser.parse_args()
 
     settings = {
@@ -85,7 +95,7 @@ def main() -> None:
     threads = max(1, len(os.sched_getaffinity(0)) // args.workers)  # the cores this process may use (taskset)
     jobs = [(m, s) for s in args.seeds for m in args.methods]
     runs: dict[str, list[dict]] = {m: [] for m in args.methods}
-    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
         futures = [pool.submit(one_run, m, s, dict(settings), threads) for m, s in jobs]
         for future in as_completed(futures):
             result = future.result()
@@ -94,15 +104,39 @@ def main() -> None:
     results = {}
     for method, records in runs.items():
         finals = [r["final"] for r in sorted(records, key=lambda r: r["seed"])]
+        std = statistics.stdev(finals) if len(finals) > 1 else 0.0
         results[method] = {
             "mean": statistics.mean(finals),
-            "std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+            "sem": std / math.sqrt(len(finals)),
+            "std": std,
             "runs": finals,
             "initial": records[0]["initial"],
             "seconds_mean": statistics.mean(r["seconds"] for r in records),
+            **{name: statistics.mean(r[name] for r in records)
+               for name in ("rollout_s_per_step", "train_s_per_step", "peak_rss_mb")},
         }
     best = max(results, key=lambda m: results[m]["mean"])
     print(json.dumps({"results": results, "best": best, "config": {**settings, "seeds": args.seeds}}))
+    if args.plot:
+        plot(results, args.plot, f"{args.task}, {args.steps} steps, {len(args.seeds)} seeds")
+
+
+def plot(results: dict, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(results, key=lambda m: results[m]["mean"])
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.2))
+    ax.barh(names, [100 * results[m]["mean"] for m in names], xerr=[100 * results[m]["sem"] for m in names],
+            color="tab:blue", capsize=3)
+    ax.axvline(100 * results[names[0]]["initial"], color="grey", linestyle="--", label="base")
+    ax.set_xlabel("held-out greedy accuracy (%), mean ± standard error")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
