@@ -239,7 +239,8 @@ def describe_keys(path: str, width: int = 100) -> str:
             if theirs:
                 lines.append(f"{head}  # {_first_sentence(doc)}" if doc else head)
             else:
-                lines += [head, *textwrap.wrap(doc, width, initial_indent=" " * 6, subsequent_indent=" " * 6)]
+                lines += [head, *textwrap.wrap(doc, width, initial_indent=" " * 6, subsequent_indent=" " * 6,
+                                                 break_on_hyphens=False)]
     return "\n".join(lines)
 
 

@@ -1,7 +1,7 @@
 """Learning claims, checked in every run of the suite on the shipped base checkpoint (`testbed:addition3-base`, the same
 weights on every machine) with fixed seeds: TraceRL and on-policy VRPO each raise held-out greedy accuracy by at least
-8 points, as do wd1, JustGRPO, ESPO and GDPO, diffu-GRPO raises it, MDM SFT lowers its held-out loss; and the
-controls, TraceRL, wd1, JustGRPO, ESPO and GDPO with each step's rewards shuffled across its samples (the same reward
+8 points, as do wd1, JustGRPO, ESPO, GDPO and SPG, diffu-GRPO raises it, MDM SFT lowers its held-out loss; and the
+controls, TraceRL, wd1, JustGRPO, ESPO, GDPO and SPG with each step's rewards shuffled across its samples (the same reward
 values, no longer tied to the answers), gain nothing, so the claims can fail. Each run takes a minute or two on 2 CPU
 cores."""
 
@@ -58,9 +58,11 @@ WD1 = dict(method="wd1", inner_epochs=2)  # its recipe's: two fresh prompt masks
 JUSTGRPO = dict(method="justgrpo", ppo_minibatches=1, beta=0.0, learning_rate=3e-4)
 ESPO = dict(method="espo", inner_epochs=2, ppo_minibatches=1)  # its reference recipe's: 2 epochs, 1 step each
 GDPO = dict(method="gdpo")
+SPG = dict(method="spg", inner_epochs=4, ppo_minibatches=1)  # its scripts': 4 epochs of fresh masks, 1 step each
 
 
-@pytest.mark.parametrize("method", [{}, WD1, JUSTGRPO, ESPO, GDPO], ids=["tracerl", "wd1", "justgrpo", "espo", "gdpo"])
+@pytest.mark.parametrize("method", [{}, WD1, JUSTGRPO, ESPO, GDPO, SPG],
+                         ids=["tracerl", "wd1", "justgrpo", "espo", "gdpo", "spg"])
 def test_with_shuffled_rewards_nothing_is_gained(tmp_path, method):
     (tmp_path / "shuffled.py").write_text(SHUFFLED)
     before, after = tracerl(tmp_path, reward_funcs=[f"{tmp_path / 'shuffled.py'}:shuffled_accuracy"], **method)
@@ -89,6 +91,11 @@ def test_espo_raises_held_out_accuracy(tmp_path):
 
 def test_gdpo_raises_held_out_accuracy(tmp_path):
     before, after = tracerl(tmp_path, **GDPO)
+    assert after - before >= GAIN, (before, after)
+
+
+def test_spg_raises_held_out_accuracy(tmp_path):
+    before, after = tracerl(tmp_path, **SPG)
     assert after - before >= GAIN, (before, after)
 
 

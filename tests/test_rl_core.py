@@ -19,6 +19,7 @@ from dlm_rl.rl.advantages import (
 from dlm_rl.rl.losses import (
     k3_kl,
     ppo_trace_loss,
+    sandwiched_log_likelihood,
     sequence_elbo,
     sequence_ppo_loss,
     weighted_likelihood_loss,
@@ -190,6 +191,22 @@ def test_sequence_ppo_loss_matches_a_hand_computation():
     assert stats["clip_fraction"] == pytest.approx(2 / 3) and stats["kl"] == pytest.approx(sum(kl) / 3)
     loss.backward()  # the clipped ratios give no gradient; the unclipped one gives A ρ / L, and the KL its share
     assert elbo.grad.tolist() == pytest.approx([-0 / 3 + 0.1 * (1 / 4) / 3, 0.0, -2.0 / 4 / 3 + 0.1 * (1 / 4) / 3])
+
+
+def test_spg_bounds_match_a_hand_computation():
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.5, -2.5], [-0.2, -0.4, -9.0]])
+    targets = torch.tensor([[True, True, False], [False, True, True], [True, False, False]])
+    sample, lengths = torch.tensor([0, 0, 1]), torch.tensor([3.0, 2.0])
+    beta, mix = 1.5, 0.5
+    elbo = [((-1 - 2) / 2 + (-1.5 - 2.5) / 2) / 2, -0.2]  # the mean over rows of each row's mean log p
+    t = 2 / 3  # both of sample 0's rows mask 2 of its 3 tokens
+    averages = [math.exp(-beta) / t / 2, (math.exp(-2 * beta) + math.exp(-1.5 * beta)) / t / 2,
+                math.exp(-2.5 * beta) / t / 2]  # per token, the mean over the 2 rows of 1{target} p^β / t
+    eubo = sum(math.log(a) for a in averages) / 3 / beta
+    both = sandwiched_log_likelihood(logp, targets, sample, lengths, torch.tensor([False, True]), beta=beta, mix=mix)
+    assert both.tolist() == pytest.approx([mix * eubo + (1 - mix) * elbo[0], elbo[1]])  # negative: the mix
+    upper = sandwiched_log_likelihood(logp, targets, sample, lengths, torch.tensor([False, False]), beta=beta, mix=1.0)
+    assert upper.tolist() == pytest.approx([eubo, -0.2 + math.log(2) / beta])  # one row masking 1 of 2: t = 1/2
 
 
 def test_gae_with_gamma_lambda_one_reduces_to_reward_minus_value():

@@ -11,7 +11,15 @@ import torch
 
 from dlm_rl.models.tiny import tiny_model
 from dlm_rl.rl.losses import sequence_elbo
-from dlm_rl.rl.masking import MASK_HIGH, MASK_LOW, diffu_grpo_rows, quadrature_rows, random_mask_rows, spread_mask_rows
+from dlm_rl.rl.masking import (
+    MASK_HIGH,
+    MASK_LOW,
+    block_mask_rows,
+    diffu_grpo_rows,
+    quadrature_rows,
+    random_mask_rows,
+    spread_mask_rows,
+)
 from dlm_rl.diffusion.packed import packed_block_bias
 from dlm_rl.rl.rows import response_log_probs
 from dlm_rl.rl.trace import model_trace_rows, packed_trace_rows, trace_rows
@@ -183,6 +191,34 @@ def test_gdpo_rows_take_the_elbos_integral_at_three_gauss_legendre_nodes():
         sequence_elbo(torch.full(r.targets.shape, c), r.targets, r.weight, r.sample, 2)
         for r in (quadrature_rows(trajectory, M, generator) for _ in range(4000))])
     assert estimates.mean(0).tolist() == pytest.approx((trajectory.sampled.sum(1) * c).tolist(), rel=0.02)
+
+
+def test_spg_rows_keep_earlier_blocks_clean_mask_part_of_one_block_and_all_later_ones():
+    trajectory = block_trajectory()  # blocks of 4: sample 0 (offset 3) 0 | 1 1 1 1 | 2; sample 1 (offset 2) 0 0 | 1 1 1 1
+    trajectory.prompt_ids = trajectory.prompt_ids.repeat(1, 100)
+    trajectory.prompt_mask = trajectory.prompt_mask.repeat(1, 100)
+    generator = torch.Generator().manual_seed(0)
+    block = (trajectory.block_offset[:, None] + torch.arange(6)) // BLOCK
+    span = torch.tensor([6, 5])  # sample 1's last trainable token is its EOS at position 4
+    picked, prompt_masked = set(), []
+    for _ in range(50):
+        rows = block_mask_rows(trajectory, M, generator, draws=2)
+        assert len(rows) == 4 and rows.sample.tolist() == [0, 1, 0, 1]
+        assert rows.weight.tolist() == span.float().repeat(2).tolist()
+        masked = rows.input_ids[:, -6:].eq(M)
+        assert torch.equal(rows.targets, masked & trajectory.trainable[rows.sample])
+        for row in range(4):
+            i = int(rows.sample[row])
+            chosen = int(block[i][masked[row] & (torch.arange(6) < span[i])].min())  # the first block with a mask
+            picked.add((i, chosen))
+            inside = (block[i] == chosen) & (torch.arange(6) < span[i])
+            assert not masked[row][block[i] < chosen].any()  # earlier blocks clean
+            assert 1 <= int(masked[row][inside].sum()) <= int(inside.sum())
+            assert masked[row][(block[i] > chosen) | (torch.arange(6) >= span[i])].all()  # later blocks, after the span
+        prompt = rows.input_ids[:, :-6]
+        prompt_masked.append(float(prompt.eq(M).sum() / trajectory.prompt_mask.sum() / 2))
+    assert picked == {(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)}  # every block of each span gets picked
+    assert 0.12 < sum(prompt_masked) / len(prompt_masked) < 0.18
 
 
 def test_value_model_starts_at_zero_and_gae_gives_reward_minus_value():

@@ -138,8 +138,9 @@ def test_with_lora_only_the_adapter_gets_gradients_and_the_reference_is_the_disa
         {"method": "justgrpo", "ppo_minibatches": 1, "beta": 0.0},
         {"method": "espo", "inner_epochs": 2, "ppo_minibatches": 1, "micro_batch_rows": 3},
         {"method": "gdpo", "kl_reference": "reference"},
+        {"method": "spg", "inner_epochs": 2, "micro_batch_rows": 3},
     ],
-    ids=["diffu_grpo", "coupled", "random_masking", "tracerl+value", "wd1", "justgrpo", "espo", "gdpo"],
+    ids=["diffu_grpo", "coupled", "random_masking", "tracerl+value", "wd1", "justgrpo", "espo", "gdpo", "spg"],
 )
 def test_every_method_trains_and_writes_tensorboard_and_a_curve(tmp_path, extra):
     from dlm_rl.trainers.tracerl import TraceRLConfig, run
@@ -154,7 +155,7 @@ def test_every_method_trains_and_writes_tensorboard_and_a_curve(tmp_path, extra)
     assert trained, "no step trained"
     for m in trained:
         assert math.isfinite(m["loss"]) and m["rows"] > 0
-        if extra["method"] == "wd1":  # no π_old: no ratio, KL or entropy; the likelihood it weighs instead
+        if extra["method"] in ("wd1", "spg"):  # no π_old: no ratio, KL or entropy; the likelihood it weighs instead
             assert m["log_likelihood"] < 0 and not {"kl", "clip_fraction", "entropy"} & m.keys()
         else:
             assert math.isfinite(m["entropy"]) and m["kl"] >= 0 and 0 <= m["clip_fraction"] <= 1
@@ -313,7 +314,7 @@ def test_value_model_reads_packed_rows_of_a_block_attention_model():
         assert learner.value(rows).abs().max() > 0  # the head moved
 
 
-@pytest.mark.parametrize("method", ["espo", "gdpo"])
+@pytest.mark.parametrize("method", ["espo", "gdpo", "spg"])
 def test_sequence_level_methods_give_the_same_gradient_whatever_the_micro_batch_size(method):
     """Their loss is a function of each sample's whole ELBO estimate, so a forward pass must hold all of a sample's
     rows: cutting them across passes (as row-level methods may) would change the gradient."""

@@ -1,5 +1,5 @@
 """The PPO-clip policy loss on trace tokens, with a k3 KL penalty; the sequence-level PPO-clip loss on ELBO estimates,
-with a k2 KL penalty (ESPO, GDPO); wd1's ratio-free weighted likelihood.
+with a k2 KL penalty (ESPO, GDPO); the ratio-free losses: wd1's weighted likelihood and SPG's sandwiched bounds.
 
 The loss as TraceRL and the baselines train it, and where it departs from TraceRL's reference code:
 docs/algorithms.md, sections 4 and 5.
@@ -120,3 +120,28 @@ def sequence_ppo_loss(
         stats = {"kl": float(kl.mean()), "clip_fraction": float(((ratio - 1).abs() > epsilon).to(elbo.dtype).mean()),
                  "ratio_mean": float(ratio.mean())}
     return loss, stats
+
+
+def sandwiched_log_likelihood(logp: torch.Tensor, targets: torch.Tensor, sample: torch.Tensor, lengths: torch.Tensor,
+                              positive: torch.Tensor, *, beta: float = 1.5, mix: float = 0.5) -> torch.Tensor:
+    """[S] SPG's per-token log-likelihood of each sample s < len(`positive`) from its rows (`sample[n] == s`):
+    a lower bound (ELBO: the mean over its rows of the mean log p of each row's targets) where `positive`, else
+    mix · EUBO + (1 − mix) · ELBO, with the upper bound
+        EUBO = (1/β) · mean over the tokens j some row masks of log( mean over rows of 1{j target} · p_j^β / t ),
+    t the row's fraction of targets among the sample's `lengths` (its trainable span). `logp` and `targets` [N, R]."""
+    samples = len(positive)
+    trained = targets.bool()
+    t = trained.to(logp.dtype)
+    count = t.sum(dim=1)
+    rows = torch.zeros(samples, dtype=logp.dtype, device=logp.device).index_add(0, sample, torch.ones_like(count))
+    on_target = torch.where(trained, logp, torch.zeros_like(logp))
+    row_mean = on_target.sum(dim=1) / count.clamp(min=1)
+    elbo = torch.zeros_like(rows).index_add(0, sample, row_mean) / rows
+    fraction = (count / lengths.to(logp.dtype)[sample]).clamp(min=1e-8)
+    powered = torch.exp(beta * on_target) * t / fraction[:, None]
+    average = torch.zeros(samples, logp.shape[1], dtype=logp.dtype, device=logp.device).index_add(0, sample, powered)
+    average = average / rows[:, None]
+    scored = average > 0
+    logs = torch.where(scored, torch.log(torch.where(scored, average, torch.ones_like(average))), torch.zeros_like(average))
+    eubo = logs.sum(dim=1) / scored.sum(dim=1).clamp(min=1) / beta
+    return torch.where(positive, elbo, mix * eubo + (1 - mix) * elbo)

@@ -9,6 +9,10 @@
   so the two rows' weighted sum is the average of two ELBO estimates.
 - GDPO: one row per Gauss–Legendre node t_k of [0, 1] (3 nodes), each token masked with probability t_k, weight
   w_k/t_k (w_k the node's quadrature weight): the ELBO's integral over t by quadrature.
+- SPG: per draw, one block of the response (its decoding blocks, up to the last trainable token) is picked at
+  random; earlier blocks stay clean, a uniform number (1 to all) of the picked block's tokens are masked, later
+  blocks and everything after the response are masked, and each prompt token is masked with p = 0.15. Weight: the
+  response's trainable span (SPG weighs each response's loss by its length).
 A row's targets are its masked response tokens that the model drew, up to the first EOS (`Trajectory.trainable`).
 Rows are drawn from `generator`; a trainer draws fresh rows for every inner epoch and scores old, reference and
 current policy on the same rows.
@@ -75,6 +79,36 @@ def spread_mask_rows(trajectory: Trajectory, mask_token_id: int, generator: torc
                  block_size)
 
 
+def block_mask_rows(trajectory: Trajectory, mask_token_id: int, generator: torch.Generator, draws: int,
+                    prompt_mask_p: float = 0.15, block_size: int | None = None) -> Rows:
+    device = trajectory.response_ids.device
+    n, length = trajectory.response_ids.shape
+    trainable = trajectory.trainable
+    positions = torch.arange(length, device=device)
+    span = torch.where(trainable, positions + 1, torch.zeros_like(positions)).max(dim=1).values  # up to the last
+    block = (trajectory.block_offset[:, None].to(device) + positions) // trajectory.block_length  # [n, L]
+    prompts, states, targets = [], [], []
+    for _ in range(draws):
+        masked = torch.zeros(n, length, dtype=torch.bool)
+        for i in range(n):
+            if span[i] == 0:
+                continue
+            blocks = block[i, : span[i]].unique().tolist()
+            chosen = blocks[int(torch.randint(len(blocks), (), generator=generator))]
+            inside = ((block[i] == chosen) & (positions < span[i])).nonzero()[:, 0].cpu()
+            count = int(torch.randint(1, len(inside) + 1, (), generator=generator))
+            masked[i, inside[torch.randperm(len(inside), generator=generator)[:count]]] = True
+            masked[i, (block[i] > chosen).cpu() | (positions >= span[i]).cpu()] = True
+        masked = masked.to(device)
+        noise = torch.rand(trajectory.prompt_ids.shape, generator=generator, device=generator.device).to(device)
+        prompt_masked = (noise < prompt_mask_p) & trajectory.prompt_mask.bool()
+        prompts.append(trajectory.prompt_ids.masked_fill(prompt_masked, mask_token_id))
+        states.append(trajectory.response_ids.masked_fill(masked, mask_token_id))
+        targets.append(masked & trainable)
+    weights = [span.float()] * draws
+    return _rows(trajectory, prompts, states, targets, weights, block_size)
+
+
 GAUSS_LEGENDRE_NODES = 3
 
 
@@ -98,13 +132,15 @@ def _gauss_legendre(nodes: int) -> tuple[list[float], list[float]]:
 
 
 def _rows(trajectory: Trajectory, prompt_ids, states, targets, weights, block_size: int | None) -> Rows:
+    """Rows of the response `states` after `prompt_ids` (one tensor for every state, or a list: one per state)."""
     n = len(trajectory)
+    prompts = prompt_ids if isinstance(prompt_ids, list) else [prompt_ids] * len(states)
     mask = torch.cat([trajectory.prompt_mask, torch.ones_like(trajectory.response_ids)], dim=1).repeat(len(states), 1)
-    noisy = torch.cat([torch.cat([prompt_ids, state], dim=1) for state in states])
+    noisy = torch.cat([torch.cat([prompt, state], dim=1) for prompt, state in zip(prompts, states)])
     inputs = {"input_ids": noisy, "attention_mask": mask}
     if block_size is not None:
-        clean = torch.cat([prompt_ids, trajectory.response_ids], dim=1).repeat(len(states), 1)
-        response = (torch.arange(mask.shape[1], device=mask.device) >= prompt_ids.shape[1]).expand_as(mask)
+        clean = torch.cat([torch.cat([prompt, trajectory.response_ids], dim=1) for prompt in prompts])
+        response = (torch.arange(mask.shape[1], device=mask.device) >= prompts[0].shape[1]).expand_as(mask)
         inputs = {**packed_layout(clean, noisy, mask, copy_width(mask, response, block_size)), "block_size": block_size}
     return Rows(
         **inputs,

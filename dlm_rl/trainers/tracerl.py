@@ -17,7 +17,8 @@ states; plain rows for full attention, packed rows for block attention), `diffu_
 `random_masking` (random masks, `dlm_rl.rl.masking`). `wd1` also swaps the loss: diffu-GRPO's rows under wd1's
 ratio-free weighted likelihood (no π_old, no KL). `justgrpo` swaps the rollout: strictly left to right, one token
 per step, so the visited states give each token's exact log-probability (evaluation keeps the parallel sampler).
-`espo` and `gdpo` swap the loss for a sequence-level one: one clipped ratio per response from its ELBO estimate.
+`espo` and `gdpo` swap the loss for a sequence-level one: one clipped ratio per response from its ELBO estimate;
+`spg` for SPG's ratio-free one on a lower bound of each response's likelihood (A > 0) or an upper one (A ≤ 0).
 `value_model: true` adds TraceRL's value model (`dlm_rl.rl.value`): per-token advantages by step-level GAE of the
 group z-scores. docs/algorithms.md states each objective and where the defaults depart from the papers.
 """
@@ -39,8 +40,14 @@ from dlm_rl.guards import NonFiniteLoss, RolloutGuards
 from dlm_rl.hub import push_final
 from dlm_rl.models.lora import add_lora
 from dlm_rl.rl.advantages import centred_advantages, group_advantages, leave_one_out_advantages, wd1_weights
-from dlm_rl.rl.losses import ppo_trace_loss, sequence_elbo, sequence_ppo_loss, weighted_likelihood_loss
-from dlm_rl.rl.masking import diffu_grpo_rows, quadrature_rows, random_mask_rows, spread_mask_rows
+from dlm_rl.rl.losses import (
+    ppo_trace_loss,
+    sandwiched_log_likelihood,
+    sequence_elbo,
+    sequence_ppo_loss,
+    weighted_likelihood_loss,
+)
+from dlm_rl.rl.masking import block_mask_rows, diffu_grpo_rows, quadrature_rows, random_mask_rows, spread_mask_rows
 from dlm_rl.diffusion.packed import packed_block_size
 from dlm_rl.rl.rows import Rows, reference_log_probs, response_log_probs
 from dlm_rl.rl.trace import model_trace_rows
@@ -72,9 +79,10 @@ from dlm_rl.trainers.online import (
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("tracerl", "diffu_grpo", "coupled", "random_masking", "wd1", "justgrpo", "espo", "gdpo")
+METHODS = ("tracerl", "diffu_grpo", "coupled", "random_masking", "wd1", "justgrpo", "espo", "gdpo", "spg")
 TRACE_METHODS = ("tracerl", "justgrpo")  # trained on the visited states
-SEQUENCE_METHODS = ("espo", "gdpo")  # one ratio per response, from its ELBO estimate
+SEQUENCE_METHODS = ("espo", "gdpo", "spg")  # a loss of each response's whole likelihood estimate
+RATIO_FREE = ("wd1", "spg")  # no π_old, ratio or KL
 
 
 @dataclass
@@ -89,7 +97,16 @@ class TraceRLConfig(OnlineArguments):
     block_length and threshold say; trained on the visited states, whose log-probabilities are then exact); or the
     sequence-level 'espo' and 'gdpo' (one PPO ratio per response, exp of the change of its ELBO estimate per token of
     the canvas, with a k2 KL of the ELBOs: ESPO estimates the ELBO from a mask of spread size and its complement and
-    uses leave-one-out advantages; GDPO from 3 Gauss–Legendre masking rates, with centred rewards as advantages)."""
+    uses leave-one-out advantages; GDPO from 3 Gauss–Legendre masking rates, with centred rewards as advantages); or
+    'spg' (ratio-free: −A · the response's per-token log-likelihood, bounded from below (ELBO) for A > 0 and from
+    above (a mix of EUBO and ELBO) otherwise, from `spg_draws` block-wise masks; epsilon, beta and kl_reference play
+    no part)."""
+    spg_draws: int = 2
+    """SPG: masks drawn per response and epoch (its reference scripts' num_t)."""
+    spg_beta: float = 1.5
+    """SPG: the EUBO's β (β ≥ 1 gives an upper bound)."""
+    spg_mix: float = 0.5
+    """SPG: the weight of the EUBO in the negative responses' estimate (1: EUBO alone, 0: ELBO alone)."""
     inner_epochs: int = 1
     """PPO epochs μ over each rollout's rows."""
     ppo_minibatches: int = 8
@@ -153,8 +170,9 @@ class TraceRLConfig(OnlineArguments):
             raise ValueError("kl_reference: 'reference' needs use_lora (the reference is the disabled adapter)")
         if self.micro_batch_rows < 1:
             raise ValueError(f"micro_batch_rows must be at least 1, got {self.micro_batch_rows}")
-        require_positive(self, "inner_epochs", "ppo_minibatches", "shrink")
-        require_range(self, epsilon=(0, None), beta=(0, None), gamma=(0, 1), lam=(0, 1), value_clip=(0, None))
+        require_positive(self, "inner_epochs", "ppo_minibatches", "shrink", "spg_draws")
+        require_range(self, epsilon=(0, None), beta=(0, None), gamma=(0, 1), lam=(0, 1), value_clip=(0, None),
+                      spg_beta=(1, None), spg_mix=(0, 1))
 
 
 def run(config: TraceRLConfig, *, model=None, train_dataset=None, eval_dataset=None, callbacks=None) -> dict:
@@ -314,6 +332,8 @@ class Learner:
             return spread_mask_rows(trajectory, mask_id, self.generator, block_size=block_size)
         if method == "gdpo":
             return quadrature_rows(trajectory, mask_id, self.generator, block_size=block_size)
+        if method == "spg":
+            return block_mask_rows(trajectory, mask_id, self.generator, self.config.spg_draws, block_size=block_size)
         return random_mask_rows(trajectory, mask_id, self.generator, coupled=method == "coupled", block_size=block_size)
 
     def update(self, trajectories) -> dict:
@@ -352,7 +372,8 @@ class Learner:
             advantages = torch.zeros(len(rewards), dtype=torch.float64)
             keep = torch.zeros(len(rewards), dtype=torch.bool)
             groups = torch.tensor(trajectory.prompt_index)
-            weigh = {"wd1": wd1_weights, "espo": leave_one_out_advantages, "gdpo": centred_advantages}.get(
+            weigh = {"wd1": wd1_weights, "espo": leave_one_out_advantages, "gdpo": centred_advantages,
+                     "spg": centred_advantages}.get(
                 config.method, group_advantages)
             advantages[scored], keep[scored] = weigh(rewards[scored], groups[scored])
             if not keep.any():
@@ -365,12 +386,13 @@ class Learner:
                 rows = self.rows(trajectory)
                 rows = rows.select(keep.to(rows.sample.device)[rows.sample]).to(model.device)
                 batch = {"rows": rows}
-                if config.method == "wd1":  # no π_old (its entropy is unknown); minibatches keep groups whole
+                if config.method in RATIO_FREE:  # no π_old (its entropy is unknown)
                     batch["entropy"] = torch.full((len(rows),), float("nan"), device=model.device)
-                    batch["group"] = groups.to(model.device)[rows.sample]
                 else:
                     batch["old"], batch["entropy"] = self.score_old(rows, trajectory)
-                if config.kl_reference == "reference" and config.method != "wd1":
+                if config.method == "wd1":  # minibatches keep groups whole
+                    batch["group"] = groups.to(model.device)[rows.sample]
+                if config.kl_reference == "reference" and config.method not in RATIO_FREE:
                     batch["reference"] = self.forward(lambda r: reference_log_probs(model, r), rows)
                 if self.value is None:
                     batch["advantages"] = advantages.to(model.device, torch.float32)[rows.sample][:, None]
@@ -432,19 +454,26 @@ class Learner:
         per_pass = max(1, size * len(samples) // len(rows))
         return [torch.isin(rows.sample, samples[i : i + per_pass]) for i in range(0, len(samples), per_pass)]
 
-    def sequence_loss(self, logp: torch.Tensor, micro: dict, total_samples: int) -> tuple[torch.Tensor, dict, float]:
-        """The sequence-level loss of the whole samples in `micro` and their share of the step's samples."""
-        rows = micro["rows"]
+    def sequence_loss(self, logp: torch.Tensor, micro: dict, counts: dict) -> tuple[torch.Tensor, dict, float]:
+        """The sequence-level loss of the whole samples in `micro` and their share of the step's loss: of its samples
+        (ESPO, GDPO), or of its responses' summed spans (SPG, whose responses weigh their length)."""
+        config, rows = self.config, micro["rows"]
         samples, index = torch.unique(rows.sample, return_inverse=True)
+        advantages = _per_sample(rows, micro["advantages"][:, 0])
+        if config.method == "spg":
+            spans = _per_sample(rows, rows.weight)
+            likelihood = sandwiched_log_likelihood(logp, rows.targets, index, spans, advantages > 0,
+                                                   beta=config.spg_beta, mix=config.spg_mix)
+            loss = -(advantages * spans * likelihood).sum() / spans.sum()
+            return loss, {"log_likelihood": float(likelihood.detach().mean())}, float(spans.sum()) / counts["spans"]
 
         def elbo(values: torch.Tensor) -> torch.Tensor:
             return sequence_elbo(values, rows.targets, rows.weight, index, len(samples))
 
-        advantages = torch.zeros(len(samples), device=logp.device).scatter(0, index, micro["advantages"][:, 0])
         reference = elbo(micro["reference"]) if "reference" in micro else None
         loss, stats = sequence_ppo_loss(elbo(logp), elbo(micro["old"]), advantages, self.gen_length,
-                                        epsilon=self.config.epsilon, beta=self.config.beta, elbo_ref=reference)
-        return loss, stats, len(samples) / total_samples
+                                        epsilon=config.epsilon, beta=config.beta, elbo_ref=reference)
+        return loss, stats, len(samples) / counts["samples"]
 
     def step(self, batches: list[dict]) -> dict | None:
         """One optimiser step of the policy (and the value model) over all rows of `batches`. Under data parallelism
@@ -453,11 +482,13 @@ class Learner:
         config, model = self.config, self.model
         counts = distributed.all_sum({"rows": sum(len(b["rows"]) for b in batches),
                                       "targets": sum(int(b["rows"].targets.sum()) for b in batches),
-                                      "samples": sum(len(torch.unique(b["rows"].sample)) for b in batches)})
+                                      "samples": sum(len(torch.unique(b["rows"].sample)) for b in batches),
+                                      "spans": sum(float(_per_sample(b["rows"], b["rows"].weight).sum())  # SPG's
+                                                   for b in batches) if config.method == "spg" else 0.0})
         total_rows = counts["rows"]
         if not total_rows:  # fewer samples than minibatches: nothing to step on
             return None
-        logged = ("kl", "clip_fraction") if config.method != "wd1" else ("log_likelihood",)  # the loss's statistics
+        logged = ("log_likelihood",) if config.method in RATIO_FREE else ("kl", "clip_fraction")  # the loss's statistics
         sums = {"loss": 0.0, "value_loss": 0.0, **dict.fromkeys(logged, 0.0)}
         self.gather()
         model.train()
@@ -470,7 +501,7 @@ class Learner:
                 rows = micro["rows"]
                 logp = response_log_probs(model, rows)
                 if config.method in SEQUENCE_METHODS:
-                    loss, stats, share = self.sequence_loss(logp, micro, counts["samples"])
+                    loss, stats, share = self.sequence_loss(logp, micro, counts)
                 elif config.method == "wd1":
                     loss, stats = weighted_likelihood_loss(logp, micro["advantages"], rows.targets)
                     share = len(rows) / total_rows
@@ -505,7 +536,7 @@ class Learner:
         entropy, value_sum = sums.pop("entropy"), sums.pop("value_sum", None)
         metrics = {**sums, "grad_norm": float(grad_norm), "rows": int(total_rows),
                    "guard/nonfinite_steps": self.nonfinite.count}
-        if self.config.old_log_probs == "recompute" and self.config.method != "wd1":
+        if self.config.old_log_probs == "recompute" and self.config.method not in RATIO_FREE:
             metrics["entropy"] = entropy
         if self.value is None:
             del metrics["value_loss"]
@@ -537,6 +568,12 @@ def rollout_sampler(config: TraceRLConfig, gen_length: int) -> SamplerConfig:
 def _unit(batch: dict) -> torch.Tensor:
     """Per row of a learner batch, what minibatches keep together: its sample, or (wd1) its group."""
     return batch["group"] if "group" in batch else batch["rows"].sample
+
+
+def _per_sample(rows: Rows, values: torch.Tensor) -> torch.Tensor:
+    """[S] a per-row value that all rows of a sample share, once per sample (in `torch.unique(rows.sample)` order)."""
+    samples, index = torch.unique(rows.sample, return_inverse=True)
+    return torch.zeros(len(samples), dtype=values.dtype, device=values.device).scatter(0, index, values)
 
 
 def _select(batch: dict, rows: torch.Tensor) -> dict:
