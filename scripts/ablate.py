@@ -131,12 +131,14 @@ def plot(results: dict, path: str, title: str) -> None:
 
     names = sorted(results, key=lambda m: results[m]["mean"])
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.2))
-    ax.barh(names, [100 * results[m]["mean"] for m in names], xerr=[100 * results[m]["sem"] for m in names],
-            color="tab:blue", capsize=3)
-    ax.axvline(100 * results[names[0]]["initial"], color="grey", linestyle="--", label="base")
-    ax.set_xlabel("held-out greedy accuracy (%), mean ± standard error")
+    ax.errorbar([100 * results[m]["mean"] for m in names], names, xerr=[100 * results[m]["sem"] for m in names],
+                fmt="o", color="tab:blue", capsize=3, label="after training")
+    for m in names:
+        ax.plot([100 * r for r in results[m]["runs"]], [m] * len(results[m]["runs"]), "x", color="grey", alpha=0.6)
+    ax.axvline(100 * results[names[0]]["initial"], color="grey", linestyle="--", label="base model")
+    ax.set_xlabel("held-out greedy accuracy (%): mean ± standard error, x = one seed")
     ax.set_title(title)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
