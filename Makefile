@@ -18,8 +18,11 @@ demo: $(STAMP)
 	$(BIN)/python scripts/build_tiny_models.py addition3-base
 	$(BIN)/dlm-rl train recipes/tracerl_tiny_addition.yaml --overwrite_output_dir true
 
+# Two test processes (pytest-xdist), one thread each (tests/conftest.py): one per core of a 2-core machine; then
+# the tests that inspect machine-wide state (the sandbox's leftovers), by themselves.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 -m "not slow and not alone"
+	$(BIN)/python -m pytest -q -m "alone and not slow"
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

@@ -15,6 +15,8 @@ import pytest
 from rewards.code import extract_code, pass_rate, score
 from rewards.sandbox import Limits, active_layer, fully_isolated
 
+pytestmark = pytest.mark.alone  # some tests look for any sandbox process left on the machine
+
 FAST = Limits(seconds=2.0)
 TESTS = ["assert f(2) == 4", "assert f(3) == 9", "assert f(-1) == 1"]
 

@@ -18,9 +18,11 @@ from rewards import sandbox
 from rewards.code import pass_rate, score
 from rewards.sandbox import Limits, fully_isolated
 
-pytestmark = pytest.mark.skipif(
-    not fully_isolated(), reason="bubblewrap does not work here: the sandbox holds limits only (docs/security.md)"
-)
+pytestmark = [
+    pytest.mark.skipif(not fully_isolated(),
+                       reason="bubblewrap does not work here: the sandbox holds limits only (docs/security.md)"),
+    pytest.mark.alone,  # they look for any sandbox's processes and files left on the machine
+]
 
 FAST = Limits(seconds=3.0)
 SQUARES = ["assert f(2) == 4", "assert f(3) == 9", "assert f(-1) == 1", "assert f(5) == 25"]
