@@ -1,8 +1,8 @@
 """Ablation at equal rollout budget: TraceRL with and without the value model vs diffu-GRPO vs coupled vs random
-masking vs wd1 vs JustGRPO vs ESPO vs GDPO vs SPG. Every run uses the same base model, prompts, rewards, sampler and
-number of rollout steps; only the way log-probabilities are read (and the value model, wd1's and SPG's ratio-free
-losses, JustGRPO's left-to-right rollout, the sequence-level loss of ESPO and GDPO) differs, each method with its
-recipe's settings. Each (method, seed) is a `dlm_rl.trainers.tracerl.run`.
+masking vs wd1 vs JustGRPO vs ESPO vs GDPO vs SPG vs BGPO. Every run uses the same base model, prompts, rewards,
+sampler and number of rollout steps; only the way log-probabilities are read (and the value model, wd1's and SPG's
+ratio-free losses, JustGRPO's left-to-right rollout, the sequence-level losses of ESPO, GDPO and BGPO) differs, each
+method with its recipe's settings. Each (method, seed) is a `dlm_rl.trainers.tracerl.run`.
 
 The score of a run is its held-out greedy accuracy after the last step. Each run also reports its seconds per step
 (rollout with rewards, and training) and its process's peak resident memory (each run gets a fresh process). Prints
@@ -37,6 +37,7 @@ METHODS = {
     "espo": {"method": "espo", "inner_epochs": 2, "ppo_minibatches": 1},
     "gdpo": {"method": "gdpo"},
     "spg": {"method": "spg", "inner_epochs": 4, "ppo_minibatches": 1},
+    "bgpo": {"method": "bgpo"},
 }
 
 

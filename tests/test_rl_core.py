@@ -17,6 +17,7 @@ from dlm_rl.rl.advantages import (
     wd1_weights,
 )
 from dlm_rl.rl.losses import (
+    bounded_ratio_loss,
     k3_kl,
     ppo_trace_loss,
     sandwiched_log_likelihood,
@@ -207,6 +208,29 @@ def test_spg_bounds_match_a_hand_computation():
     assert both.tolist() == pytest.approx([mix * eubo + (1 - mix) * elbo[0], elbo[1]])  # negative: the mix
     upper = sandwiched_log_likelihood(logp, targets, sample, lengths, torch.tensor([False, False]), beta=beta, mix=1.0)
     assert upper.tolist() == pytest.approx([eubo, -0.2 + math.log(2) / beta])  # one row masking 1 of 2: t = 1/2
+
+
+def test_bgpo_bound_matches_a_hand_computation_and_the_ratio_objective_on_policy():
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -3.0], [-1.5, -1.0]])
+    old = torch.tensor([[-1.2, -2.0], [-0.5, -2.0], [-1.0, -9.0]])
+    targets = torch.tensor([[True, True], [True, True], [True, False]])
+    weights = torch.tensor([2.0, 1.0, 4.0])
+    advantages = torch.tensor([1.5, -0.5, -2.0])
+    loss, stats = bounded_ratio_loss(logp, old, advantages, targets, weights)
+    x = [2.0 * 0.2, 1.0 * -1.0, 4.0 * -0.5]  # each row: x = w · Σ_targets (log p − log p_old)
+    bounds = [1.5 * (1 + x[0]), -0.5 * math.exp(x[1]), -2.0 * math.exp(x[2])]  # A ≥ 0: A(1 + x); A < 0: A e^x
+    assert loss.item() == pytest.approx(-sum(bounds) / 3)
+    assert stats["ratio_mean"] == pytest.approx(sum(math.exp(v) for v in x) / 3)
+    # On policy, value and gradient equal those of −A · exp(mean over a response's draws of x), for either sign of A
+    for sign in (1.0, -1.0):
+        logp = torch.tensor([[-1.0, -2.0], [-0.5, -3.0], [-1.5, -1.0]], requires_grad=True)
+        bound, _ = bounded_ratio_loss(logp, logp.detach(), torch.full((3,), sign), targets, weights)
+        bound.backward()
+        gradient, logp.grad = logp.grad, None
+        x = (weights * torch.where(targets, logp - logp.detach(), torch.zeros_like(logp)).sum(1))
+        ratio = -(sign * torch.exp(x.mean()))  # the three rows are three draws of one response
+        ratio.backward()
+        assert bound.item() == pytest.approx(ratio.item()) and torch.allclose(gradient, logp.grad)
 
 
 def test_gae_with_gamma_lambda_one_reduces_to_reward_minus_value():

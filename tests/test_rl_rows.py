@@ -16,6 +16,7 @@ from dlm_rl.rl.masking import (
     MASK_LOW,
     block_mask_rows,
     diffu_grpo_rows,
+    elbo_draw_rows,
     quadrature_rows,
     random_mask_rows,
     spread_mask_rows,
@@ -194,7 +195,7 @@ def test_gdpo_rows_take_the_elbos_integral_at_three_gauss_legendre_nodes():
 
 
 def test_spg_rows_keep_earlier_blocks_clean_mask_part_of_one_block_and_all_later_ones():
-    trajectory = block_trajectory()  # blocks of 4: sample 0 (offset 3) 0 | 1 1 1 1 | 2; sample 1 (offset 2) 0 0 | 1 1 1 1
+    trajectory = block_trajectory()  # blocks of 4: sample 0 (offset 3) 0 | 1 1 1 1 | 2; sample 1 0 0 | 1 1 1 1
     trajectory.prompt_ids = trajectory.prompt_ids.repeat(1, 100)
     trajectory.prompt_mask = trajectory.prompt_mask.repeat(1, 100)
     generator = torch.Generator().manual_seed(0)
@@ -219,6 +220,17 @@ def test_spg_rows_keep_earlier_blocks_clean_mask_part_of_one_block_and_all_later
         prompt_masked.append(float(prompt.eq(M).sum() / trajectory.prompt_mask.sum() / 2))
     assert picked == {(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)}  # every block of each span gets picked
     assert 0.12 < sum(prompt_masked) / len(prompt_masked) < 0.18
+
+
+def test_bgpo_rows_are_draws_of_the_elbos_tokens_form_estimator():
+    trajectory = block_trajectory()
+    rows = elbo_draw_rows(trajectory, M, torch.Generator().manual_seed(0), draws=5)
+    assert len(rows) == 10 and rows.sample.tolist() == [0, 1] * 5
+    masked = rows.input_ids[:, -6:].eq(M)
+    count = masked.sum(1)
+    assert (count >= 1).all() and (count <= 6).all()  # ℓ ~ U{1..L} of the L = 6 canvas tokens
+    assert torch.allclose(rows.weight, 6 / count.float())  # weight L/ℓ
+    assert torch.equal(rows.targets, masked & trajectory.trainable[rows.sample])
 
 
 def test_value_model_starts_at_zero_and_gae_gives_reward_minus_value():

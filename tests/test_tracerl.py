@@ -139,8 +139,9 @@ def test_with_lora_only_the_adapter_gets_gradients_and_the_reference_is_the_disa
         {"method": "espo", "inner_epochs": 2, "ppo_minibatches": 1, "micro_batch_rows": 3},
         {"method": "gdpo", "kl_reference": "reference"},
         {"method": "spg", "inner_epochs": 2, "micro_batch_rows": 3},
+        {"method": "bgpo", "bgpo_draws": 3, "micro_batch_rows": 5},
     ],
-    ids=["diffu_grpo", "coupled", "random_masking", "tracerl+value", "wd1", "justgrpo", "espo", "gdpo", "spg"],
+    ids=["diffu_grpo", "coupled", "random_masking", "tracerl+value", "wd1", "justgrpo", "espo", "gdpo", "spg", "bgpo"],
 )
 def test_every_method_trains_and_writes_tensorboard_and_a_curve(tmp_path, extra):
     from dlm_rl.trainers.tracerl import TraceRLConfig, run
@@ -157,6 +158,8 @@ def test_every_method_trains_and_writes_tensorboard_and_a_curve(tmp_path, extra)
         assert math.isfinite(m["loss"]) and m["rows"] > 0
         if extra["method"] in ("wd1", "spg"):  # no π_old: no ratio, KL or entropy; the likelihood it weighs instead
             assert m["log_likelihood"] < 0 and not {"kl", "clip_fraction", "entropy"} & m.keys()
+        elif extra["method"] == "bgpo":  # no clip, no KL: the mean of the draws' ratios instead
+            assert math.isfinite(m["entropy"]) and m["ratio_mean"] > 0 and not {"kl", "clip_fraction"} & m.keys()
         else:
             assert math.isfinite(m["entropy"]) and m["kl"] >= 0 and 0 <= m["clip_fraction"] <= 1
         if extra.get("value_model"):

@@ -1,5 +1,6 @@
 """The PPO-clip policy loss on trace tokens, with a k3 KL penalty; the sequence-level PPO-clip loss on ELBO estimates,
-with a k2 KL penalty (ESPO, GDPO); the ratio-free losses: wd1's weighted likelihood and SPG's sandwiched bounds.
+with a k2 KL penalty (ESPO, GDPO); BGPO's bound of the sequence ratio, linear in its Monte Carlo draws; the ratio-free
+losses: wd1's weighted likelihood and SPG's sandwiched bounds.
 
 The loss as TraceRL and the baselines train it, and where it departs from TraceRL's reference code:
 docs/algorithms.md, sections 4 and 5.
@@ -142,6 +143,22 @@ def sandwiched_log_likelihood(logp: torch.Tensor, targets: torch.Tensor, sample:
     average = torch.zeros(samples, logp.shape[1], dtype=logp.dtype, device=logp.device).index_add(0, sample, powered)
     average = average / rows[:, None]
     scored = average > 0
-    logs = torch.where(scored, torch.log(torch.where(scored, average, torch.ones_like(average))), torch.zeros_like(average))
+    logs = torch.log(torch.where(scored, average, torch.ones_like(average)))  # 0 where no row masks the token
     eubo = logs.sum(dim=1) / scored.sum(dim=1).clamp(min=1) / beta
     return torch.where(positive, elbo, mix * eubo + (1 - mix) * elbo)
+
+
+def bounded_ratio_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, targets: torch.Tensor,
+                       weights: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """BGPO's loss: each row is one Monte Carlo draw of a response's ELBO, ℓ = w_row · Σ_targets log p, and with
+    x = ℓ_θ − ℓ_old (clamped to ±LOG_RATIO_LIMIT) the loss is the mean over rows of −A(1 + x) where A ≥ 0 (exp's
+    tangent, a lower bound of A·e^x) and −A·e^x where A < 0 (by Jensen, the mean of e^x over draws bounds e^(mean x)
+    from above). Every term depends on one row only, so rows can be taken in any micro-batches (constant memory in
+    the number of draws); at θ = θ_old value and gradient equal those of A·exp(mean x). `logp`, `logp_old`,
+    `targets` [N, R]; `advantages` [N] or [N, 1]; `weights` [N]."""
+    difference = torch.where(targets.bool(), logp - logp_old.detach(), torch.zeros_like(logp)).sum(dim=1)
+    x = (weights.to(logp.dtype) * difference).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    advantages = advantages.reshape(-1).to(logp.dtype)
+    ratio = torch.exp(x)
+    loss = -(advantages * torch.where(advantages >= 0, 1 + x, ratio)).mean()
+    return loss, {"ratio_mean": float(ratio.detach().mean())}

@@ -13,6 +13,8 @@
   random; earlier blocks stay clean, a uniform number (1 to all) of the picked block's tokens are masked, later
   blocks and everything after the response are masked, and each prompt token is masked with p = 0.15. Weight: the
   response's trainable span (SPG weighs each response's loss by its length).
+- BGPO: `draws` rows per response, each one draw of the ELBO's tokens-form estimator (`dlm_rl.diffusion.noise`:
+  ℓ ~ U{1..L} of the L canvas tokens masked, weight L/ℓ).
 A row's targets are its masked response tokens that the model drew, up to the first EOS (`Trajectory.trainable`).
 Rows are drawn from `generator`; a trainer draws fresh rows for every inner epoch and scores old, reference and
 current policy on the same rows.
@@ -31,6 +33,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dlm_rl.diffusion.noise import MCNoise
 from dlm_rl.diffusion.packed import copy_width, packed_layout
 from dlm_rl.rl.rows import Rows
 from dlm_rl.sampling.trajectory import Trajectory
@@ -109,6 +112,15 @@ def block_mask_rows(trajectory: Trajectory, mask_token_id: int, generator: torch
     return _rows(trajectory, prompts, states, targets, weights, block_size)
 
 
+def elbo_draw_rows(trajectory: Trajectory, mask_token_id: int, generator: torch.Generator, draws: int,
+                   block_size: int | None = None) -> Rows:
+    canvas = torch.ones_like(trajectory.response_ids, dtype=torch.bool)
+    noise = MCNoise.sample(canvas, n_t=draws, generator=generator)
+    states = [trajectory.response_ids.masked_fill(masked, mask_token_id) for masked in noise.masked]
+    targets = [masked & trajectory.trainable for masked in noise.masked]
+    return _rows(trajectory, trajectory.prompt_ids, states, targets, list(noise.weight), block_size)
+
+
 GAUSS_LEGENDRE_NODES = 3
 
 
@@ -118,7 +130,8 @@ def quadrature_rows(trajectory: Trajectory, mask_token_id: int, generator: torch
     points, quadrature = _gauss_legendre(nodes)
     states, targets, weights = [], [], []
     for t, w in zip(points, quadrature):
-        masked = (torch.rand(trajectory.response_ids.shape, generator=generator, device=generator.device) < t).to(device)
+        noise = torch.rand(trajectory.response_ids.shape, generator=generator, device=generator.device)
+        masked = (noise < t).to(device)
         states.append(trajectory.response_ids.masked_fill(masked, mask_token_id))
         targets.append(masked & trajectory.trainable)
         weights.append(torch.full((len(trajectory),), w / t, device=device))

@@ -18,7 +18,8 @@ states; plain rows for full attention, packed rows for block attention), `diffu_
 ratio-free weighted likelihood (no π_old, no KL). `justgrpo` swaps the rollout: strictly left to right, one token
 per step, so the visited states give each token's exact log-probability (evaluation keeps the parallel sampler).
 `espo` and `gdpo` swap the loss for a sequence-level one: one clipped ratio per response from its ELBO estimate;
-`spg` for SPG's ratio-free one on a lower bound of each response's likelihood (A > 0) or an upper one (A ≤ 0).
+`spg` for SPG's ratio-free one on a lower bound of each response's likelihood (A > 0) or an upper one (A ≤ 0);
+`bgpo` for a bound of the sequence ratio that is linear in the ELBO's Monte Carlo draws.
 `value_model: true` adds TraceRL's value model (`dlm_rl.rl.value`): per-token advantages by step-level GAE of the
 group z-scores. docs/algorithms.md states each objective and where the defaults depart from the papers.
 """
@@ -41,13 +42,21 @@ from dlm_rl.hub import push_final
 from dlm_rl.models.lora import add_lora
 from dlm_rl.rl.advantages import centred_advantages, group_advantages, leave_one_out_advantages, wd1_weights
 from dlm_rl.rl.losses import (
+    bounded_ratio_loss,
     ppo_trace_loss,
     sandwiched_log_likelihood,
     sequence_elbo,
     sequence_ppo_loss,
     weighted_likelihood_loss,
 )
-from dlm_rl.rl.masking import block_mask_rows, diffu_grpo_rows, quadrature_rows, random_mask_rows, spread_mask_rows
+from dlm_rl.rl.masking import (
+    block_mask_rows,
+    diffu_grpo_rows,
+    elbo_draw_rows,
+    quadrature_rows,
+    random_mask_rows,
+    spread_mask_rows,
+)
 from dlm_rl.diffusion.packed import packed_block_size
 from dlm_rl.rl.rows import Rows, reference_log_probs, response_log_probs
 from dlm_rl.rl.trace import model_trace_rows
@@ -79,10 +88,11 @@ from dlm_rl.trainers.online import (
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("tracerl", "diffu_grpo", "coupled", "random_masking", "wd1", "justgrpo", "espo", "gdpo", "spg")
+METHODS = ("tracerl", "diffu_grpo", "coupled", "random_masking", "wd1", "justgrpo", "espo", "gdpo", "spg", "bgpo")
 TRACE_METHODS = ("tracerl", "justgrpo")  # trained on the visited states
 SEQUENCE_METHODS = ("espo", "gdpo", "spg")  # a loss of each response's whole likelihood estimate
 RATIO_FREE = ("wd1", "spg")  # no π_old, ratio or KL
+WITHOUT_KL = RATIO_FREE + ("bgpo",)
 
 
 @dataclass
@@ -100,7 +110,11 @@ class TraceRLConfig(OnlineArguments):
     uses leave-one-out advantages; GDPO from 3 Gauss–Legendre masking rates, with centred rewards as advantages); or
     'spg' (ratio-free: −A · the response's per-token log-likelihood, bounded from below (ELBO) for A > 0 and from
     above (a mix of EUBO and ELBO) otherwise, from `spg_draws` block-wise masks; epsilon, beta and kl_reference play
-    no part)."""
+    no part); or 'bgpo' (a bound of the sequence ratio exp(ℓ − ℓ_old) that is linear in the ELBO's `bgpo_draws`
+    Monte Carlo draws, so they can be spread over micro-batches: A(1 + x) for A ≥ 0, A·e^x for A < 0; no clip, no KL:
+    epsilon, beta and kl_reference play no part)."""
+    bgpo_draws: int = 8
+    """BGPO: Monte Carlo draws of each response's ELBO per epoch (one row each)."""
     spg_draws: int = 2
     """SPG: masks drawn per response and epoch (its reference scripts' num_t)."""
     spg_beta: float = 1.5
@@ -170,7 +184,7 @@ class TraceRLConfig(OnlineArguments):
             raise ValueError("kl_reference: 'reference' needs use_lora (the reference is the disabled adapter)")
         if self.micro_batch_rows < 1:
             raise ValueError(f"micro_batch_rows must be at least 1, got {self.micro_batch_rows}")
-        require_positive(self, "inner_epochs", "ppo_minibatches", "shrink", "spg_draws")
+        require_positive(self, "inner_epochs", "ppo_minibatches", "shrink", "spg_draws", "bgpo_draws")
         require_range(self, epsilon=(0, None), beta=(0, None), gamma=(0, 1), lam=(0, 1), value_clip=(0, None),
                       spg_beta=(1, None), spg_mix=(0, 1))
 
@@ -334,6 +348,8 @@ class Learner:
             return quadrature_rows(trajectory, mask_id, self.generator, block_size=block_size)
         if method == "spg":
             return block_mask_rows(trajectory, mask_id, self.generator, self.config.spg_draws, block_size=block_size)
+        if method == "bgpo":
+            return elbo_draw_rows(trajectory, mask_id, self.generator, self.config.bgpo_draws, block_size=block_size)
         return random_mask_rows(trajectory, mask_id, self.generator, coupled=method == "coupled", block_size=block_size)
 
     def update(self, trajectories) -> dict:
@@ -392,7 +408,7 @@ class Learner:
                     batch["old"], batch["entropy"] = self.score_old(rows, trajectory)
                 if config.method == "wd1":  # minibatches keep groups whole
                     batch["group"] = groups.to(model.device)[rows.sample]
-                if config.kl_reference == "reference" and config.method not in RATIO_FREE:
+                if config.kl_reference == "reference" and config.method not in WITHOUT_KL:
                     batch["reference"] = self.forward(lambda r: reference_log_probs(model, r), rows)
                 if self.value is None:
                     batch["advantages"] = advantages.to(model.device, torch.float32)[rows.sample][:, None]
@@ -488,7 +504,8 @@ class Learner:
         total_rows = counts["rows"]
         if not total_rows:  # fewer samples than minibatches: nothing to step on
             return None
-        logged = ("log_likelihood",) if config.method in RATIO_FREE else ("kl", "clip_fraction")  # the loss's statistics
+        logged = {"wd1": ("log_likelihood",), "spg": ("log_likelihood",), "bgpo": ("ratio_mean",)}.get(
+            config.method, ("kl", "clip_fraction"))  # the loss's statistics
         sums = {"loss": 0.0, "value_loss": 0.0, **dict.fromkeys(logged, 0.0)}
         self.gather()
         model.train()
@@ -504,6 +521,9 @@ class Learner:
                     loss, stats, share = self.sequence_loss(logp, micro, counts)
                 elif config.method == "wd1":
                     loss, stats = weighted_likelihood_loss(logp, micro["advantages"], rows.targets)
+                    share = len(rows) / total_rows
+                elif config.method == "bgpo":
+                    loss, stats = bounded_ratio_loss(logp, micro["old"], micro["advantages"], rows.targets, rows.weight)
                     share = len(rows) / total_rows
                 else:
                     loss, stats = ppo_trace_loss(
