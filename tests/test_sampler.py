@@ -260,3 +260,32 @@ def test_left_padded_batch_equals_each_prompt_alone(attention):
         alone = generate(model, torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long), config)
         assert torch.equal(batched.response_ids[row], alone.response_ids[0]), f"row {row}"
         assert torch.equal(batched.step_map[row], alone.step_map[0]), f"row {row}"
+
+
+def test_hints_are_placed_before_decoding_and_never_sampled_and_trace_rows_still_replay_the_log_probs(batch):
+    """Inpainting (IGPO): hinted tokens are neither drawn nor trained, and the visited states rebuilt from the
+    trajectory, where a hint (step -1) is visible in every state, give back the recorded log-prob of every drawn token:
+    the sampler saw the hints from its first forward on."""
+    from dlm_rl.rl.rows import response_log_probs
+    from dlm_rl.rl.trace import trace_rows
+
+    model = tiny_model(hidden_size=32, num_layers=2, intermediate_size=64, seed=0).eval()
+    ids, mask = batch
+    hints = torch.full((4, 12), -1)
+    hints[0, [1, 2, 7]] = torch.tensor([40, 41, 42])
+    hints[2, :5] = torch.tensor([50, 51, 52, 53, 54])
+    config = SamplerConfig(gen_length=12, block_length=4, temperature=1.0, threshold=0.5)
+    trajectory = generate(model, ids, mask, config, torch.Generator().manual_seed(0), hints=hints)
+    given = hints >= 0
+    assert torch.equal(trajectory.response_ids[given], hints[given])
+    assert not trajectory.sampled[given].any() and (trajectory.step_map[given] == -1).all()
+    assert trajectory.log_probs[given].isnan().all() and not trajectory.trainable[given].any()
+    assert trajectory.sampled[~given].sum() > 0
+    rows = trace_rows(trajectory, model.mask_token_id, s=1)
+    with torch.no_grad():
+        logp = response_log_probs(model, rows).double()
+    recorded = trajectory.log_probs[rows.sample].double()
+    assert rows.targets.sum() == trajectory.trainable.sum()
+    assert (logp - recorded)[rows.targets].abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="hints must be"):
+        generate(model, ids, mask, config, hints=hints[:, :5])

@@ -46,10 +46,19 @@ def generate(
     prompt_mask: torch.Tensor,
     config: SamplerConfig,
     generator: torch.Generator | None = None,
+    hints: torch.Tensor | None = None,
 ) -> Trajectory:
-    """Sample `config.gen_length` response tokens after each left-padded prompt ([B, P] ids, 1/0 mask)."""
+    """Sample `config.gen_length` response tokens after each left-padded prompt ([B, P] ids, 1/0 mask).
+
+    `hints` [B, gen_length] (inpainting, as IGPO injects parts of a reference solution): token ids placed in the
+    canvas before decoding, −1 where the sampler decides. A hint is never sampled or changed; in the trajectory it is
+    not `sampled` (so no method trains on it), its step is −1 (visible in every visited state) and its log-prob NaN."""
     block_length = _block_length(model, config)
     _check_inputs(model, prompt_ids, prompt_mask, config)
+    if hints is not None and (hints.shape != (prompt_ids.shape[0], config.gen_length)
+                              or ((hints < -1) | (hints == model.mask_token_id)).any()):
+        raise ValueError(f"hints must be [batch, gen_length] = [{prompt_ids.shape[0]}, {config.gen_length}] token "
+                         f"ids, -1 where the sampler decides (never the mask id); got shape {tuple(hints.shape)}")
     canvas = Canvas.build(
         prompt_ids,
         prompt_mask,
@@ -59,6 +68,8 @@ def generate(
         align_positions=model.attention == "block",
     )
     decoder = _Decoder(model, canvas, config, generator)
+    if hints is not None:
+        decoder.place(hints.to(decoder.x.device))
     for block in range(canvas.num_blocks):
         decoder.decode_block(block)
     return decoder.trajectory(prompt_ids, prompt_mask)
@@ -88,6 +99,14 @@ class _Decoder:
                 "a backbone that takes its mask as attention_bias takes no position ids or KV cache; sample it with "
                 "cache='none'"
             )
+
+    def place(self, hints: torch.Tensor) -> None:
+        """Write the hinted response tokens (≥ 0) into the canvas; a row whose hints already end it stops."""
+        cols = self.canvas.response_cols
+        given = hints >= 0
+        self.x.scatter_(1, cols, torch.where(given, hints, self.x.gather(1, cols)))
+        if self.eos is not None:
+            self._stop_finished(torch.arange(self.x.shape[0], device=self.x.device))
 
     def masked(self, rows: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         return (self.x[rows, lo:hi] == self.model.mask_token_id) & self.canvas.response[rows, lo:hi]
