@@ -177,6 +177,23 @@ def test_local_engine_sync_copies_another_models_weights_and_advances_the_versio
     assert engine.generate(PROMPTS[:2], 1, CONFIG)[0].weight_version == 1
 
 
+def hints_for(n_prompts: int, n_samples: int) -> list:
+    """Sample 1 of every prompt gets tokens 40 and 41 at positions 2 and 9; the others none."""
+    hint = [-1] * CONFIG.gen_length
+    hint[2], hint[9] = 40, 41
+    return [hint if s == 1 else None for _ in range(n_prompts) for s in range(n_samples)]
+
+
+def test_hints_reach_exactly_their_prompt_and_sample_and_are_never_sampled():
+    (trajectory,) = LocalEngine(tiny(), rows_per_chunk=64, seed=7).generate(PROMPTS[:4], 3, CONFIG,
+                                                                            hints=hints_for(4, 3))
+    hinted = torch.tensor(trajectory.sample_index) == 1
+    assert trajectory.response_ids[hinted][:, [2, 9]].tolist() == [[40, 41]] * 4
+    assert not trajectory.sampled[hinted][:, [2, 9]].any() and trajectory.sampled[hinted].any(1).all()
+    with pytest.raises(ValueError, match="one per"):
+        LocalEngine(tiny(), rows_per_chunk=64).generate(PROMPTS[:4], 3, CONFIG, hints=hints_for(4, 2))
+
+
 def test_ray_engine_without_ray_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ImportError, match=r"pip install 'dlm-rl\[ray\]'"):
@@ -199,6 +216,9 @@ def test_same_seed_trajectories_are_identical_local_and_ray_with_one_and_two_act
         assert signature(one_actor.generate(PROMPTS, 3, CONFIG)) == signature(local_result)
     two_actors.calls = 0  # as if fresh: the fixture may have served other tests first
     assert signature(two_actors.generate(PROMPTS, 3, CONFIG)) == signature(local_result)
+    two_actors.calls = 0  # hints travel with their chunk to whichever actor samples it
+    local = LocalEngine(tiny(), rows_per_chunk=6, seed=7).generate(PROMPTS, 3, CONFIG, hints=hints_for(10, 3))
+    assert signature(two_actors.generate(PROMPTS, 3, CONFIG, hints=hints_for(10, 3))) == signature(local)
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

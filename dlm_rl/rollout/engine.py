@@ -33,26 +33,33 @@ class Chunk:
     prompt_index: list[int]
     sample_index: list[int]
     seed: int
+    hints: list | None = None  # one per row: response token ids (-1: the sampler decides) or None (`generate`)
 
 
-def plan(prompts: Sequence, n_samples: int, rows_per_chunk: int, seed: int, call: int) -> list[Chunk]:
-    """Chunks of whole prompts, each with about `rows_per_chunk` rows (at least one prompt)."""
+def plan(prompts: Sequence, n_samples: int, rows_per_chunk: int, seed: int, call: int,
+         hints: Sequence | None = None) -> list[Chunk]:
+    """Chunks of whole prompts, each with about `rows_per_chunk` rows (at least one prompt); `hints`, one per
+    (prompt, sample) in request order (prompt-major), go with their rows."""
     if n_samples < 1:
         raise ValueError(f"n_samples must be at least 1, got {n_samples}")
     if rows_per_chunk < 1:
         raise ValueError(f"rows_per_chunk must be at least 1, got {rows_per_chunk}")
+    if hints is not None and len(hints) != len(prompts) * n_samples:
+        raise ValueError(f"hints: one per (prompt, sample), {len(prompts) * n_samples}, got {len(hints)}")
     per_chunk = max(1, rows_per_chunk // n_samples)
     chunks = []
     for index, start in enumerate(range(0, len(prompts), per_chunk)):
         indices = [i for i in range(start, min(start + per_chunk, len(prompts))) for _ in range(n_samples)]
+        samples = [s for _ in range(0, len(indices), n_samples) for s in range(n_samples)]
         chunk_seed = int(np.random.SeedSequence([seed, call, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
         chunks.append(
             Chunk(
                 index=index,
                 prompts=[prompts[i] for i in indices],
                 prompt_index=indices,
-                sample_index=[s for _ in range(0, len(indices), n_samples) for s in range(n_samples)],
+                sample_index=samples,
                 seed=chunk_seed,
+                hints=None if hints is None else [hints[p * n_samples + s] for p, s in zip(indices, samples)],
             )
         )
     return chunks
@@ -68,8 +75,12 @@ def run_chunk(model, chunk: Chunk, config: SamplerConfig, weight_version: int) -
     generator = torch.Generator(model.device).manual_seed(chunk.seed)
     was_training = model.training
     model.eval()
+    hints = None
+    if chunk.hints is not None and any(h is not None for h in chunk.hints):
+        hints = torch.tensor([[-1] * config.gen_length if h is None else list(h) for h in chunk.hints],
+                             device=model.device)
     try:
-        trajectory = generate(model, ids.to(model.device), mask.to(model.device), config, generator)
+        trajectory = generate(model, ids.to(model.device), mask.to(model.device), config, generator, hints=hints)
     finally:
         model.train(was_training)
     trajectory.completions = decode_responses(tokenizer, trajectory.response_ids)
@@ -180,15 +191,18 @@ class RolloutEngine:
         self.scorer = RewardScorer(rewards, reward_threads)
 
     def generate(
-        self, prompts: Sequence, n_samples: int, config: SamplerConfig, *, seed: int | None = None
+        self, prompts: Sequence, n_samples: int, config: SamplerConfig, *, seed: int | None = None,
+        hints: Sequence | None = None,
     ) -> list[Trajectory]:
+        """`hints` (inpainting): one per (prompt, sample), prompt-major, each None or `gen_length` token ids with -1
+        where the sampler decides (`dlm_rl.sampling.sampler.generate`)."""
         rows = as_rows(prompts)
         call, self.calls = self.calls, self.calls + 1
         if not rows:
             logger.warning("rollout: empty request, nothing to generate")
             return []
         chunks = plan([r["prompt"] for r in rows], n_samples, self.rows_per_chunk, self.seed if seed is None else seed,
-                      call)
+                      call, hints)
         trajectories = self._run(chunks, config, lambda t: self.scorer.submit(t, rows))
         self.scorer.wait()
         return trajectories
