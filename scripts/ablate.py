@@ -38,6 +38,7 @@ METHODS = {
     "gdpo": {"method": "gdpo"},
     "spg": {"method": "spg", "inner_epochs": 4, "ppo_minibatches": 1},
     "bgpo": {"method": "bgpo"},
+    "tracerl+igpo": {"method": "tracerl", "igpo": True},
 }
 
 

@@ -1,9 +1,9 @@
 """Learning claims, checked in every run of the suite on the shipped base checkpoint (`testbed:addition3-base`, the same
 weights on every machine) with fixed seeds: TraceRL and on-policy VRPO each raise held-out greedy accuracy by at
-least 8 points, as do wd1, JustGRPO, ESPO, GDPO, SPG and BGPO, diffu-GRPO raises it, MDM SFT lowers its held-out
-loss; and the controls, the same runs of every one of these methods except VRPO with each step's rewards shuffled
-across its samples (the same reward values, no longer tied to the answers), gain nothing, so the claims can fail.
-Each run takes a minute or two on 2 CPU cores."""
+least 8 points, as do wd1, JustGRPO, ESPO, GDPO, SPG, BGPO and TraceRL with IGPO, diffu-GRPO raises it, MDM SFT
+lowers its held-out loss; and the controls, the same runs of every one of these methods except VRPO with each step's
+rewards shuffled across its samples (the same reward values, no longer tied to the answers), gain nothing, so the
+claims can fail. Each run takes a minute or two on 2 CPU cores."""
 
 from __future__ import annotations
 
@@ -62,6 +62,7 @@ METHODS = {
     "gdpo": dict(method="gdpo"),
     "spg": dict(method="spg", inner_epochs=4, ppo_minibatches=1),  # its scripts': 4 epochs of fresh masks, 1 step each
     "bgpo": dict(method="bgpo"),
+    "igpo": dict(igpo=True),  # TraceRL with IGPO's inpainting of failed groups
 }
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -64,3 +64,36 @@ class Trajectory:
         first = block[:, 0]
         last = block.masked_fill(~self.sampled, -1).max(dim=1).values
         return self.nfe.double() / (last - first + 1)
+
+    def with_rows(self, rows: list[int], other: Trajectory, other_rows: list[int]) -> Trajectory:
+        """A copy in which row rows[k] is `other`'s row other_rows[k] (a sample of the same prompt drawn again), with
+        its tokens, steps, texts and rewards; prompts are left padded to the wider of the two batches. Prompt and
+        sample indices, and the dataset rows, stay this trajectory's."""
+        width = max(self.prompt_ids.shape[1], other.prompt_ids.shape[1])
+
+        def padded(t: Trajectory) -> tuple[torch.Tensor, torch.Tensor]:
+            extra = width - t.prompt_ids.shape[1]
+            pad = torch.zeros(len(t), extra, dtype=t.prompt_ids.dtype, device=t.prompt_ids.device)
+            return torch.cat([pad, t.prompt_ids], 1), torch.cat([torch.zeros_like(pad), t.prompt_mask], 1)
+
+        (ids, mask), (other_ids, other_mask) = padded(self), padded(other)
+        ours, theirs = torch.tensor(rows), torch.tensor(other_rows)
+        tensors = {"prompt_ids": (ids, other_ids), "prompt_mask": (mask, other_mask)}
+        for name in ("response_ids", "step_map", "log_probs", "sampled", "nfe", "block_offset"):
+            tensors[name] = (getattr(self, name), getattr(other, name))
+        replaced = {}
+        for name, (mine, given) in tensors.items():
+            mine = mine.clone()
+            mine[ours] = given[theirs].to(mine.device)
+            replaced[name] = mine
+
+        def lists(mine: list, given: list) -> list:
+            out = list(mine)
+            for k, j in zip(rows, other_rows):
+                out[k] = given[j]
+            return out
+
+        rewards = {name: lists(values, other.rewards[name]) for name, values in self.rewards.items()}
+        return replace(self, **replaced, finish_reason=lists(self.finish_reason, other.finish_reason),
+                       completions=lists(self.completions, other.completions), rewards=rewards,
+                       weight_version=max(self.weight_version, other.weight_version))

@@ -19,7 +19,9 @@ ratio-free weighted likelihood (no π_old, no KL). `justgrpo` swaps the rollout:
 per step, so the visited states give each token's exact log-probability (evaluation keeps the parallel sampler).
 `espo` and `gdpo` swap the loss for a sequence-level one: one clipped ratio per response from its ELBO estimate;
 `spg` for SPG's ratio-free one on a lower bound of each response's likelihood (A > 0) or an upper one (A ≤ 0);
-`bgpo` for a bound of the sequence ratio that is linear in the ELBO's Monte Carlo draws.
+`bgpo` for a bound of the sequence ratio that is linear in the ELBO's Monte Carlo draws. `igpo: true` (with any
+method) samples groups whose answers all failed again with part of the reference solution in the canvas
+(`dlm_rl.trainers.inpainting`).
 `value_model: true` adds TraceRL's value model (`dlm_rl.rl.value`): per-token advantages by step-level GAE of the
 group z-scores. docs/algorithms.md states each objective and where the defaults depart from the papers.
 """
@@ -63,6 +65,7 @@ from dlm_rl.rl.trace import model_trace_rows
 from dlm_rl.rl.value import ValueModel, clipped_value_loss, trace_gae
 from dlm_rl.sampling.config import SamplerConfig
 from dlm_rl.trainers.api import Callbacks, RLTrainer
+from dlm_rl.trainers.inpainting import inpaint_failed_groups
 from dlm_rl.trainers.optimization import (
     advance,
     enable_gradient_checkpointing,
@@ -115,6 +118,16 @@ class TraceRLConfig(OnlineArguments):
     epsilon, beta and kl_reference play no part)."""
     bgpo_draws: int = 8
     """BGPO: Monte Carlo draws of each response's ELBO per epoch (one row each)."""
+    igpo: bool = False
+    """IGPO's inpainting, with any method: for a prompt whose answers all earned ≤ 0, sample `igpo_share` of its
+    group again with part of its reference solution (the dataset's `completion` column) in the canvas, and keep the
+    right answers in place of wrong ones; the injected tokens are not trained."""
+    igpo_share: float = 0.5
+    """IGPO: the fraction of a failed group sampled again."""
+    igpo_hint_min: float = 0.2
+    """IGPO: each regeneration sees a fraction of the reference's tokens drawn uniformly from [min, max]."""
+    igpo_hint_max: float = 0.6
+    """IGPO: the upper end of that range."""
     spg_draws: int = 2
     """SPG: masks drawn per response and epoch (its reference scripts' num_t)."""
     spg_beta: float = 1.5
@@ -174,6 +187,12 @@ class TraceRLConfig(OnlineArguments):
                              "had already decoded, so its recorded log-probs are not π_old's in that state")
         if self.method == "justgrpo" and self.shrink != 1:
             raise ValueError("method 'justgrpo' needs shrink 1: it trains each token in the one state it was drawn in")
+        if self.igpo and self.rollout_actors:
+            raise ValueError("igpo needs the trainer's own rollout engine (rollout_actors: 0): it samples failed "
+                             "groups again within the step")
+        if self.igpo and not self.igpo_hint_min <= self.igpo_hint_max:
+            raise ValueError(f"igpo_hint_min ({self.igpo_hint_min}) must not exceed igpo_hint_max "
+                             f"({self.igpo_hint_max})")
         if self.value_model and self.method != "tracerl":
             raise ValueError("value_model needs method 'tracerl' (values are read on the visited states)")
         if self.normaliser not in ("tokens", "length"):
@@ -186,7 +205,8 @@ class TraceRLConfig(OnlineArguments):
             raise ValueError(f"micro_batch_rows must be at least 1, got {self.micro_batch_rows}")
         require_positive(self, "inner_epochs", "ppo_minibatches", "shrink", "spg_draws", "bgpo_draws")
         require_range(self, epsilon=(0, None), beta=(0, None), gamma=(0, 1), lam=(0, 1), value_clip=(0, None),
-                      spg_beta=(1, None), spg_mix=(0, 1))
+                      spg_beta=(1, None), spg_mix=(0, 1), igpo_share=(0, 1), igpo_hint_min=(0, 1),
+                      igpo_hint_max=(0, 1))
 
 
 def run(config: TraceRLConfig, *, model=None, train_dataset=None, eval_dataset=None, callbacks=None) -> dict:
@@ -197,6 +217,8 @@ def run(config: TraceRLConfig, *, model=None, train_dataset=None, eval_dataset=N
 
     prepare_output_dir(config)
     data = load_task(config, train_dataset, eval_dataset)
+    if config.igpo and not all(row.get("completion") for row in data.train):
+        raise ValueError("igpo needs a reference solution per prompt: a 'completion' column in the training data")
     gen_length = config.gen_length or data.response_length
     if gen_length is None:
         raise ValueError("a train_dataset needs gen_length (the response canvas; only testbed tasks know theirs)")
@@ -248,6 +270,10 @@ def run(config: TraceRLConfig, *, model=None, train_dataset=None, eval_dataset=N
             sharding.gather(model)  # whole again after a checkpoint
             start = time.perf_counter()
             trajectories = rollout_share(engine, prompts.next(), config, sampler)
+            if config.igpo:
+                trajectories, counts = inpaint_failed_groups(engine, trajectories, config, sampler, model.tokenizer,
+                                                             learner.generator)
+                line.update(counts)
             line["time/generation_and_reward"] = time.perf_counter() - start
             rollout = gather_rollout(trajectories)
             start = time.perf_counter()
