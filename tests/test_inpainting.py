@@ -27,6 +27,8 @@ def test_a_hint_holds_a_fraction_of_the_reference_tokens_at_their_own_positions(
         assert len(hint) == 16 and len(given) == round(fraction * len(ids))
         assert all(hint[i] == ids[i] for i in given)
     assert reference_hint(tokenizer, REFERENCE, 3, 1.0, torch.Generator()) == ids[:3]  # cut to the canvas
+    messages = [{"role": "assistant", "content": REFERENCE}]  # a conversational dataset's completion
+    assert reference_hint(tokenizer, messages, 16, 1.0, torch.Generator()) == ids + [-1] * (16 - len(ids))
 
 
 def _trajectory(prompt_width: int, value: int) -> Trajectory:

@@ -343,3 +343,16 @@ def test_sequence_level_methods_give_the_same_gradient_whatever_the_micro_batch_
         gradients.append(torch.cat([p.grad.flatten() for p in learner.parameters]))
     assert gradients[0].abs().max() > 0
     assert torch.allclose(gradients[0], gradients[1], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["spg", "espo", "bgpo"])
+def test_responses_with_nothing_to_train_give_a_zero_step_not_a_crash(method):
+    """IGPO can give every token of a response (nothing drawn, nothing trained): a step of only such responses."""
+    from dlm_rl.trainers.tracerl import Learner, TraceRLConfig
+
+    model, (trajectory,) = _tiny_rollout(lambda prompts, completions, **c: [float(sum(map(ord, x)) % 3)
+                                                                            for x in completions])
+    trajectory.sampled[:] = False
+    learner = Learner(model, TraceRLConfig(model="tiny", method=method, ppo_minibatches=1), gen_length=8)
+    metrics = learner.update([trajectory])
+    assert abs(metrics["loss"]) < 1e-6 and metrics["grad_norm"] == 0.0  # ESPO: −mean A, 0 up to rounding

@@ -14,10 +14,11 @@ import torch
 from dlm_rl import distributed
 
 
-def reference_hint(tokenizer, completion: str, gen_length: int, fraction: float,
-                   generator: torch.Generator) -> list[int]:
+def reference_hint(tokenizer, completion, gen_length: int, fraction: float, generator: torch.Generator) -> list[int]:
     """`gen_length` token ids: a random `fraction` of the reference solution's tokens (and its EOS) at their own
-    positions, −1 elsewhere."""
+    positions, −1 elsewhere. `completion` is text, or chat messages (TRL's conversational format: their contents)."""
+    if not isinstance(completion, str):
+        completion = "".join(message["content"] for message in completion)
     ids = tokenizer.encode(completion, add_special_tokens=False)
     if tokenizer.eos_token_id is not None:
         ids = ids + [tokenizer.eos_token_id]

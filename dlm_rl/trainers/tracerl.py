@@ -506,8 +506,9 @@ class Learner:
             spans = _per_sample(rows, rows.weight)
             likelihood = sandwiched_log_likelihood(logp, rows.targets, index, spans, advantages > 0,
                                                    beta=config.spg_beta, mix=config.spg_mix)
-            loss = -(advantages * spans * likelihood).sum() / spans.sum()
-            return loss, {"log_likelihood": float(likelihood.detach().mean())}, float(spans.sum()) / counts["spans"]
+            loss = -(advantages * spans * likelihood).sum() / spans.sum().clamp(min=1)  # spans 0: all given (IGPO)
+            share = float(spans.sum()) / max(counts["spans"], 1.0)
+            return loss, {"log_likelihood": float(likelihood.detach().mean())}, share
 
         def elbo(values: torch.Tensor) -> torch.Tensor:
             return sequence_elbo(values, rows.targets, rows.weight, index, len(samples))
