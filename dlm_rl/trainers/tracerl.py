@@ -501,9 +501,13 @@ class Learner:
         (ESPO, GDPO), or of its responses' summed spans (SPG, whose responses weigh their length)."""
         config, rows = self.config, micro["rows"]
         samples, index = torch.unique(rows.sample, return_inverse=True)
-        advantages = _per_sample(rows, micro["advantages"][:, 0])
+
+        def per_sample(values: torch.Tensor) -> torch.Tensor:  # a value all rows of a sample share, once per sample
+            return torch.zeros(len(samples), dtype=values.dtype, device=values.device).scatter(0, index, values)
+
+        advantages = per_sample(micro["advantages"][:, 0])
         if config.method == "spg":
-            spans = _per_sample(rows, rows.weight)
+            spans = per_sample(rows.weight)
             likelihood = sandwiched_log_likelihood(logp, rows.targets, index, spans, advantages > 0,
                                                    beta=config.spg_beta, mix=config.spg_mix)
             loss = -(advantages * spans * likelihood).sum() / spans.sum().clamp(min=1)  # spans 0: all given (IGPO)
@@ -526,8 +530,8 @@ class Learner:
         counts = distributed.all_sum({"rows": sum(len(b["rows"]) for b in batches),
                                       "targets": sum(int(b["rows"].targets.sum()) for b in batches),
                                       "samples": sum(len(torch.unique(b["rows"].sample)) for b in batches),
-                                      "spans": sum(float(_per_sample(b["rows"], b["rows"].weight).sum())  # SPG's
-                                                   for b in batches) if config.method == "spg" else 0.0})
+                                      "spans": sum(_span_total(b["rows"]) for b in batches)  # SPG's only
+                                      if config.method == "spg" else 0.0})
         total_rows = counts["rows"]
         if not total_rows:  # fewer samples than minibatches: nothing to step on
             return None
@@ -617,10 +621,10 @@ def _unit(batch: dict) -> torch.Tensor:
     return batch["group"] if "group" in batch else batch["rows"].sample
 
 
-def _per_sample(rows: Rows, values: torch.Tensor) -> torch.Tensor:
-    """[S] a per-row value that all rows of a sample share, once per sample (in `torch.unique(rows.sample)` order)."""
+def _span_total(rows: Rows) -> float:
+    """The summed spans of the samples SPG's `rows` hold (each row's weight is its sample's span)."""
     samples, index = torch.unique(rows.sample, return_inverse=True)
-    return torch.zeros(len(samples), dtype=values.dtype, device=values.device).scatter(0, index, values)
+    return float(torch.zeros(len(samples), device=rows.weight.device).scatter(0, index, rows.weight).sum())
 
 
 def _select(batch: dict, rows: torch.Tensor) -> dict:
