@@ -110,7 +110,8 @@ def test_a_resumed_run_continues_the_trackers_runs_from_the_first_step_they_do_n
     assert [(line["step"], line["loss"]) for line in _metrics(tmp_path / "run").values()] == [
         (0, 0.0), (1, 1.0), (2, 12.0), (3, 13.0)]
     runs = sorted(glob.glob(str(tmp_path / "run" / "wandb" / "offline-run-*")))
-    assert len(runs) == 2 and len({path.rsplit("-", 1)[1] for path in runs}) == 1  # one W&B run, continued
+    # one W&B run, continued: offline-run-<time>-<id>, with "-1" added when both started in the same second
+    assert len(runs) == 2 and len({os.path.basename(path).split("-")[3] for path in runs}) == 1
     (first,), (second,) = (glob.glob(os.path.join(path, "run-*.wandb")) for path in runs)
     assert [(line["_step"], line["loss"]) for line in _wandb_history(first)] == [(0, 0.0), (1, 1.0), (2, 2.0)]
     assert [(line["_step"], line["loss"]) for line in _wandb_history(second)] == [(3, 13.0)]
