@@ -4,6 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+# vLLM runs as a separate server in a venv of its own (scripts/serve_vllm.sh); the served tests start it.
+VLLM_VENV ?= $(HOME)/.cache/dlm-rl/vllm-venv
+export DLM_RL_VLLM_VENV := $(VLLM_VENV)
+
 .PHONY: demo test test-slow install clean
 
 $(STAMP): pyproject.toml scripts/setup_env.sh
@@ -18,11 +22,16 @@ demo: $(STAMP)
 	$(BIN)/python scripts/build_tiny_models.py addition3-base
 	$(BIN)/dlm-rl train recipes/tracerl_tiny_addition.yaml --overwrite_output_dir true
 
+$(VLLM_VENV)/.installed:
+	scripts/serve_vllm.sh install
+
 # Two test processes (pytest-xdist), one thread each (tests/conftest.py): one per core of a 2-core machine; then
-# the tests that inspect machine-wide state (the sandbox's leftovers), by themselves.
-test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 -m "not slow and not alone"
+# the tests that inspect machine-wide state (the sandbox's leftovers), by themselves; then the tests against real
+# vLLM servers, which they start.
+test: $(STAMP) $(VLLM_VENV)/.installed
+	$(BIN)/python -m pytest -q -n 2 -m "not slow and not alone and not served"
 	$(BIN)/python -m pytest -q -m "alone and not slow"
+	$(BIN)/python -m pytest -q -m "served and not slow"
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

@@ -4,7 +4,8 @@ of the GPT-2-Large judge that distillation papers use), unigram entropy, validit
 `build_judge(task)` trains a tiny causal Llama (next-token loss, transformers Trainer) on the task's training
 texts — prompt, completion, EOS — and caches it beside the testbed checkpoints. `judge_perplexity` scores
 responses as exp(mean negative log-likelihood per token) given their prompts, each response up to and including
-its first EOS.
+its first EOS; `served_judge_perplexity` is the same measure from a judge served over HTTP (vLLM's prompt
+log-probabilities), for judges too large to run beside the models they score.
 """
 
 from __future__ import annotations
@@ -112,6 +113,25 @@ def judge_perplexity(judge, prompt_ids, prompt_mask, response_ids, eos_id: int, 
         total -= float(log_probs[scored].sum())
         count += int(scored.sum())
     return float(torch.exp(torch.tensor(total / count)))
+
+
+def served_judge_perplexity(endpoint, model: str, prompt_ids, prompt_mask, response_ids, eos_id: int,
+                            batch_size: int = 64) -> float:
+    """`judge_perplexity` computed by a server (`dlm_rl.serving.Endpoint`) serving the judge as `model`: each
+    sample's real prompt tokens and response (up to and including its first EOS) are sent as token ids, and the
+    response tokens' log-probabilities are read from the server's prompt log-probabilities."""
+    sequences, scored = [], []
+    for prompt, mask, response in zip(prompt_ids.tolist(), prompt_mask.tolist(), response_ids.tolist()):
+        response = response[: response.index(eos_id) + 1] if eos_id in response else response
+        sequences.append([t for t, m in zip(prompt, mask) if m] + response)
+        scored.append(len(response))
+    total, count = 0.0, 0
+    for i in range(0, len(sequences), batch_size):
+        batch = sequences[i : i + batch_size]
+        for log_probs, n in zip(endpoint.prompt_log_probs(model, batch), scored[i : i + batch_size]):
+            total -= sum(log_probs[len(log_probs) - n :])
+            count += n
+    return float(torch.exp(torch.tensor(total / count, dtype=torch.float64)))
 
 
 def unigram_entropy(response_ids: torch.Tensor, eos_id: int) -> float:

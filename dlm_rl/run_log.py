@@ -1,7 +1,8 @@
 """A training run's records in its output directory: `metrics.jsonl` (one line per step), `completions.jsonl`
-(every sampled completion with its rewards) and, at the end, `curves.png`; the metrics also go to the `report_to`
-trackers (`ReportArguments`): TensorBoard scalars in `tensorboard/`, a W&B run (its local files in `wandb/`), a
-Trackio run. `plot_curves` also draws the panels of `dlm-rl plot`."""
+(every sampled completion with its finish reason, the weight version that sampled it and its rewards) and, at the
+end, `curves.png`; the metrics also go to the `report_to` trackers (`ReportArguments`): TensorBoard scalars in
+`tensorboard/`, a W&B run (its local files in `wandb/`), a Trackio run. `plot_curves` also draws the panels of
+`dlm-rl plot`."""
 
 from __future__ import annotations
 
@@ -105,7 +106,7 @@ class RunLog:
             for i, text in enumerate(t.completions):
                 rewards = {name: values[i] for name, values in t.rewards.items()}
                 record = {"step": step, "prompt": t.rows[i]["prompt"], "completion": text,
-                          "finish_reason": t.finish_reason[i], **rewards}
+                          "finish_reason": t.finish_reason[i], "weight_version": t.weight_version, **rewards}
                 self.completions.write(json.dumps(record) + "\n")
         self.completions.flush()
 

@@ -13,6 +13,10 @@ masks for every model): unigram entropy hardly sees sharpening, but a sharpened 
 
     python scripts/eval_distill.py --student runs/didi_tiny --ablation no_discriminator=runs/didi_no_disc
 
+`--judge_url URL` takes judge perplexity from a served judge instead (docs/serving.md: its prompt
+log-probabilities, `dlm_rl.judge.served_judge_perplexity`), e.g. a large AR model that shares the models'
+tokenizer, served by `scripts/serve_vllm.sh start JUDGE_DIR`; `--judge_model` names it (default: the server's first).
+
 Prints one JSON line per cell and, last, `{"results": [{"model", "nfe", "judge_ppl", "entropy", "validity",
 "distinct", "seconds", ...}, ...]}`.
 """
@@ -52,7 +56,11 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=128, help="held-out texts for heldout_nll (0: skip it)")
     parser.add_argument("--heldout_draws", type=int, default=4, help="mask draws per held-out text")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--judge_url", help="an OpenAI-compatible server's API root serving the judge (vLLM)")
+    parser.add_argument("--judge_model", help="with --judge_url: the served judge's name (default: the first)")
     args = parser.parse_args()
+    if args.judge_model and not args.judge_url:
+        parser.error("--judge_model needs --judge_url")
     if len(args.guidance_scale) > 2:
         parser.error("--guidance_scale takes one scale or a first and a last")
     guidance_scale = args.guidance_scale[0] if len(args.guidance_scale) == 1 else tuple(args.guidance_scale)
@@ -60,7 +68,7 @@ def main() -> None:
     from dlm_rl.data.collate import DiffusionCollator
     from dlm_rl.diffusion.elbo import mdm_loss
     from dlm_rl.diffusion.noise import MCNoise
-    from dlm_rl.judge import build_judge, judge_perplexity, load_judge, sample_quality
+    from dlm_rl.judge import build_judge, judge_perplexity, load_judge, sample_quality, served_judge_perplexity
     from dlm_rl.models.loading import load
     from dlm_rl.model_spec import resolve_model
     from dlm_rl.rl.didi import load_discriminator
@@ -72,7 +80,14 @@ def main() -> None:
     task = TASKS[args.task]
     teacher = resolve_model(args.teacher).eval()
     tokenizer = teacher.tokenizer
-    judge = load_judge(build_judge())
+    if args.judge_url:
+        from dlm_rl.serving import Endpoint
+
+        endpoint = Endpoint(args.judge_url, name="judge")
+        judge_model = args.judge_model or endpoint.models()[0]
+        perplexity = functools.partial(served_judge_perplexity, endpoint, judge_model)
+    else:
+        perplexity = functools.partial(judge_perplexity, load_judge(build_judge()))
     prompt = tokenizer(task.dataset("test", 1)[0]["prompt"], add_special_tokens=False)["input_ids"]
     prompt_ids = torch.tensor([prompt] * args.samples)
     prompt_mask = torch.ones_like(prompt_ids)
@@ -103,8 +118,7 @@ def main() -> None:
             extra = {**extra, "temperature": temperature}
         seconds = time.perf_counter() - start
         row = {"model": label, "nfe": nfe, **extra,
-               "judge_ppl": judge_perplexity(judge, prompt_ids, prompt_mask, samples.response_ids,
-                                             tokenizer.eos_token_id),
+               "judge_ppl": perplexity(prompt_ids, prompt_mask, samples.response_ids, tokenizer.eos_token_id),
                **sample_quality(samples.response_ids, tokenizer, task.generator),
                "seconds": round(seconds, 2), "forwards": samples.forwards,
                "heldout_nll": None if discriminator is not None else heldout_nll(model, temperature),

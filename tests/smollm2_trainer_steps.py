@@ -2,6 +2,9 @@
 diffusion LM, plus a chat-template sampling check; prints one JSON line.
 
     python tests/smollm2_trainer_steps.py MODEL_DIR {sample,tracerl,vrpo,didi} OUTPUT_DIR
+    python tests/smollm2_trainer_steps.py MODEL_DIR served OUTPUT_DIR URL
+
+`served` is diffu-GRPO with its rollouts from a server serving MODEL_DIR (`rollout_server` URL).
 
 MODEL_DIR is SmolLM2 as converted and saved once by tests/test_smollm2.py. Run in its own process so that the
 peak memory measured is this job's alone.
@@ -54,7 +57,7 @@ def _sample(model_dir: str) -> dict:
     }
 
 
-def _train(model_dir: str, trainer: str, output_dir: str) -> dict:
+def _train(model_dir: str, trainer: str, output_dir: str, url: str | None = None) -> dict:
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
     from dlm_rl.recipe import TRAINERS
@@ -64,8 +67,12 @@ def _train(model_dir: str, trainer: str, output_dir: str) -> dict:
     online = dict(model=model_dir, dataset_name="chain", chat=True, gen_length=32, block_length=16, prompts_per_step=2,
                   num_generations=2, eval_size=2, eval_steps=2, **common)
     discriminator_lr = 1.234e-4  # tells the discriminator's optimiser (a teacher copy, trained in full) apart
-    if trainer == "tracerl":
+    if trainer in ("tracerl", "served"):
         fields = dict(reward_funcs=[f"{os.path.abspath(__file__)}:random_score"], micro_batch_rows=8, **online)
+        if trainer == "served":
+            # lr 1e-2: two steps that move the adapter enough for the server's samples to change visibly
+            fields.update(method="diffu_grpo", rollout_server=url, learning_rate=1e-2)
+            trainer = "tracerl"
     elif trainer == "vrpo":
         pairs = os.path.join(output_dir, "pairs.jsonl")
         os.makedirs(output_dir, exist_ok=True)
@@ -116,6 +123,6 @@ def _train(model_dir: str, trainer: str, output_dir: str) -> dict:
 
 if __name__ == "__main__":
     model_dir, job = sys.argv[1], sys.argv[2]
-    result = _sample(model_dir) if job == "sample" else _train(model_dir, job, sys.argv[3])
+    result = _sample(model_dir) if job == "sample" else _train(model_dir, job, *sys.argv[3:])
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(json.dumps(result))

@@ -17,7 +17,9 @@ class Trajectory:
     committed at s are those with `step_map == s`, and `log_probs` holds their log-probability under the model
     (softmax of the plain, unguided logits) in that state. Tokens filled by early stop (`sampled` False) were not
     drawn from the model: their step is the step that finished the row and their log-prob is NaN.
-    Response token j lies in decoding block `(block_offset[b] + j) // block_length`.
+    Response token j lies in decoding block `(block_offset[b] + j) // block_length`. A served engine
+    (`dlm_rl.rollout.served`) records no steps: its trajectories have `step_map` and `log_probs` None, `sampled`
+    True on the tokens the server returned and `nfe` their number.
 
     A rollout engine (`dlm_rl.rollout`) also fills in the fields after `finish_reason`: the decoded texts, which
     requested (prompt, sample) each row is, the version of the weights that produced it, the prompt's dataset
@@ -27,8 +29,8 @@ class Trajectory:
     prompt_ids: torch.Tensor  # [B, P] left padded
     prompt_mask: torch.Tensor  # [B, P] 1 = real token
     response_ids: torch.Tensor  # [B, R]
-    step_map: torch.Tensor  # [B, R] long
-    log_probs: torch.Tensor  # [B, R] float32; NaN where not sampled
+    step_map: torch.Tensor | None  # [B, R] long
+    log_probs: torch.Tensor | None  # [B, R] float32; NaN where not sampled
     sampled: torch.Tensor  # [B, R] bool: committed by a model step (False: filled by early stop)
     nfe: torch.Tensor  # [B] forward passes the row took part in
     block_length: int

@@ -4,6 +4,7 @@ held-out check, the prompt order, and the reward metrics of a rollout."""
 from __future__ import annotations
 
 import functools
+import os
 import logging
 import math
 import random
@@ -75,6 +76,11 @@ class OnlineArguments(DatasetArguments, CheckpointArguments, ReportArguments, Hu
     Under torchrun / accelerate the main process drives the actors and sends each rank its share."""
     ray_address: str | None = None
     """With rollout_actors: the Ray cluster to join ('auto', 'ray://HEAD:10001'); unset starts a local instance."""
+    rollout_server: str | None = None
+    """Generate on a server instead (`ServedEngine`): the OpenAI API root of one serving the policy's base weights as
+    `base` with runtime LoRA loading (scripts/serve_vllm.sh, docs/serving.md); the trained adapter is loaded into it
+    after every update. Needs use_lora, and a method that re-masks completions itself (the server records no
+    decoding steps). Its API key, if any, is read from DLM_RL_ROLLOUT_API_KEY."""
     eval_steps: int = 10
     """Greedy accuracy on the held-out prompts every this many steps (and before and after)."""
     fsdp: bool = False
@@ -115,6 +121,17 @@ class OnlineArguments(DatasetArguments, CheckpointArguments, ReportArguments, Hu
             raise ValueError(f"max_reward_failures must be at least 1, got {self.max_reward_failures!r}")
         if self.rollout_actors < 0:
             raise ValueError(f"rollout_actors must be 0 (generate in this process) or more, got {self.rollout_actors}")
+        if self.rollout_server is not None:
+            if self.rollout_actors:
+                raise ValueError("give rollout_server or rollout_actors, not both")
+            if not self.rollout_server.startswith(("http://", "https://")):
+                raise ValueError("rollout_server must be a URL starting with http:// or https:// (the server's "
+                                 "OpenAI API root)")
+            if not self.use_lora:
+                raise ValueError("rollout_server needs use_lora: true (the server takes the trained adapter, not the "
+                                 "whole weights)")
+            if distributed.world_size() > 1:
+                raise ValueError("rollout_server runs in one training process for now")
         if self.fsdp and self.rollout_actors:
             raise ValueError("fsdp with rollout_actors is not supported yet: the actors would need the whole weights "
                              "gathered from the shards at every sync; generate in the trainer's processes")
@@ -151,10 +168,13 @@ def rollout_engine(config: OnlineArguments, model, rewards):
     """The step's sampler of rollouts: a `LocalEngine` on the trainer's `model` in every process (each rank samples
     its own share), or with `rollout_actors` a `RayEngine` in the main process only (None elsewhere), whose actors
     build the policy with `rollout_policy`; their weights are their own until they are synced."""
-    from dlm_rl.rollout import LocalEngine, RayEngine
+    from dlm_rl.rollout import LocalEngine, RayEngine, ServedEngine
 
+    rows = config.rollout_batch_size or config.prompts_per_step * config.num_generations
+    if config.rollout_server is not None:
+        return ServedEngine(config.rollout_server, model.tokenizer, api_key=os.environ.get("DLM_RL_ROLLOUT_API_KEY"),
+                            rows_per_chunk=rows, seed=config.seed, rewards=rewards)
     if not config.rollout_actors:
-        rows = config.rollout_batch_size or config.prompts_per_step * config.num_generations
         return LocalEngine(model, rows_per_chunk=rows, seed=config.seed + distributed.rank(), rewards=rewards)
     if not distributed.is_main():
         return None
@@ -204,11 +224,12 @@ def rollout_policy(config: OnlineArguments):
 
 def start_online_run(config: OnlineArguments, state: dict, main: bool, engine, model):
     """`start_run` (restore when resuming; open the log), then send rollout actors, which built their own copies,
-    every weight once. A refused start closes the engine, so that no actor is left behind."""
+    every weight once, and a rollout server the adapter (a resumed run's is trained). A refused start closes the
+    engine, so that no actor is left behind."""
     try:
         started = start_run(config, state, main)
-        if engine is not None and config.rollout_actors:
-            engine.sync_weights(model, full=True)
+        if engine is not None and (config.rollout_actors or config.rollout_server):
+            engine.sync_weights(model, full=bool(config.rollout_actors))
         return started
     except BaseException:
         if engine is not None:

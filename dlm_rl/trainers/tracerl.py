@@ -193,6 +193,11 @@ class TraceRLConfig(OnlineArguments):
         if self.igpo and not self.igpo_hint_min <= self.igpo_hint_max:
             raise ValueError(f"igpo_hint_min ({self.igpo_hint_min}) must not exceed igpo_hint_max "
                              f"({self.igpo_hint_max})")
+        if self.rollout_server is not None and (self.method in TRACE_METHODS or self.igpo):
+            raise ValueError(f"rollout_server cannot serve {'igpo' if self.igpo else 'method ' + repr(self.method)}: "
+                             "a server returns text and token ids, not the decoding steps "
+                             f"{'or the inpainting it needs' if self.igpo else 'it trains on'}; use a method that "
+                             f"re-masks completions ({', '.join(m for m in METHODS if m not in TRACE_METHODS)})")
         if self.value_model and self.method != "tracerl":
             raise ValueError("value_model needs method 'tracerl' (values are read on the visited states)")
         if self.normaliser not in ("tokens", "length"):

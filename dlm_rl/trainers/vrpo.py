@@ -411,10 +411,11 @@ def load_data(config: VRPOConfig, train_dataset=None, eval_dataset=None) -> Pair
 
 def require_pairs(config: VRPOConfig, rows: int, test_split: bool, name: str) -> None:
     """Refuse what a source of `rows` training pairs (with a test split of its own, or eval_size of them to hold
-    out) rules out: too few pairs for eval_size and prompts_per_step, and rollout_actors."""
-    if config.rollout_actors:
-        raise ValueError(f"rollout_actors samples on-policy pairs; dataset {name} holds preference pairs, so there "
-                         "is nothing to sample (unset one of them)")
+    out) rules out: too few pairs for eval_size and prompts_per_step, and rollout_actors or rollout_server."""
+    for key in ("rollout_actors", "rollout_server"):
+        if getattr(config, key):
+            raise ValueError(f"{key} samples on-policy pairs; dataset {name} holds preference pairs, so there is "
+                             "nothing to sample (unset one of them)")
     held = 0 if test_split else config.eval_size
     if rows <= held:
         raise ValueError(f"dataset {name}: {rows} pairs, not more than eval_size {held}, and no split "
