@@ -8,14 +8,16 @@ The parsing rule: the reply's first number is the score; it must lie in [0, max_
 max_score, so rewards lie in [0, 1]. A reply with no number, or with a number outside that range, gives None (no
 score: the sample counts as 0 in the total and a warning quotes the reply), never a guess.
 
-Identical requests (same model, rubric, prompt and completion) are sent once: the cache keeps `cache_size` replies,
-and `cache_hits` and `requests` count. A request that gets no reply within `timeout` seconds is retried
+The judge answers greedily by default (`temperature` 0). Identical requests (same model, rubric, prompt and
+completion) are then sent once: the cache keeps `cache_size` replies, and `cache_hits` and `requests` count. A
+judge that samples (`temperature` > 0) gives draws, which are never cached. A request that gets no reply within `timeout` seconds is retried
 `retries` times with exponential backoff (`dlm_rl.serving.Endpoint`); after that the call raises ServerError, which
 fails the reward's call (the trainers count it, see `dlm_rl.reward_functions`). Nothing logged names the URL or
 the key.
 
 In a recipe, `reward_funcs: [rewards.judge:judge]` uses the judge at DLM_RL_JUDGE_URL (required), with the model
-DLM_RL_JUDGE_MODEL (default: the server's first) and the key in DLM_RL_JUDGE_API_KEY (optional).
+DLM_RL_JUDGE_MODEL (default: the server's first), the key in DLM_RL_JUDGE_API_KEY (optional) and the temperature
+in DLM_RL_JUDGE_TEMPERATURE (default 0).
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class LLMJudge:
 
     def __init__(self, base_url: str, model: str | None = None, *, rubric: str = RUBRIC, max_score: float = 10,
                  api_key: str | None = None, timeout: float = 30.0, retries: int = 2, concurrency: int = 8,
-                 cache_size: int = 10000, max_tokens: int = 8):
+                 cache_size: int = 10000, max_tokens: int = 8, temperature: float = 0.0):
         missing = [key for key in ("{prompt}", "{completion}") if key not in rubric]
         if missing:
             raise ValueError(f"the rubric must contain {' and '.join(missing)}")
@@ -77,10 +79,13 @@ class LLMJudge:
             raise ValueError(f"max_score must be positive, got {max_score}")
         if concurrency < 1 or cache_size < 0 or max_tokens < 1:
             raise ValueError("concurrency and max_tokens must be at least 1, cache_size at least 0")
+        if not 0 <= temperature < float("inf"):
+            raise ValueError(f"temperature must be 0 or more, got {temperature}")
         self.endpoint = Endpoint(base_url, api_key=api_key, timeout=timeout, retries=retries, name="judge")
         self.model = model or self.endpoint.models()[0]
         self.rubric, self.max_score, self.max_tokens = rubric, max_score, max_tokens
-        self.concurrency, self.cache_size = concurrency, cache_size
+        self.concurrency, self.temperature = concurrency, temperature
+        self.cache_size = cache_size if temperature == 0 else 0
         self.cache: collections.OrderedDict[str, str] = collections.OrderedDict()
         self.lock = threading.Lock()
         self.cache_hits = self.requests = 0
@@ -100,7 +105,13 @@ class LLMJudge:
         return scores
 
     def _replies(self, asks: list[str]) -> list[str]:
-        """The judge's reply to each ask, each distinct uncached ask sent once."""
+        """The judge's reply to each ask, each distinct uncached ask sent once (every ask when sampling)."""
+        if self.temperature > 0:
+            with concurrent.futures.ThreadPoolExecutor(min(self.concurrency, max(1, len(asks)))) as pool:
+                replies = list(pool.map(self._ask, asks))
+            with self.lock:
+                self.requests += len(asks)
+            return replies
         with self.lock:
             known = {a: self.cache[a] for a in set(asks) if a in self.cache}
             for a in known:
@@ -123,7 +134,7 @@ class LLMJudge:
     def _ask(self, ask: str) -> str:
         reply = self.endpoint.post("/chat/completions", {
             "model": self.model, "messages": [{"role": "user", "content": ask}],
-            "max_tokens": self.max_tokens, "temperature": 0.0})
+            "max_tokens": self.max_tokens, "temperature": self.temperature})
         try:
             return str(reply["choices"][0]["message"]["content"] or "")
         except (KeyError, IndexError, TypeError):
@@ -145,5 +156,6 @@ def judge(prompts: list, completions: list, **columns) -> list[float | None]:
             raise ValueError("rewards.judge:judge needs DLM_RL_JUDGE_URL, the judge server's OpenAI API root (e.g. "
                              "the URL scripts/serve_vllm.sh start prints)")
         _JUDGE = LLMJudge(url, os.environ.get("DLM_RL_JUDGE_MODEL") or None,
-                          api_key=os.environ.get("DLM_RL_JUDGE_API_KEY") or None)
+                          api_key=os.environ.get("DLM_RL_JUDGE_API_KEY") or None,
+                          temperature=float(os.environ.get("DLM_RL_JUDGE_TEMPERATURE") or 0))
     return _JUDGE(prompts, completions)

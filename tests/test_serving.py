@@ -170,3 +170,11 @@ def test_vrpo_on_a_dataset_of_pairs_refuses_a_rollout_server(tmp_path):
     with pytest.raises(ValueError, match="rollout_server samples on-policy pairs"):
         VRPOConfig(model="testbed:addition3-base", dataset_path=str(pairs), gen_length=8, use_lora=True,
                    rollout_server="http://127.0.0.1:1/v1")
+
+
+def test_a_sampling_judge_sends_every_request_and_caches_nothing(server):
+    judge = LLMJudge(server("chat", content="3"), "judge", temperature=1.0)
+    assert judge(["q", "q"], ["a", "a"]) == [0.3, 0.3]
+    assert judge(["q"], ["a"]) == [0.3]
+    assert (judge.requests, judge.cache_hits, len(judge.cache)) == (3, 0, 0)
+    assert server.last.hits == 3
