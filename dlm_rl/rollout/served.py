@@ -71,9 +71,12 @@ class ServedEngine(RolloutEngine):
         return trajectories
 
     def _complete(self, prompt: list[int], seed: int, config: SamplerConfig) -> dict:
-        (choice,) = self.endpoint.completions({
+        choices = self.endpoint.completions({
             "model": self.served_model, "prompt": [prompt], "max_tokens": config.gen_length,
             "temperature": config.temperature, "seed": seed, "return_token_ids": True})
+        if len(choices) != 1:
+            raise ServerError(f"rollout server: {len(choices)} completions for one prompt")
+        (choice,) = choices
         ids = choice.get("token_ids")
         if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids) or len(ids) > config.gen_length:
             raise ServerError("rollout server: a completion without its token ids (vLLM returns them with "
