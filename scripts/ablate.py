@@ -7,11 +7,13 @@ method with its recipe's settings. Each (method, seed) is a `dlm_rl.trainers.tra
 The score of a run is its held-out greedy accuracy after the last step. Each run also reports its seconds per step
 (rollout with rewards, and training) and its process's peak resident memory (each run gets a fresh process). Prints
 one JSON line per run, then `{"results": {method: {"mean", "sem", "std", "runs", ...}}, "config": ...}` as the last
-line; `--plot` draws the means with their standard errors.
+line; `--plot` draws the means with their standard errors. `--merge FILE...` runs nothing: it summarises the
+per-run lines of earlier outputs (e.g. one process per core and seed) into that last line, and plots them.
 
     python scripts/ablate.py                                   # addition3-base, 3 seeds, 2 runs in parallel
     python scripts/ablate.py --seeds 0 --steps 5               # a quick look
     python scripts/ablate.py --model testbed:chain-base --task chain --steps 40 --eval-size 128
+    python scripts/ablate.py --merge seed0.jsonl seed1.jsonl seed2.jsonl --plot ablation.png --title "chain"
 """
 
 from __future__ import annotations
@@ -82,7 +84,21 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="runs in parallel (each gets cores / workers threads)")
     parser.add_argument("--output-dir", default="runs/ablate")
     parser.add_argument("--plot", help="write a bar chart of the means and standard errors here (png)")
+    parser.add_argument("--merge", nargs="+", metavar="FILE", help="summarise these outputs' runs; run nothing")
+    parser.add_argument("--title", help="the plot's title (default: the task, steps and seeds)")
     args = parser.parse_args()
+    if args.merge:
+        lines = [json.loads(line) for path in args.merge for line in open(path) if line.startswith("{")]
+        records = [line for line in lines if "method" in line and "final" in line]
+        if not records:
+            parser.error(f"no run lines in {args.merge}")
+        results = summarise(records)
+        print(json.dumps({"results": results, "best": max(results, key=lambda m: results[m]["mean"]),
+                          "merged": args.merge}))
+        if args.plot:
+            seeds = sorted({r["seed"] for r in records})
+            plot(results, args.plot, args.title or f"{len(seeds)} seeds (merged)")
+        return
 
     settings = {
         "model": args.model,
@@ -98,31 +114,41 @@ def main() -> None:
     }
     threads = max(1, len(os.sched_getaffinity(0)) // args.workers)  # the cores this process may use (taskset)
     jobs = [(m, s) for s in args.seeds for m in args.methods]
-    runs: dict[str, list[dict]] = {m: [] for m in args.methods}
+    records = []
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
         futures = [pool.submit(one_run, m, s, dict(settings), threads) for m, s in jobs]
         for future in as_completed(futures):
-            result = future.result()
-            runs[result["method"]].append(result)
-            print(json.dumps(result), flush=True)
+            records.append(future.result())
+            print(json.dumps(records[-1]), flush=True)
+    results = summarise(records)
+    best = max(results, key=lambda m: results[m]["mean"])
+    print(json.dumps({"results": results, "best": best, "config": {**settings, "seeds": args.seeds}}))
+    if args.plot:
+        plot(results, args.plot, args.title or f"{args.task}, {args.steps} steps, {len(args.seeds)} seeds")
+
+
+def summarise(records: list[dict]) -> dict:
+    """Per method, in order of first appearance: the mean, standard error and standard deviation of the runs'
+    final scores (ordered by seed), and the mean time per step and peak memory."""
+    runs: dict[str, list[dict]] = {}
+    for record in records:
+        runs.setdefault(record["method"], []).append(record)
     results = {}
-    for method, records in runs.items():
-        finals = [r["final"] for r in sorted(records, key=lambda r: r["seed"])]
+    for method, mine in runs.items():
+        finals = [r["final"] for r in sorted(mine, key=lambda r: r["seed"])]
         std = statistics.stdev(finals) if len(finals) > 1 else 0.0
         results[method] = {
             "mean": statistics.mean(finals),
             "sem": std / math.sqrt(len(finals)),
             "std": std,
             "runs": finals,
-            "initial": records[0]["initial"],
-            "seconds_mean": statistics.mean(r["seconds"] for r in records),
-            **{name: statistics.mean(r[name] for r in records)
+            "seeds": sorted(r["seed"] for r in mine),
+            "initial": mine[0]["initial"],
+            "seconds_mean": statistics.mean(r["seconds"] for r in mine),
+            **{name: statistics.mean(r[name] for r in mine)
                for name in ("rollout_s_per_step", "train_s_per_step", "peak_rss_mb")},
         }
-    best = max(results, key=lambda m: results[m]["mean"])
-    print(json.dumps({"results": results, "best": best, "config": {**settings, "seeds": args.seeds}}))
-    if args.plot:
-        plot(results, args.plot, f"{args.task}, {args.steps} steps, {len(args.seeds)} seeds")
+    return results
 
 
 def plot(results: dict, path: str, title: str) -> None:
