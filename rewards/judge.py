@@ -105,31 +105,27 @@ class LLMJudge:
         return scores
 
     def _replies(self, asks: list[str]) -> list[str]:
-        """The judge's reply to each ask, each distinct uncached ask sent once (every ask when sampling)."""
-        if self.temperature > 0:
-            with concurrent.futures.ThreadPoolExecutor(min(self.concurrency, max(1, len(asks)))) as pool:
-                replies = list(pool.map(self._ask, asks))
-            with self.lock:
-                self.requests += len(asks)
-            return replies
+        """The judge's reply to each ask, each distinct uncached ask sent once (every ask when sampling); an ask
+        answered from the cache, or repeated within the batch, counts as a cache hit."""
+        sampling = self.temperature > 0
         with self.lock:
-            known = {a: self.cache[a] for a in set(asks) if a in self.cache}
+            known = {} if sampling else {a: self.cache[a] for a in set(asks) if a in self.cache}
             for a in known:
                 self.cache.move_to_end(a)
-            self.cache_hits += sum(a in known for a in asks)
-        new = [a for a in dict.fromkeys(asks) if a not in known]
+        new = asks if sampling else [a for a in dict.fromkeys(asks) if a not in known]
         with concurrent.futures.ThreadPoolExecutor(min(self.concurrency, max(1, len(new)))) as pool:
-            fresh = dict(zip(new, pool.map(self._ask, new)))
+            replies = list(pool.map(self._ask, new))
         with self.lock:
             self.requests += len(new)
-            for a, reply in fresh.items():
-                self.cache[a] = reply
-            while len(self.cache) > self.cache_size:
-                self.cache.popitem(last=False)
-        # an ask repeated within the batch is sent once; its repeats count as hits
-        with self.lock:
-            self.cache_hits += sum(1 for a in asks if a in fresh) - len(fresh)
-        return [known.get(a, fresh.get(a)) for a in asks]
+            self.cache_hits += len(asks) - len(new)
+            if not sampling:
+                self.cache.update(zip(new, replies))
+                while len(self.cache) > self.cache_size:
+                    self.cache.popitem(last=False)
+        if sampling:
+            return replies
+        fresh = dict(zip(new, replies))
+        return [known[a] if a in known else fresh[a] for a in asks]
 
     def _ask(self, ask: str) -> str:
         reply = self.endpoint.post("/chat/completions", {
