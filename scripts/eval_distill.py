@@ -46,6 +46,9 @@ def main() -> None:
     parser.add_argument("--guidance_scale", type=float, nargs="+", default=[30.0, 40.0],
                         help="the gradient guidance's scale: constant, or rising from the first to the second")
     parser.add_argument("--candidates", type=int, default=4)
+    parser.add_argument("--rerank_fraction", type=float, default=0.5,
+                        help="the share of the guided sampler's steps (the last ones) that re-rank candidates; the "
+                             "others take gradient guidance (the paper's: 0.5)")
     parser.add_argument("--teacher_temperature", type=float, nargs="*", default=[],
                         help="also sample the teacher at these temperatures (< 1: sharper) at every NFE: the "
                              "baseline a student must beat")
@@ -64,6 +67,8 @@ def main() -> None:
     if len(args.guidance_scale) > 2:
         parser.error("--guidance_scale takes one scale or a first and a last")
     guidance_scale = args.guidance_scale[0] if len(args.guidance_scale) == 1 else tuple(args.guidance_scale)
+    if not 0 <= args.rerank_fraction <= 1:
+        parser.error(f"--rerank_fraction must be in [0, 1], got {args.rerank_fraction}")
 
     from dlm_rl.data.collate import DiffusionCollator
     from dlm_rl.diffusion.elbo import mdm_loss
@@ -113,9 +118,12 @@ def main() -> None:
         start = time.perf_counter()
         samples = ancestral_sample(model, prompt_ids, prompt_mask, task.response_length, nfe, generator=generator,
                                    discriminator=discriminator, guidance_scale=guidance_scale,
-                                   candidates=args.candidates, temperature=temperature)
+                                   candidates=args.candidates, temperature=temperature,
+                                   rerank_fraction=args.rerank_fraction)
         if temperature != 1.0:
             extra = {**extra, "temperature": temperature}
+        if discriminator is not None:
+            extra = {**extra, "candidates": args.candidates, "rerank_fraction": args.rerank_fraction}
         seconds = time.perf_counter() - start
         row = {"model": label, "nfe": nfe, **extra,
                "judge_ppl": perplexity(prompt_ids, prompt_mask, samples.response_ids, tokenizer.eos_token_id),

@@ -508,6 +508,14 @@ def test_guided_sampling_uses_the_discriminator_in_both_halves():
                                discriminator=discriminator, candidates=3, generator=torch.Generator().manual_seed(0))
     assert (samples.response_ids != model.mask_token_id).all()
     assert samples.discriminator_passes == 2 + 2 * 3  # 2 guided steps, then 2 steps of 3 candidates
+    for fraction, passes in ((1.0, 4 * 3), (0.0, 4), (0.75, 1 + 3 * 3)):  # every step re-ranks / tilts / 3 of 4
+        samples = ancestral_sample(model, ids[:, :2], torch.ones(1, 2, dtype=torch.long), 16, 4,
+                                   discriminator=discriminator, candidates=3, rerank_fraction=fraction,
+                                   generator=torch.Generator().manual_seed(0))
+        assert samples.discriminator_passes == passes and (samples.response_ids != model.mask_token_id).all()
+    with pytest.raises(ValueError, match="rerank_fraction"):
+        ancestral_sample(model, ids[:, :2], torch.ones(1, 2, dtype=torch.long), 16, 4, discriminator=discriminator,
+                         rerank_fraction=1.5)
     assert guidance_schedule(16, (30.0, 40.0)) == pytest.approx([30 + 10 * k / 7 for k in range(8)])
     assert guidance_schedule(5, (30.0, 40.0)) == [30.0, 40.0] and guidance_schedule(3, 2.0) == [2.0]
 

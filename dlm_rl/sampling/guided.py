@@ -5,12 +5,12 @@ probability (t − s)/t, its token drawn from the model at temperature 1 (Gumbel
 reveals nothing in a row leaves that row's state, and so its logits, unchanged: the next step reuses them (MDLM's
 caching) and forwards only the rows that changed, so `steps` beyond the response length cost no extra forwards.
 
-Guidance (DiDi-Instruct's reward-guided ancestral sampler) uses the discriminator D. In the first half of the steps
-the logits get h · clip(∂ΣD/∂logits, ±1), ΣD summed over the masked positions of the state whose masked positions
-hold their expected token (input embedding softmax(logits) · E) and whose clean ones their token, D read at the
-step's time t; h rises linearly over those steps (the paper's 30 → 40). In the second half M candidate next states
-are drawn and one is picked by a softmax over their D logits summed over every response position, D read at the
-time s the step ends at.
+Guidance (DiDi-Instruct's reward-guided ancestral sampler) uses the discriminator D. In the first steps (the first
+half in the paper; all but the last `rerank_fraction` of them) the logits get h · clip(∂ΣD/∂logits, ±1), ΣD summed
+over the masked positions of the state whose masked positions hold their expected token (input embedding
+softmax(logits) · E) and whose clean ones their token, D read at the step's time t; h rises linearly over those
+steps (the paper's 30 → 40). In the remaining steps M candidate next states are drawn and one is picked by a
+softmax over their D logits summed over every response position, D read at the time s the step ends at.
 """
 
 from __future__ import annotations
@@ -49,18 +49,21 @@ def ancestral_sample(
     guidance_scale: float | tuple[float, float] = (30.0, 40.0),
     candidates: int = 4,
     temperature: float = 1.0,
+    rerank_fraction: float = RERANK_FRACTION,
 ) -> AncestralSamples:
     """Sample `gen_length` tokens after each left-padded prompt in `steps` ancestral steps, tokens drawn at
     `temperature` (below 1: the baseline a distilled student must beat); with a `discriminator`, reward-guided
     (gradient guidance at a scale rising from `guidance_scale[0]` to `[1]` over the first half of the steps, or
-    constant if one number; then `candidates`-way selection)."""
+    constant if one number; then `candidates`-way selection over the last `rerank_fraction` of the steps)."""
     if steps < 1 or gen_length < 1:
         raise ValueError(f"steps and gen_length must be positive, got {steps} and {gen_length}")
     if not 0 <= temperature < math.inf:
         raise ValueError(f"temperature must be >= 0 and finite (0: argmax), got {temperature}")
     if discriminator is not None and candidates < 1:
         raise ValueError(f"candidates must be at least 1, got {candidates}")
-    scales = guidance_schedule(steps, guidance_scale)  # gradient guidance; the steps after re-rank candidates
+    if not 0 <= rerank_fraction <= 1:
+        raise ValueError(f"rerank_fraction must be in [0, 1], got {rerank_fraction}")
+    scales = guidance_schedule(steps, guidance_scale, rerank_fraction)  # gradient guidance; the steps after re-rank candidates
     batch, width = prompt_ids.shape
     device = prompt_ids.device
     mask_id = model.mask_token_id
@@ -100,11 +103,12 @@ def ancestral_sample(
     return AncestralSamples(x[:, width:], float(row_forwards.double().mean()), passes)
 
 
-def guidance_schedule(steps: int, scale: float | tuple[float, float]) -> list[float]:
-    """The gradient guidance's scale h at each of the first int(steps · (1 − RERANK_FRACTION)) steps: constant, or
+def guidance_schedule(steps: int, scale: float | tuple[float, float],
+                      rerank_fraction: float = RERANK_FRACTION) -> list[float]:
+    """The gradient guidance's scale h at each of the first int(steps · (1 − rerank_fraction)) steps: constant, or
     rising linearly from scale[0] at the first to scale[1] at the last (the reference sampler's schedule)."""
     first, last = (scale, scale) if isinstance(scale, (int, float)) else scale
-    guided = int(steps * (1 - RERANK_FRACTION))
+    guided = int(round(steps * (1 - rerank_fraction), 9))
     return [first + (last - first) * k / max(1, guided - 1) for k in range(guided)]
 
 
