@@ -12,7 +12,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from dlm_rl.reward_functions import Rewards, load_reward
 from rewards.format import boxed, fenced_code, length_within
