@@ -2,7 +2,9 @@
 and wall-clock seconds (discriminator passes included), on the testbed's unconditional fact chains.
 
 Every model samples `--samples` responses after the task's prompt by ancestral sampling at each NFE (steps); the
-student also with DiDi-Instruct's reward-guided sampler (its run's discriminator) at `--guided_nfe`. Ablated
+student also with DiDi-Instruct's reward-guided sampler (its run's discriminator) at `--guided_nfe`, re-ranking
+candidates in the last `--rerank_fraction` of the steps; `--guided_prior W` repeats those rows with the
+discriminator's likelihood prior weight set to W (0: the learned discriminator alone). Ablated
 students (`--ablation NAME=RUN_DIR`) are measured like the student with plain sampling, their rows marked with
 `variant`. `--teacher_temperature` adds the teacher sampled at lower temperatures, rows marked with `temperature`:
 sharpening alone also trades entropy for validity, so a student has to beat that frontier, not only the teacher.
@@ -49,6 +51,9 @@ def main() -> None:
     parser.add_argument("--rerank_fraction", type=float, default=0.5,
                         help="the share of the guided sampler's steps (the last ones) that re-rank candidates; the "
                              "others take gradient guidance (the paper's: 0.5)")
+    parser.add_argument("--guided_prior", type=float, nargs="*", default=[],
+                        help="also run the guided sampler with the discriminator's likelihood prior weight set to "
+                             "each of these (0: its learned part alone); rows marked with likelihood_prior")
     parser.add_argument("--teacher_temperature", type=float, nargs="*", default=[],
                         help="also sample the teacher at these temperatures (< 1: sharper) at every NFE: the "
                              "baseline a student must beat")
@@ -67,6 +72,10 @@ def main() -> None:
     if len(args.guidance_scale) > 2:
         parser.error("--guidance_scale takes one scale or a first and a last")
     guidance_scale = args.guidance_scale[0] if len(args.guidance_scale) == 1 else tuple(args.guidance_scale)
+    if any(weight < 0 for weight in args.guided_prior):
+        parser.error(f"--guided_prior weights must be >= 0, got {args.guided_prior}")
+    if args.guided_prior and not args.student:
+        parser.error("--guided_prior needs --student (the run whose discriminator guides)")
     if not 0 <= args.rerank_fraction <= 1:
         parser.error(f"--rerank_fraction must be in [0, 1], got {args.rerank_fraction}")
 
@@ -148,9 +157,14 @@ def main() -> None:
             measure(student, "student", nfe, **extra)
         if variant:
             continue  # ablations are compared on plain sampling
-        discriminator = load_discriminator(teacher, os.path.join(run_dir, "final"))
+        discriminator = load_discriminator(teacher, os.path.join(run_dir, "final")).eval()
+        trained_prior = discriminator.likelihood_prior
         for nfe in args.guided_nfe:
-            measure(student, "student_guided", nfe, discriminator.eval())
+            measure(student, "student_guided", nfe, discriminator)
+            for weight in args.guided_prior:
+                discriminator.likelihood_prior = weight
+                measure(student, "student_guided", nfe, discriminator, likelihood_prior=weight)
+                discriminator.likelihood_prior = trained_prior
     print(json.dumps({"results": results}))
 
 
