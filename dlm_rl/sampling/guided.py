@@ -5,9 +5,9 @@ probability (t − s)/t, its token drawn from the model at temperature 1 (Gumbel
 reveals nothing in a row leaves that row's state, and so its logits, unchanged: the next step reuses them (MDLM's
 caching) and forwards only the rows that changed, so `steps` beyond the response length cost no extra forwards.
 
-Guidance (DiDi-Instruct's reward-guided ancestral sampler) uses the discriminator D. In the first steps (the first
-half in the paper; all but the last `rerank_fraction` of them) the logits get h · clip(∂ΣD/∂logits, ±1), ΣD summed
-over the masked positions of the state whose masked positions hold their expected token (input embedding
+Guidance (DiDi-Instruct's reward-guided ancestral sampler) uses the discriminator D. In the first steps (the
+first half in the paper; all but the last `rerank_fraction` of them) the logits get h · clip(∂ΣD/∂logits, ±1), ΣD
+summed over the masked positions of the state whose masked positions hold their expected token (input embedding
 softmax(logits) · E) and whose clean ones their token, D read at the step's time t; h rises linearly over those
 steps (the paper's 30 → 40). In the remaining steps M candidate next states are drawn and one is picked by a
 softmax over their D logits summed over every response position, D read at the time s the step ends at.
@@ -53,8 +53,8 @@ def ancestral_sample(
 ) -> AncestralSamples:
     """Sample `gen_length` tokens after each left-padded prompt in `steps` ancestral steps, tokens drawn at
     `temperature` (below 1: the baseline a distilled student must beat); with a `discriminator`, reward-guided
-    (gradient guidance at a scale rising from `guidance_scale[0]` to `[1]` over the first half of the steps, or
-    constant if one number; then `candidates`-way selection over the last `rerank_fraction` of the steps)."""
+    (`candidates`-way selection over the last `rerank_fraction` of the steps, gradient guidance before them at a
+    scale rising from `guidance_scale[0]` to `[1]`, or constant if one number)."""
     if steps < 1 or gen_length < 1:
         raise ValueError(f"steps and gen_length must be positive, got {steps} and {gen_length}")
     if not 0 <= temperature < math.inf:
@@ -63,7 +63,7 @@ def ancestral_sample(
         raise ValueError(f"candidates must be at least 1, got {candidates}")
     if not 0 <= rerank_fraction <= 1:
         raise ValueError(f"rerank_fraction must be in [0, 1], got {rerank_fraction}")
-    scales = guidance_schedule(steps, guidance_scale, rerank_fraction)  # gradient guidance; the steps after re-rank candidates
+    scales = guidance_schedule(steps, guidance_scale, rerank_fraction)  # gradient guidance; the later steps re-rank
     batch, width = prompt_ids.shape
     device = prompt_ids.device
     mask_id = model.mask_token_id
