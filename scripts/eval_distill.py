@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import time
 
@@ -72,8 +73,8 @@ def main() -> None:
     if len(args.guidance_scale) > 2:
         parser.error("--guidance_scale takes one scale or a first and a last")
     guidance_scale = args.guidance_scale[0] if len(args.guidance_scale) == 1 else tuple(args.guidance_scale)
-    if any(weight < 0 for weight in args.guided_prior):
-        parser.error(f"--guided_prior weights must be >= 0, got {args.guided_prior}")
+    if not all(0 <= weight < math.inf for weight in args.guided_prior):
+        parser.error(f"--guided_prior weights must be finite and >= 0, got {args.guided_prior}")
     if args.guided_prior and not args.student:
         parser.error("--guided_prior needs --student (the run whose discriminator guides)")
     if not 0 <= args.rerank_fraction <= 1:
